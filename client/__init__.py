@@ -1,0 +1,13 @@
+"""featurelens client: typed sync and asyncio access to featurelens.v1 over gRPC (needs only grpcio + protobuf).
+
+    from featurelens.client import Client
+    with Client("127.0.0.1:50051") as c:
+        print(c.generate("What is the capital of France?", temperature=0).text)
+"""
+
+from featurelens.client._client import AsyncClient, Client, build_generate_request
+from featurelens.client.types import GenerateResult, ModelInfo, Risk, StreamChunk, TokenInfo
+from featurelens.v1 import featurelens_pb2 as pb
+
+__all__ = ["AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "StreamChunk", "TokenInfo",
+           "build_generate_request", "pb"]

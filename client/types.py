@@ -1,0 +1,139 @@
+"""Typed results of the client: plain dataclasses built from the protobuf responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from featurelens.v1 import featurelens_pb2 as pb
+
+
+def _enum_name(enum: object, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class FeatureActivation:
+    feature_id: int
+    activation: float
+
+
+@dataclass(frozen=True)
+class LayerFeatures:
+    layer: int
+    sae_id: str
+    activations: list[FeatureActivation]
+
+    @classmethod
+    def from_pb(cls, m: pb.LayerFeatures) -> LayerFeatures:
+        return cls(m.layer, m.sae_id, [FeatureActivation(a.feature_id, a.activation) for a in m.activations])
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    features: list[LayerFeatures] = field(default_factory=list)
+    risk: float | None = None
+
+    @classmethod
+    def from_pb(cls, m: pb.Token) -> TokenInfo:
+        return cls(
+            token_id=m.token_id,
+            text=m.token_text,
+            logprob=m.logprob if m.HasField("logprob") else None,
+            top_logprobs=[(t.token_id, t.token_text, t.logprob) for t in m.top_logprobs],
+            features=[LayerFeatures.from_pb(f) for f in m.features],
+            risk=m.risk if m.HasField("risk") else None,
+        )
+
+
+@dataclass(frozen=True)
+class FeatureContribution:
+    layer: int
+    feature_id: int
+    activation: float
+    weight: float
+    contribution: float
+    explanation: str
+
+
+@dataclass(frozen=True)
+class Risk:
+    score: float
+    label: str  # "low" | "medium" | "high"
+    top_features: list[FeatureContribution]
+    probe_id: str
+
+    @classmethod
+    def from_pb(cls, m: pb.ResponseRisk) -> Risk | None:
+        if m.label == pb.RISK_LABEL_UNSPECIFIED:
+            return None
+        return cls(m.score, _enum_name(pb.RiskLabel, m.label, "RISK_LABEL_"),
+                   [FeatureContribution(f.layer, f.feature_id, f.activation, f.weight, f.contribution, f.explanation)
+                    for f in m.top_features], m.probe_id)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str  # "length" | "stop_sequence" | "eos" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str
+    risk: Risk | None = None
+
+    @classmethod
+    def from_pb(cls, m: pb.GenerateResponse) -> GenerateResult:
+        return cls(
+            text=m.text,
+            tokens=[TokenInfo.from_pb(t) for t in m.tokens],
+            finish_reason=_enum_name(pb.FinishReason, m.finish_reason, "FINISH_REASON_"),
+            prompt_tokens=m.usage.prompt_tokens,
+            completion_tokens=m.usage.completion_tokens,
+            request_id=m.request_id,
+            risk=Risk.from_pb(m.risk),
+        )
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str | None  # set on the last chunk only
+    request_id: str
+    risk: Risk | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def from_pb(cls, m: pb.GenerateStreamResponse) -> StreamChunk:
+        done = m.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        return cls(
+            text=m.text_delta,
+            tokens=[TokenInfo.from_pb(t) for t in m.tokens],
+            finish_reason=_enum_name(pb.FinishReason, m.finish_reason, "FINISH_REASON_") if done else None,
+            request_id=m.request_id,
+            risk=Risk.from_pb(m.risk),
+            prompt_tokens=m.usage.prompt_tokens,
+            completion_tokens=m.usage.completion_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    server_version: str
+    interpretability_available: bool
+    raw: pb.GetModelInfoResponse
+
+    @classmethod
+    def from_pb(cls, m: pb.GetModelInfoResponse) -> ModelInfo:
+        return cls(m.model, m.num_layers, m.hidden_size, m.vocab_size, m.max_model_len, m.server_version,
+                   m.interpretability_available, m)

@@ -1,0 +1,107 @@
+"""Fused SAE encode: one matmul, the architecture's activation, then per-row top-k.
+
+The worker calls this on the whole flattened batch at a hooked layer and ships only (index, value) pairs
+back, so this function is the one place where SAE encode cost lives.
+
+Numerics contract: on every device the torch path below runs *exactly* the ops of the dense reference
+(`Sae.encode`, itself a line-for-line copy of SAELens) in the same order, so `topk_encode` equals
+`torch.topk(sae.encode(x), k)` bit for bit. Input normalisation and the dtype cast happen in the caller
+(`Sae.encode_topk`) because they are per-SAE configuration, not kernel work.
+
+Semantics per architecture (pre = (x - b_dec) @ W_enc + b_enc):
+  standard   values = topk(relu(pre))
+  jumprelu   values = topk(relu(pre) * (pre > threshold))
+  topk       values = relu(topk(pre))         SAELens applies relu *after* picking the top k
+For "topk", relu-after-topk and topk-after-relu give the same non-zero (index, value) pairs; only the indices
+attached to zero values can differ, and callers must treat a zero value as "no feature".
+
+A Triton version is not here yet: the CPU path is what runs in CI, and a fused GEMM + top-k only pays once
+d_sae * tokens outgrows GPU memory bandwidth, which needs an H100 measurement we have not made. Large batches
+are chunked by rows instead so the dense [N, d_sae] pre-activation never has to exist at once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Architecture = Literal["standard", "topk", "jumprelu"]
+
+# Rows per chunk are chosen so one chunk's [rows, d_sae] pre-activation stays under this many elements
+# (256 Mi floats = 1 GiB in fp32). Chunking only changes which rows share a matmul call.
+MAX_CHUNK_ELEMENTS = 1 << 28
+
+
+def _activate(pre: torch.Tensor, threshold: torch.Tensor | None, architecture: Architecture) -> torch.Tensor:
+    """Dense activation for the architectures whose top-k is taken *after* the nonlinearity."""
+    acts = torch.relu(pre)
+    if architecture == "jumprelu":
+        # Same expression as SAELens JumpReLUSAE.encode: mask built from the pre-activation, cast, multiply.
+        acts = acts * (pre > threshold).to(acts.dtype)
+    return acts
+
+
+def _encode_rows(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec_in: torch.Tensor | None,
+    k: int,
+    threshold: torch.Tensor | None,
+    architecture: Architecture,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    sae_in = x - b_dec_in if b_dec_in is not None else x
+    # `@` then `+` rather than addmm: SAELens writes it this way and addmm may round differently.
+    pre = sae_in @ W_enc + b_enc
+    if architecture == "topk":
+        top = torch.topk(pre, k, dim=-1)
+        return torch.relu(top.values), top.indices
+    top = torch.topk(_activate(pre, threshold, architecture), k, dim=-1)
+    return top.values, top.indices
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec_in: torch.Tensor | None,
+    k: int,
+    threshold: torch.Tensor | None = None,
+    architecture: Architecture = "topk",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode rows of `x` and keep the k largest activations per row.
+
+    Args:
+        x: [N, d_in] activations, already cast and normalised as the SAE expects.
+        W_enc: [d_in, d_sae]; b_enc: [d_sae].
+        b_dec_in: [d_in] decoder bias to subtract from the input, or None when the SAE does not
+            (SAELens `apply_b_dec_to_input=False`).
+        k: features kept per row, 1 <= k <= d_sae.
+        threshold: [d_sae], required for "jumprelu", ignored otherwise.
+        architecture: "standard" | "topk" | "jumprelu".
+
+    Returns:
+        values [N, k] in x's dtype, sorted descending per row, and indices [N, k] int64.
+        A zero value means "fewer than k features fired"; its index carries no meaning.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, d_in], got shape {tuple(x.shape)}")
+    d_in, d_sae = W_enc.shape
+    if x.shape[1] != d_in:
+        raise ValueError(f"x has {x.shape[1]} features but W_enc expects d_in={d_in}")
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
+    if architecture not in ("standard", "topk", "jumprelu"):
+        raise ValueError(f"unknown SAE architecture {architecture!r}")
+    if architecture == "jumprelu" and threshold is None:
+        raise ValueError("jumprelu encode needs a threshold tensor")
+
+    rows_per_chunk = max(1, MAX_CHUNK_ELEMENTS // d_sae)
+    if x.shape[0] <= rows_per_chunk:
+        return _encode_rows(x, W_enc, b_enc, b_dec_in, k, threshold, architecture)
+    parts = [
+        _encode_rows(chunk, W_enc, b_enc, b_dec_in, k, threshold, architecture)
+        for chunk in x.split(rows_per_chunk, dim=0)
+    ]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])

@@ -1,0 +1,152 @@
+"""Sparse GEMV for batch-1 decode with activation sparsity (WINA / TEAL): skip the weight rows of zeroed inputs.
+
+    y = sparse_gemv(x, w_t)                                # inputs already masked: rows of x == 0 are skipped
+    y = sparse_gemv(x, w_t, col_norms, threshold)          # WINA mask fused: keep |x_i|*||W[:,i]|| >= threshold
+
+`w_t` is the layer weight TRANSPOSED, [in, out] contiguous (`transpose_weight(linear.weight)`), so each input
+channel's weights are one contiguous row and a skipped input costs no memory traffic at all. float32 and
+bfloat16 weights; accumulation is float32; the result has x's dtype.
+
+Backends, picked once per process by `backend="auto"`:
+- "native": C++/AVX2 torch extension (kernels/csrc/sparse_gemv.cpp), built on first use with
+  `torch.utils.cpp_extension.load` into ~/.cache/featurelens/torch_extensions (first build ~30-60 s on the
+  2-core dev box, then a cached import). Needs an x86-64 CPU with AVX2+FMA; AVX-512 machines run the same
+  AVX2 code (the dev box has no AVX-512, so an AVX-512 variant could not be measured and is not written).
+- "torch": `index_select` of the active rows + a matmul. Correct everywhere, but it copies the active rows
+  before reading them, which made it slower than dense below ~65% sparsity here; it is the fallback when the
+  build fails (the reason is logged once) or FEATURELENS_SPARSE_NATIVE=0.
+On GPU use `featurelens.kernels.triton_sparse.sparse_gemv_triton` (same contract).
+
+Batch > 1 has no shared active set, so it is not this kernel's job: callers mask and use the dense matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "native", "torch"]
+_SOURCE = Path(__file__).parent / "csrc" / "sparse_gemv.cpp"
+_EXTENSION_NAME = "featurelens_sparse_gemv"
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # portable AVX2, not -march=native: cache may be shared
+
+
+def extension_build_dir() -> Path:
+    root = Path(os.environ.get("FEATURELENS_EXTENSIONS_DIR", Path.home() / ".cache" / "featurelens" / "torch_extensions"))
+    return root / f"torch{torch.__version__.split('+')[0]}"
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+@functools.lru_cache(maxsize=1)
+def _native_module() -> tuple[ModuleType | None, str]:
+    """Build/import the extension once; (module, "") on success, (None, reason) otherwise."""
+    if os.environ.get("FEATURELENS_SPARSE_NATIVE", "1") == "0":
+        return None, "disabled by FEATURELENS_SPARSE_NATIVE=0"
+    if not _cpu_has_avx2():
+        return None, "CPU lacks AVX2/FMA (or /proc/cpuinfo unreadable)"
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = extension_build_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        module = load(
+            name=_EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir), verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - any build/import failure means "use the torch path"
+        return None, f"native build failed: {type(exc).__name__}: {str(exc).strip()[-500:]}"
+    return module, ""
+
+
+def native_status() -> str:
+    """"native" or the reason the torch fallback is in use (for start-up logs and GetModelInfo)."""
+    module, reason = _native_module()
+    return "native" if module is not None else f"torch fallback ({reason})"
+
+
+def native_available() -> bool:
+    module, reason = _native_module()
+    if module is None:
+        _log_fallback_once(reason)
+    return module is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _log_fallback_once(reason: str) -> None:
+    log.warning("sparse GEMV: using the pure-torch fallback: %s", reason)
+
+
+def transpose_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] nn.Linear weight -> [in, out] contiguous, the layout every sparse kernel here reads."""
+    return weight.detach().t().contiguous()
+
+
+def _active_mask(x: torch.Tensor, col_norms: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    if col_norms is None:
+        return x != 0
+    return (x != 0) & (x.float().abs() * col_norms >= threshold)
+
+
+def sparse_gemv_torch(
+    x: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor | None = None, threshold: float = 0.0
+) -> torch.Tensor:
+    """Fallback and reference: gather the active rows, one fp32 matmul. x: [in] -> [out] in x's dtype."""
+    active = _active_mask(x, col_norms, threshold).nonzero().squeeze(1)
+    rows = w_t.index_select(0, active).float()
+    return (x.index_select(0, active).float() @ rows).to(x.dtype)
+
+
+def sparse_gemv(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    col_norms: torch.Tensor | None = None,
+    threshold: float = 0.0,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """y = x_active @ w_t[active] for one token.
+
+    Args:
+        x: [in] or [1, in] activations (float32 or bfloat16). Zero entries are always skipped.
+        w_t: [in, out] contiguous transposed weight (float32 or bfloat16), see `transpose_weight`.
+        col_norms: optional [in] float32 ||W[:, i]||_2 (`interp.sparsity.column_norms`); with it, inputs whose
+            WINA score |x_i| * col_norms[i] is below `threshold` are skipped as well (mask fused in).
+        threshold: WINA threshold for this layer/projection; ignored without col_norms.
+        backend: "auto" (native when it builds), "native" (raise if it cannot) or "torch".
+
+    Returns:
+        [out] (or [1, out]) in x's dtype.
+    """
+    squeeze_batch = x.dim() == 2
+    if squeeze_batch:
+        if x.shape[0] != 1:
+            raise ValueError(f"sparse_gemv is batch-1 only, got x of shape {tuple(x.shape)}")
+        x = x[0]
+    if x.dim() != 1 or w_t.dim() != 2 or x.shape[0] != w_t.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} does not match w_t [in, out] {tuple(w_t.shape)}")
+
+    use_native = backend == "native" or (backend == "auto" and x.device.type == "cpu" and native_available())
+    if use_native:
+        module, reason = _native_module()
+        if module is None:
+            raise RuntimeError(f"native sparse GEMV unavailable: {reason}")
+        norms = col_norms.float().contiguous() if col_norms is not None else torch.empty(0)
+        y = module.sparse_gemv(x.contiguous(), w_t.contiguous(), norms, float(threshold))
+        y = y.to(x.dtype)
+    else:
+        y = sparse_gemv_torch(x, w_t, col_norms, threshold)
+    return y.unsqueeze(0) if squeeze_batch else y

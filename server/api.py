@@ -1,0 +1,415 @@
+"""The gRPC servicer: validate → translate to an engine request → stream results back.
+
+Every handler turns ApiError into its gRPC status; an RPC whose capability has not landed answers
+UNIMPLEMENTED with a message saying so. Unary Generate is the stream collected, so both always agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from featurelens.server.cache import CachedFeatures, FeatureCache, LayerCodes, LruFeatureCache, cache_key
+from featurelens.server.config import Settings
+from featurelens.server.engine import Engine
+from featurelens.server.interp.service import (
+    InterpPlan,
+    layer_features,
+    parse_feature_selection,
+    plan_interpretability,
+    prompt_features,
+    risk_capture_k,
+    token_codes,
+)
+from featurelens.server.interp.steering import parse_vector
+from featurelens.server.metrics import Metrics
+from featurelens.server.security import request_id_var
+from featurelens.server.validation import (
+    ApiError,
+    GenerationPlan,
+    chat_messages,
+    invalid,
+    prompt_token_ids,
+    validate_generate,
+)
+from featurelens.v1 import featurelens_pb2 as pb
+from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVER_VERSION = "0.1.0"
+MODE_LABELS = {pb.INFERENCE_MODE_DENSE: "dense", pb.INFERENCE_MODE_SPARSE: "sparse",
+               pb.INFERENCE_MODE_QUANTIZED: "quantized"}
+
+
+def _finish_reason(completion: Any, plan: GenerationPlan) -> int:
+    reason, stop_reason = completion.finish_reason, completion.stop_reason
+    if reason == "length":
+        return pb.FINISH_REASON_LENGTH
+    if reason == "abort":
+        return pb.FINISH_REASON_CANCELLED
+    if reason == "stop":
+        if isinstance(stop_reason, str) or (isinstance(stop_reason, int) and stop_reason in plan.stop_token_ids):
+            return pb.FINISH_REASON_STOP_SEQUENCE
+        return pb.FINISH_REASON_EOS
+    return pb.FINISH_REASON_ERROR if reason else pb.FINISH_REASON_UNSPECIFIED
+
+
+class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None,
+                 cache: FeatureCache | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.cache = cache if cache is not None else LruFeatureCache(settings.cache_ttl_s,
+                                                                     settings.cache_max_value_bytes)
+        self.in_flight = 0
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id" and value:
+                return str(value)[:128]
+        return None
+
+    def _request_id(self, request: Any, context: grpc.aio.ServicerContext) -> str:
+        """The request's own id, else x-request-id metadata, else the id made for this RPC's logs."""
+        request_id = getattr(request, "request_id", "") or self._metadata_request_id(context) or request_id_var.get()
+        request_id_var.set(request_id)
+        return request_id
+
+    async def _fail(self, context: grpc.aio.ServicerContext, error: BaseException) -> None:
+        if isinstance(error, ApiError):
+            await context.abort(error.code, error.message)
+        log.exception("internal error")
+        if self.engine.errored:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is not running; retry on another replica")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+    async def _guard(self, context: grpc.aio.ServicerContext, method: str,
+                     body: Callable[[], AsyncIterator[Any]]) -> AsyncIterator[Any]:
+        """Admission, status mapping and RPC metrics around a handler body (an async generator)."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.in_flight += 1
+        request_id_var.set(self._metadata_request_id(context) or uuid.uuid4().hex)  # this RPC's task only
+        try:
+            with self.metrics.in_flight():
+                if self.in_flight > self.settings.max_in_flight:
+                    raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"server busy: {self.in_flight - 1} requests in flight (limit "
+                                   f"{self.settings.max_in_flight}); retry after ~1s with backoff")
+                async for item in body():
+                    yield item
+        except ApiError as error:
+            code = error.code
+            await self._fail(context, error)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:  # noqa: BLE001 — turned into a status, never a crash
+            if isinstance(error, grpc.aio.AbortError):
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            code = grpc.StatusCode.INTERNAL
+            await self._fail(context, error)
+        finally:
+            self.in_flight -= 1
+            self.metrics.observe_rpc(method, code, time.perf_counter() - started)
+
+    async def _unary(self, context: grpc.aio.ServicerContext, method: str, body: Callable[[], Awaitable[Any]]) -> Any:
+        async def once() -> AsyncIterator[Any]:
+            yield await body()
+
+        results = [item async for item in self._guard(context, method, once)]
+        return results[0] if results else None
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    def _plan(self, request: Any, request_id: str) -> tuple[GenerationPlan, InterpPlan]:
+        shape = self.engine.shape
+        assert shape is not None
+        plan = validate_generate(request, self.engine, self.settings, shape.max_model_len, shape.vocab_size,
+                                 request_id)
+        return plan, plan_interpretability(request, self.engine, self.settings)
+
+    def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra = interp.extra_args(key) if interp.active else None
+        # Prompt features need every prompt position computed, so such requests skip reading the prefix cache.
+        return SamplingParams(**plan.sampling_kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
+                              skip_reading_prefix_cache=True if interp.include_prompt else None)
+
+    def _tokens(self, completion: Any, plan: GenerationPlan) -> list[pb.Token]:
+        tokens = []
+        logprobs = completion.logprobs or []
+        for i, token_id in enumerate(completion.token_ids):
+            token = pb.Token(token_id=token_id, token_text=self.engine.token_text(token_id))
+            if plan.token_logprobs and i < len(logprobs) and logprobs[i]:
+                position = logprobs[i]
+                if token_id in position:
+                    token.logprob = float(position[token_id].logprob)
+                ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
+                for alt_id, alt in ranked[: plan.top_logprobs]:
+                    token.top_logprobs.add(token_id=alt_id, token_text=alt.decoded_token or "",
+                                           logprob=float(alt.logprob))
+            tokens.append(token)
+        return tokens
+
+    async def _chunks(self, plan: GenerationPlan, interp: InterpPlan) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """One generation as stream chunks (features attached); the last carries finish reason and usage.
+        The request is aborted in the engine if the consumer stops early."""
+        engine_id = f"{plan.request_id}-{uuid.uuid4().hex[:8]}"
+        received = self.engine.features.open(engine_id) if interp.capture else None
+        running_risk = interp.risk.start() if interp.risk is not None else None
+        n_prompt = len(plan.prompt_token_ids)
+        mode = MODE_LABELS.get(plan.mode, "dense")
+        for spec in interp.steer:
+            self.metrics.count_steering(spec["op"])
+        started = last = time.perf_counter()
+        generated = 0
+        try:
+            params = self._sampling_params(plan, interp, engine_id)
+            async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params, interp.cache_salt()):
+                completion = output.outputs[0]
+                chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id)
+                tokens = self._tokens(completion, plan)
+                if received is not None:
+                    if generated == 0 and interp.include_prompt:
+                        chunk.prompt_features.extend(
+                            await prompt_features(received, interp, self.engine, plan.prompt_token_ids))
+                    for token in tokens:
+                        # The residual stream that predicted generated token g sits at position n_prompt + g - 1.
+                        codes = await token_codes(received, interp, n_prompt + generated - 1)
+                        token.features.extend(layer_features(codes, interp, self.engine))
+                        if running_risk is not None:
+                            token.risk = running_risk.add(codes)
+                        generated += 1
+                    for lf in (f for token in tokens for f in token.features):
+                        self.metrics.count_features_returned(lf.layer, len(lf.activations))
+                else:
+                    generated += len(tokens)
+                chunk.tokens.extend(tokens)
+                now = time.perf_counter()
+                if tokens:
+                    if generated == len(tokens):
+                        self.metrics.observe_time_to_first_token(mode, now - started)
+                    else:
+                        self.metrics.observe_inter_token_latency(mode, (now - last) / len(tokens))
+                    last = now
+                if completion.finish_reason is not None:
+                    chunk.finish_reason = _finish_reason(completion, plan)
+                    chunk.usage.prompt_tokens = n_prompt
+                    chunk.usage.completion_tokens = generated
+                    self.metrics.observe_request(mode, now - started, n_prompt, generated)
+                    if running_risk is not None and generated:
+                        chunk.risk.CopyFrom(self._response_risk(running_risk, mode))
+                yield chunk
+        finally:
+            if received is not None:
+                self.engine.features.close(engine_id)
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async def body() -> AsyncIterator[pb.GenerateStreamResponse]:
+            plan, interp = self._plan(request, self._request_id(request, context))
+            async for chunk in self._chunks(plan, interp):
+                yield chunk
+
+        async for chunk in self._guard(context, "GenerateStream", body):
+            yield chunk
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async def body() -> pb.GenerateResponse:
+            plan, interp = self._plan(request, self._request_id(request, context))
+            response = pb.GenerateResponse(request_id=plan.request_id, model=self.engine.shape.model_id,
+                                           mode=plan.mode)
+            pieces = []
+            async for chunk in self._chunks(plan, interp):
+                pieces.append(chunk.text_delta)
+                response.tokens.extend(chunk.tokens)
+                response.prompt_features.extend(chunk.prompt_features)
+                if chunk.finish_reason:
+                    response.finish_reason = chunk.finish_reason
+                    response.usage.CopyFrom(chunk.usage)
+                    response.risk.CopyFrom(chunk.risk)
+            response.text = "".join(pieces)
+            return response
+
+        return await self._unary(context, "Generate", body)
+
+    def _response_risk(self, running: Any, mode: str) -> pb.ResponseRisk:
+        risk = running.response_risk(self.engine.explain)
+        self.metrics.observe_response_risk(self.engine.shape.model_id, mode, risk.score,
+                                           risk.label == pb.RISK_LABEL_HIGH)
+        return risk
+
+    # -- features ----------------------------------------------------------------------------------------
+
+    async def _prompt_codes(self, ids: list[int], capture: dict[int, int],
+                            request_id: str) -> tuple[CachedFeatures, bool]:
+        """Top-k codes of every prompt token, from the cache or computed by a 1-token engine pass. Both
+        paths return fp16-rounded activations, so a cached answer equals a recomputed one exactly."""
+        entries = [self.engine.saes[layer] for layer in capture]
+        key = cache_key(self.engine.shape.model_id, ",".join(e.sae_id for e in entries),
+                        ",".join(e.version for e in entries), list(capture), ids, {"top_k": capture})
+        cached = await self.cache.get(key)
+        if cached is not None and [lc.layer for lc in cached.layers] == list(capture):
+            return cached, True
+        interp = InterpPlan(capture=capture, include_prompt=True)
+        plan = GenerationPlan(prompt_token_ids=ids, sampling_kwargs={"max_tokens": 1, "temperature": 0.0},
+                              stop_token_ids=frozenset(), token_logprobs=False, top_logprobs=0,
+                              mode=pb.INFERENCE_MODE_DENSE, request_id=request_id)
+        engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        received = self.engine.features.open(engine_id)
+        try:
+            async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id)):
+                pass
+            layers = []
+            for layer in capture:
+                rows = [await received.get(layer, position) for position in range(len(ids))]
+                layers.append(LayerCodes(layer=layer, indices=np.stack([r[0] for r in rows]).astype(np.uint32),
+                                         values=np.stack([r[1] for r in rows]).astype(np.float16)))
+        finally:
+            self.engine.features.close(engine_id)
+        result = CachedFeatures(token_ids=np.asarray(ids, dtype=np.uint32), layers=layers)
+        await self.cache.set(key, result)
+        return result, False
+
+    async def GetFeatureActivations(self, request: pb.GetFeatureActivationsRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.GetFeatureActivationsResponse:
+        async def body() -> pb.GetFeatureActivationsResponse:
+            if not self.engine.interpretability_available:
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "features: the server runs in compiled mode, where hooks do not fire")
+            if not request.features:
+                raise invalid("features", "select at least one layer (GetModelInfo.saes lists them)")
+            capture = parse_feature_selection(request.features, self.engine, self.settings.max_features_per_token,
+                                              "features")
+            ids = prompt_token_ids(request, self.engine, self.engine.shape.max_model_len)
+            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context))
+            response = pb.GetFeatureActivationsResponse(cached=cached)
+            for position, token_id in enumerate(ids):
+                tf = response.tokens.add(token_id=token_id, token_text=self.engine.token_text(token_id))
+                for lc in codes.layers:
+                    lf = tf.features.add(layer=lc.layer, sae_id=self.engine.saes[lc.layer].sae_id)
+                    for index, value in zip(lc.indices[position].tolist(), lc.values[position].tolist(), strict=True):
+                        if value > 0.0:
+                            lf.activations.add(feature_id=index, activation=value)
+            return response
+
+        return await self._unary(context, "GetFeatureActivations", body)
+
+    async def RegisterSteeringVector(self, request: pb.RegisterSteeringVectorRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.RegisterSteeringVectorResponse:
+        async def body() -> pb.RegisterSteeringVectorResponse:
+            vector = parse_vector(request.vector_id, request.values, self.engine.shape.hidden_size)
+            await self.engine.register_vector(request.vector_id, vector.tolist())
+            return pb.RegisterSteeringVectorResponse(vector_id=request.vector_id, dimension=vector.numel(),
+                                                     l2_norm=float(vector.norm()))
+
+        return await self._unary(context, "RegisterSteeringVector", body)
+
+    # -- model info and tokenization ---------------------------------------------------------------------
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        async def body() -> pb.TokenizeResponse:
+            ids = prompt_token_ids(request, self.engine, self.engine.shape.max_model_len + 1)
+            return pb.TokenizeResponse(token_ids=ids, tokens=self.engine.tokenizer.convert_ids_to_tokens(ids))
+
+        return await self._unary(context, "Tokenize", body)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+        async def body() -> pb.GetModelInfoResponse:
+            shape, s = self.engine.shape, self.settings
+            info = pb.GetModelInfoResponse(
+                model=shape.model_id, num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+                vocab_size=shape.vocab_size, max_model_len=shape.max_model_len, server_version=SERVER_VERSION,
+                interpretability_available=self.engine.interpretability_available,
+                risk_available=self.engine.risk_probe is not None,
+                risk_probe_id=self.engine.risk_probe.probe_id if self.engine.risk_probe else "",
+            )
+            for entry in self.engine.saes.values():
+                info.saes.add(sae_id=entry.sae_id, layer=entry.layer, hook_name=entry.cfg.hook_name or "",
+                              d_in=entry.cfg.d_in, d_sae=entry.d_sae, architecture=entry.cfg.architecture)
+            info.modes.add(mode=pb.INFERENCE_MODE_DENSE, available=True, description="full-precision weights")
+            info.modes.add(mode=pb.INFERENCE_MODE_SPARSE, available=False, description="not implemented yet")
+            info.modes.add(mode=pb.INFERENCE_MODE_QUANTIZED, available=False, description="not implemented yet")
+            info.limits.CopyFrom(pb.Limits(
+                max_prompt_tokens=shape.max_model_len - 1, max_new_tokens=s.max_new_tokens,
+                max_stop_sequences=s.max_stop_sequences, max_interventions=s.max_interventions,
+                max_features_per_token=s.max_features_per_token, max_top_logprobs=s.max_top_logprobs,
+                max_steering_strength=s.max_steering_strength, max_message_bytes=s.max_message_bytes,
+                max_in_flight_requests=s.max_in_flight))
+            return info
+
+        return await self._unary(context, "GetModelInfo", body)
+
+    # -- capabilities that land in later issues ------------------------------------------------------------
+
+    async def _unimplemented(self, context: grpc.aio.ServicerContext, method: str, what: str) -> Any:
+        async def body() -> Any:
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, f"{method}: {what} is not implemented on this server yet")
+
+        return await self._unary(context, method, body)
+
+    async def ScoreHallucination(self, request: pb.ScoreHallucinationRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.ScoreHallucinationResponse:
+        """Teacher forcing: prompt + response + EOS through the same capture path as generation; response token
+        j is scored from the position that predicts it, exactly as a generated token would be."""
+        async def body() -> pb.ScoreHallucinationResponse:
+            probe = self.engine.risk_probe
+            if probe is None:
+                raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                               "ScoreHallucination: no risk probe is loaded on this server (GetModelInfo.risk_available)")
+            if not self.engine.interpretability_available:
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "ScoreHallucination: the server runs in compiled mode, where hooks do not fire")
+            kind = request.WhichOneof("prompt")
+            if kind is None:
+                raise invalid("prompt", "set either text or chat")
+            if kind == "text" and not request.text.strip():
+                raise invalid("text", "must not be empty")
+            if not request.response.strip():
+                raise invalid("response", "must not be empty")
+            messages = [{"role": "user", "content": request.text}] if kind == "text" else chat_messages(request.chat)
+            prompt_ids = self.engine.encode_chat(messages)
+            response_ids = self.engine.tokenizer.encode(request.response, add_special_tokens=False)
+            ids = prompt_ids + response_ids + [self.engine.tokenizer.eos_token_id]
+            limit = self.engine.shape.max_model_len
+            if len(ids) >= limit:
+                raise invalid("response", f"prompt + response are {len(ids)} tokens; the context is {limit}")
+            capture = {layer: risk_capture_k(self.engine.saes[layer], self.settings) for layer in probe.layers}
+            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context))
+            running = probe.start()
+            token_risks = []
+            by_layer = {lc.layer: lc for lc in codes.layers}
+            for position in range(len(prompt_ids) - 1, len(ids) - 1):
+                token_risks.append(running.add({layer: (lc.indices[position].astype(np.int64),
+                                                        lc.values[position].astype(np.float32))
+                                                for layer, lc in by_layer.items()}))
+            response = pb.ScoreHallucinationResponse(response_tokens=len(response_ids) + 1, cached=cached)
+            response.risk.CopyFrom(self._response_risk(running, "dense"))
+            if request.return_token_risks:
+                response.token_risks.extend(token_risks)
+            return response
+
+        return await self._unary(context, "ScoreHallucination", body)
+
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest,
+                             context: grpc.aio.ServicerContext) -> pb.SearchFeaturesResponse:
+        return await self._unimplemented(context, "SearchFeatures", "feature search")
+
+    async def GetFeature(self, request: pb.GetFeatureRequest,
+                         context: grpc.aio.ServicerContext) -> pb.GetFeatureResponse:
+        return await self._unimplemented(context, "GetFeature", "feature explanations")

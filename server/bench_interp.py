@@ -1,0 +1,139 @@
+"""`featurelens bench interp`: what interpretability costs, measured side by side in one run.
+
+* throughput at one concurrency: plain vs features on every request vs steering on every request vs both;
+* bytes per token crossing worker → frontend vs a dense residual capture of the same layers;
+* the feature channel: ZMQ push socket vs collective_rpc polling (a second server start);
+* steering vs HF transformers + a forward hook doing the same nudge on the same model and prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from featurelens.server.bench import _prompts
+from featurelens.v1 import featurelens_pb2 as pb
+
+
+def _saes_for_bench() -> list[str]:
+    """Shipped SAEs when present, else random ones built here (speed does not depend on training)."""
+    shipped = sorted(Path(__file__).parent.joinpath("assets", "saes").glob("*/cfg.json"))
+    if shipped:
+        return [str(p.parent) for p in shipped]
+    import torch
+    from featurelens.server.interp.sae import SAE_CLASSES, SaeConfig, layer_to_hook_name, save_sae
+
+    root = Path(tempfile.mkdtemp(prefix="bench-saes-"))
+    paths = []
+    for layer in (12, 24):
+        cfg = SaeConfig(architecture="topk", d_in=576, d_sae=8192, k=32, hook_name=layer_to_hook_name(layer))
+        sae = SAE_CLASSES["topk"](cfg)
+        sae.W_dec.data = torch.nn.functional.normalize(torch.randn(8192, 576), dim=-1)
+        sae.W_enc.data = sae.W_dec.data.T.contiguous()
+        save_sae(sae, root / f"random-l{layer}")
+        paths.append(str(root / f"random-l{layer}"))
+    return paths
+
+
+async def _run_variants(saes: list[str], transport: str, prompts: list[str], max_new_tokens: int,
+                        concurrency: int, variants: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    from featurelens.client import AsyncClient
+    from featurelens.server.app import start_server
+    from featurelens.server.config import Settings
+
+    running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=concurrency, max_in_flight=10_000,
+                                          sae=saes, feature_transport=transport))
+    layers = sorted(running.engine.saes)
+    feature_sel = [pb.FeatureSelection(layer=layer, top_k=8) for layer in layers]
+    steer = [pb.SteeringIntervention(layer=layers[0], feature_id=3, op=pb.STEERING_OP_NUDGE, strength=4.0)]
+    throughput: dict[str, float] = {}
+    receiver = running.engine.features
+    bytes_per_token: dict[str, float] = {}
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
+            for variant in variants:
+                interp = pb.InterpretabilityOptions(features=feature_sel if "features" in variant else [])
+                steering = steer if "steering" in variant else []
+                queue = list(prompts)
+                tokens = 0
+                bytes_before, rows_before = receiver.bytes_received, receiver.rows_received
+
+                async def worker(queue: list[str], interp: Any, steering: list[Any]) -> None:
+                    nonlocal tokens
+                    while queue:
+                        request = pb.GenerateRequest(
+                            text=queue.pop(), sampling=pb.SamplingOptions(temperature=0.0),
+                            stopping=pb.StoppingOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
+                            interpretability=interp, steering=steering)
+                        reply = await client.stub.Generate(request)
+                        tokens += len(reply.tokens)
+
+                started = time.perf_counter()
+                await asyncio.gather(*(worker(queue, interp, steering) for _ in range(concurrency)))
+                throughput[variant] = tokens / (time.perf_counter() - started)
+                rows = receiver.rows_received - rows_before
+                if rows:
+                    # rows count (layer, token) pairs; per token = bytes / (rows / layers)
+                    bytes_per_token[variant] = (receiver.bytes_received - bytes_before) / (rows / len(layers))
+    finally:
+        await running.stop(grace_s=1.0)
+    bytes_per_token["dense_bf16"] = 576 * 2 * len(layers)
+    return throughput, bytes_per_token
+
+
+def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, layer: int) -> float:
+    """The same nudge with HF transformers: forward hook on the decoder layer, batched generate()."""
+    import torch
+    from featurelens.server.model_assets import resolve_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model("default")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    direction = torch.nn.functional.normalize(torch.randn(576), dim=0).to(torch.bfloat16) * 4.0
+
+    def hook(module: Any, inputs: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden += direction
+        return output
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    tokens = 0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(prompts), concurrency):
+            batch = tokenizer(prompts[i:i + concurrency], return_tensors="pt", padding=True)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False)
+            tokens += (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
+    handle.remove()
+    return tokens / (time.perf_counter() - started)
+
+
+def main(args: argparse.Namespace) -> int:
+    concurrency = (args.concurrency or [32])[0]
+    prompts = _prompts(args.num_prompts)
+    saes = _saes_for_bench()
+    print(f"bench interp: {len(prompts)} prompts × {args.max_new_tokens} tokens at concurrency {concurrency}; "
+          f"SAEs: {', '.join(Path(s).name for s in saes)}")
+    variants = ["plain", "features", "steering", "features+steering"]
+    zmq_tp, zmq_bytes = asyncio.run(_run_variants(saes, "zmq", prompts, args.max_new_tokens, concurrency, variants))
+    rpc_tp, _ = asyncio.run(_run_variants(saes, "rpc", prompts, args.max_new_tokens, concurrency, ["features"]))
+    hf_tp = _hf_steering(prompts, args.max_new_tokens, concurrency, layer=12)
+    plain = zmq_tp["plain"]
+    print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9}")
+    for variant, value in zmq_tp.items():
+        print(f"{variant:<20} {value:>8.1f} {value / plain:>8.2f}x")
+    print(f"{'features (rpc poll)':<20} {rpc_tp['features']:>8.1f} {rpc_tp['features'] / plain:>8.2f}x"
+          f"   ZMQ/rpc = {zmq_tp['features'] / rpc_tp['features']:.2f}x")
+    dense = zmq_bytes.pop("dense_bf16")
+    for variant, value in zmq_bytes.items():
+        print(f"bytes/token {variant:<16} {value:>7.1f}   dense bf16 residuals {dense:.0f}   "
+              f"{dense / value:.1f}x fewer")
+    print(f"steering: ours {zmq_tp['steering']:.1f} tok/s vs HF transformers+hook {hf_tp:.1f} tok/s = "
+          f"{zmq_tp['steering'] / hf_tp:.2f}x")
+    return 0

@@ -1,0 +1,139 @@
+"""One typed settings object for the server: environment variables (FEATURELENS_*) and CLI flags.
+
+Precedence: CLI flag > environment variable > default. `Settings.describe()` is printed at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Annotated, Any, get_args, get_origin
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEATURELENS_", extra="forbid")
+
+    # -- model and engine --
+    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct, offline), a local HF folder or a hub id")
+    dtype: str = Field("bfloat16", description="weights/activations dtype for vLLM (bfloat16 is fastest on CPU)")
+    max_model_len: int = Field(2048, description="context length the engine is built for (tokens)")
+    max_num_seqs: int = Field(64, description="max requests batched together in one engine step")
+    enforce_eager: bool = Field(True, description="eager mode; interpretability hooks need it")
+    kv_cache_gib: float = Field(1.0, description="KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.85, description="fraction of GPU memory vLLM may use (GPU only)")
+    tensor_parallel_size: int = Field(1, description="vLLM tensor parallelism (passed through)")
+    pipeline_parallel_size: int = Field(1, description="vLLM pipeline parallelism (passed through)")
+    # NoDecode: from the environment this comes as "6=/a,20=/b" (or JSON), split by the validator below.
+    feature_transport: str = Field("zmq", description="worker→frontend feature channel: zmq (push socket) or "
+                                                       "rpc (collective_rpc polling; slower, for comparison)")
+    risk_probe: str = Field("default", description="risk probe file; 'default' = the shipped one for the default "
+                                                     "model, 'none' disables risk scoring")
+    risk_medium_threshold: float | None = Field(None, description="risk ≥ this is MEDIUM (default: the probe's own)")
+    risk_high_threshold: float | None = Field(None, description="risk ≥ this is HIGH (default: the probe's own)")
+    sae: Annotated[list[str], NoDecode] = Field(default_factory=list, description="SAEs to load, 'LAYER=PATH' (repeatable)")
+
+    # -- network --
+    host: str = Field("127.0.0.1", description="gRPC bind address (0.0.0.0 to serve beyond this machine)")
+    port: int = Field(50051, description="gRPC port (0 picks a free one)")
+    metrics_host: str = Field("127.0.0.1", description="bind address of the Prometheus /metrics endpoint")
+    metrics_port: int = Field(9090, description="Prometheus /metrics port (-1 disables)")
+    max_message_bytes: int = Field(8 * 1024 * 1024, description="largest gRPC message accepted/sent")
+    grace_period_s: float = Field(20.0, description="on SIGTERM, time in-flight RPCs get to finish")
+    tls_cert_file: str | None = Field(None, description="PEM certificate chain: serve TLS instead of plaintext")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: str | None = Field(None, description="PEM CA: require client certificates (mutual TLS)")
+    auth_token_file: str | None = Field(None, description="bearer tokens, one per line: callers must send one")
+    auth_tokens: str | None = Field(None, description="comma-separated bearer tokens (prefer the file)")
+    health_open: bool = Field(True, description="health checks need no token (for probes)")
+    reflection_open: bool = Field(True, description="server reflection needs no token")
+
+    # -- limits (reported by GetModelInfo) --
+    default_max_new_tokens: int = Field(256, description="max_new_tokens when a request leaves it unset")
+    max_new_tokens: int = Field(2048, description="upper bound on a request's max_new_tokens")
+    max_stop_sequences: int = Field(8, description="stop sequences per request")
+    max_stop_sequence_chars: int = Field(256, description="characters per stop sequence")
+    max_interventions: int = Field(16, description="steering interventions per request")
+    max_features_per_token: int = Field(64, description="top-k SAE features per token")
+    max_top_logprobs: int = Field(20, description="alternatives per position with logprobs")
+    max_steering_strength: float = Field(1000.0, description="bound on |strength| of an intervention")
+    max_in_flight: int = Field(256, description="RPCs admitted at once; more get RESOURCE_EXHAUSTED")
+
+    # -- cache --
+    redis_url: str | None = Field(None, description="redis://host:port/db for the shared feature cache")
+    cache_ttl_s: int = Field(3600, description="time to live of cached feature results")
+    cache_max_value_bytes: int = Field(4 * 1024 * 1024, description="larger results are not cached")
+    cache_lru_bytes: int = Field(64 * 1024 * 1024, description="in-process cache size when no Redis")
+
+    # -- logging --
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_json: bool = Field(False, description="one JSON object per log line")
+
+    @field_validator("sae", mode="before")
+    @classmethod
+    def _split_sae(cls, value: Any) -> Any:
+        # From the environment a list may come as "6=/a,20=/b" rather than JSON.
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [part for part in value.split(",") if part]
+        return value
+
+    @field_validator("feature_transport")
+    @classmethod
+    def _check_transport(cls, value: str) -> str:
+        if value not in ("zmq", "rpc"):
+            raise ValueError("feature_transport must be 'zmq' or 'rpc'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> Settings:
+        for name in ("risk_medium_threshold", "risk_high_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+        if None not in (self.risk_medium_threshold, self.risk_high_threshold) and \
+                self.risk_medium_threshold > self.risk_high_threshold:
+            raise ValueError("risk_medium_threshold must not exceed risk_high_threshold")
+        return self
+
+    def describe(self) -> str:
+        width = max(len(name) for name in type(self).model_fields)
+        secret = {"auth_tokens"}  # printed at start-up: never show a token
+
+        def shown(name: str) -> str:
+            value = getattr(self, name)
+            return "'***'" if name in secret and value else repr(value)
+
+        return "\n".join(f"  {name:<{width}} = {shown(name)}" for name in type(self).model_fields)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one --flag per setting; unset flags fall back to env vars, then defaults."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        help_text = f"{field.description} [env FEATURELENS_{name.upper()}]"
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(annotation) is list:
+            parser.add_argument(flag, action="append", default=None, help=help_text)
+        else:
+            kind = next((t for t in (get_args(annotation) or (annotation,)) if t is not type(None)), str)
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**given)

@@ -1,0 +1,228 @@
+"""Owns the vLLM engine (AsyncLLM): start-up, warm-up, request lifecycle, abort, worker RPCs.
+
+Kept thin on purpose: vLLM does the batching and scheduling; this module only turns our validated requests
+into vLLM calls and makes sure a request that ends early (cancel, deadline, error) is aborted in the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from featurelens.server.config import Settings
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "featurelens.server.worker.FeatureLensWorkerExtension"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    model_id: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+class Engine:
+    """One AsyncLLM plus the tokenizer the API validates against."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.llm: Any = None
+        self.tokenizer: Any = None
+        self.shape: ModelShape | None = None
+        self.model_path: str = ""
+        self.saes: dict[int, Any] = {}
+        self.features: Any = None
+        self.vectors: dict[str, int] = {}
+        self.risk_probe: Any = None
+        # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
+        self.interpretability_available = settings.enforce_eager
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from featurelens.server.model_assets import resolve_model
+
+        s = self.settings
+        # vLLM reads its CPU KV cache size from the environment; set it before the engine is built.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(s.kv_cache_gib)))))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_path = resolve_model(s.model)
+        if not s.enforce_eager:
+            log.warning("compiled mode: vLLM skips Python forward hooks, so interpretability options "
+                        "(features, risk, steering) will be refused with FAILED_PRECONDITION")
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            served_model_name=[self.model_id_for(s.model, self.model_path)],
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            enforce_eager=s.enforce_eager,
+            tensor_parallel_size=s.tensor_parallel_size,
+            pipeline_parallel_size=s.pipeline_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            worker_extension_cls=WORKER_EXTENSION,
+            enable_log_requests=False,
+        )
+        started = time.perf_counter()
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer = self.llm.get_tokenizer()
+        hf = self.llm.model_config.hf_text_config
+        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        generation_eos = (self.llm.model_config.get_diff_sampling_param() or {}).get("stop_token_ids") or []
+        eos.update(generation_eos)
+        self.shape = ModelShape(
+            model_id=self.model_id_for(s.model, self.model_path),
+            num_layers=int(hf.num_hidden_layers),
+            hidden_size=int(hf.hidden_size),
+            vocab_size=int(self.llm.model_config.get_vocab_size()),
+            max_model_len=int(self.llm.model_config.max_model_len),
+            eos_token_ids=tuple(sorted(eos)),
+        )
+        log.info("engine started in %.1fs: %s", time.perf_counter() - started, self.shape)
+        await self._setup_interpretability()
+
+    async def _setup_interpretability(self) -> None:
+        from featurelens.server.interp.capture import FeatureReceiver
+        from featurelens.server.interp.registry import build_registry
+
+        assert self.shape is not None
+        self.saes = build_registry(self._sae_args(), self.shape.hidden_size, self.shape.num_layers)
+        self.features = FeatureReceiver(self.settings.feature_transport, self.llm)
+        self.features.start()
+        config = {"endpoint": self.features.endpoint,
+                  "saes": [{"layer": e.layer, "path": e.path, "sae_id": e.sae_id} for e in self.saes.values()]}
+        installed = await self.llm.collective_rpc("featurelens_setup", args=(config,))
+        log.info("worker extension installed: %s", installed[0])
+        for entry in self.saes.values():
+            log.info("SAE %s at layer %d: d_sae=%d, %s", entry.sae_id, entry.layer, entry.d_sae,
+                     entry.cfg.architecture)
+        self.risk_probe = self._load_probe()
+
+    def _is_default_model(self) -> bool:
+        return self.settings.model.lower() in ("default", "smollm2", "")
+
+    def _sae_args(self) -> list[str]:
+        """--sae as given; for the default model with none given, the SAEs shipped in server/assets/saes."""
+        if self.settings.sae or not self._is_default_model():
+            return list(self.settings.sae)
+        from featurelens.server.interp.risk import PROBES_DIR
+
+        return [str(p.parent) for p in sorted(PROBES_DIR.parent.joinpath("saes").glob("*/cfg.json"))]
+
+    def _load_probe(self) -> Any:
+        from featurelens.server.interp.risk import RiskProbe, default_probe_path
+
+        choice = self.settings.risk_probe
+        if choice == "none":
+            return None
+        path = default_probe_path() if choice == "default" else choice
+        if path is None or (choice == "default" and not self._is_default_model()):
+            log.info("no risk probe loaded: hallucination-risk scoring unavailable")
+            return None
+        probe = RiskProbe.load(path)
+        try:
+            probe.check_saes(self.saes)
+        except ValueError as error:
+            if choice != "default":
+                raise
+            log.warning("shipped risk probe not loaded: %s", error)
+            return None
+        if self.settings.risk_medium_threshold is not None:
+            probe.medium = self.settings.risk_medium_threshold
+        if self.settings.risk_high_threshold is not None:
+            probe.high = self.settings.risk_high_threshold
+        log.info("risk probe %s: %d features, thresholds medium=%.2f high=%.2f", probe.probe_id, len(probe.weights),
+                 probe.medium, probe.high)
+        return probe
+
+    def explain(self, layer: int, feature_id: int) -> str:
+        """A short explanation of a feature, when its SAE ships explanations (else empty)."""
+        entry = self.saes.get(layer)
+        labels = getattr(entry, "labels", None) if entry else None
+        return labels.get(feature_id, "") if labels else ""
+
+    async def register_vector(self, vector_id: str, values: list[float]) -> None:
+        await self.llm.collective_rpc("featurelens_register_vector", args=(vector_id, values))
+        self.vectors[vector_id] = len(values)
+
+    @staticmethod
+    def model_id_for(requested: str, path: str) -> str:
+        if requested in ("default", "smollm2", ""):
+            return "SmolLM2-135M-Instruct"
+        return requested.rstrip("/").split("/")[-1] if os.path.isdir(requested) else requested
+
+    async def warmup(self) -> None:
+        """One tiny generation so the first real request does not pay for lazy initialisation."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        async for _ in self.generate("warmup", [self.tokenizer.bos_token_id or 1, 2, 3], params):
+            pass
+
+    async def shutdown(self) -> None:
+        if self.features is not None:
+            await self.features.stop()
+            self.features = None
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    @property
+    def errored(self) -> bool:
+        return self.llm is not None and bool(self.llm.errored)
+
+    # -- tokenization ----------------------------------------------------------------------------------
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: Any,
+                       cache_salt: str | None = None) -> AsyncIterator[Any]:
+        """Yields vLLM RequestOutputs. If the consumer stops early (cancel, deadline, error), the request is
+        aborted in the engine so its slot and KV blocks are freed at once. A `cache_salt` keeps the request's
+        KV blocks apart from others in the prefix cache (steered requests must not share with unsteered)."""
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
+        finished = False
+        try:
+            async for output in self.llm.generate(prompt, params, request_id):
+                finished = output.finished
+                yield output
+        finally:
+            if not finished and self.llm is not None:
+                await self.llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the frontend still tracks (queued or running)."""
+        return int(self.llm.get_num_unfinished_requests())
+
+    async def worker_active_requests(self) -> int:
+        """Requests the model runner inside the worker process still holds: the engine-side truth."""
+        counts = await self.llm.collective_rpc("featurelens_active_requests")
+        return int(max(counts))

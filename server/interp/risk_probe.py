@@ -1,0 +1,326 @@
+"""Hallucination-risk probe: pooled SAE features → sparse logistic regression → Platt-calibrated probability.
+
+The probe file (`server/assets/probes/<probe_id>.json`) is all the server needs; its semantics, implemented
+by `running_risks` below and mirrored by the server:
+
+  per scored token t (response tokens; a token's codes are those of the position that predicted it)
+    x_t      = activations of the listed (layer, feature_id) pairs in that token's top-k (0 when absent),
+               passed through `input_transform` ("identity" | "log1p")
+    p_t      = pooled x_1..x_t: "mean" (running mean), "max" (running max) or "last_prompt" (x_1: the codes
+               of the last prompt position, which predicted the first response token)
+    logit_t  = bias + Σ weight · p_t
+    risk_t   = sigmoid(a · logit_t + b)          (calibration: Platt)
+  response risk = risk at the last scored token; label HIGH ≥ thresholds.high > MEDIUM ≥ thresholds.medium.
+
+Training needs numpy/scipy/scikit-learn; `score` and `running_risks` need only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+POOLINGS = ("mean", "max", "last_prompt")
+TRANSFORMS = ("identity", "log1p")
+FeatureKey = tuple[int, int]  # (layer, feature_id)
+
+
+@dataclass
+class ProbeFeature:
+    layer: int
+    sae_id: str
+    feature_id: int
+    weight: float
+
+
+@dataclass
+class Probe:
+    probe_id: str
+    features: list[ProbeFeature]
+    bias: float
+    pooling: str = "mean"
+    input_transform: str = "identity"
+    calibration: dict[str, Any] = field(default_factory=lambda: {"method": "platt", "a": 1.0, "b": 0.0})
+    thresholds: dict[str, float] = field(default_factory=lambda: {"medium": 0.4, "high": 0.7})
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model: str = "SmolLM2-135M-Instruct"
+    version: int = 1
+    kind: str = "sparse_logreg"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.input_transform not in TRANSFORMS:
+            raise ValueError(f"input_transform must be one of {TRANSFORMS}, got {self.input_transform!r}")
+        self._weights = {(f.layer, f.feature_id): f.weight for f in self.features}
+
+    @property
+    def weights(self) -> dict[FeatureKey, float]:
+        return self._weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probe_id": self.probe_id, "version": self.version, "kind": self.kind, "model": self.model,
+                "features": [asdict(f) for f in self.features], "bias": self.bias, "pooling": self.pooling,
+                "input_transform": self.input_transform, "calibration": self.calibration,
+                "thresholds": self.thresholds, "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Probe:
+        if data.get("kind", "sparse_logreg") != "sparse_logreg" or data.get("version", 1) != 1:
+            raise ValueError(f"unsupported probe kind/version: {data.get('kind')}/{data.get('version')}")
+        return cls(probe_id=data["probe_id"], features=[ProbeFeature(**f) for f in data["features"]],
+                   bias=float(data["bias"]), pooling=data.get("pooling", "mean"),
+                   input_transform=data.get("input_transform", "identity"),
+                   calibration=dict(data.get("calibration") or {"method": "platt", "a": 1.0, "b": 0.0}),
+                   thresholds=dict(data.get("thresholds") or {"medium": 0.4, "high": 0.7}),
+                   metrics=dict(data.get("metrics") or {}), model=data.get("model", ""),
+                   version=int(data.get("version", 1)), kind=data.get("kind", "sparse_logreg"))
+
+
+def save_probe(probe: Probe, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(probe.to_dict(), indent=1) + "\n")
+    return path
+
+
+def load_probe(path: str | Path) -> Probe:
+    return Probe.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def _transform(value: float, kind: str) -> float:
+    return math.log1p(value) if kind == "log1p" else value
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def calibrate(probe: Probe, logit: float) -> float:
+    return _sigmoid(probe.calibration.get("a", 1.0) * logit + probe.calibration.get("b", 0.0))
+
+
+def raw_logit(probe: Probe, pooled: Mapping[FeatureKey, float]) -> float:
+    """bias + Σ w·p over the probe's features; `pooled` maps (layer, feature_id) → pooled (transformed) value."""
+    return probe.bias + sum(w * pooled.get(key, 0.0) for key, w in probe.weights.items())
+
+
+def score(probe: Probe, pooled: Mapping[FeatureKey, float]) -> float:
+    """Calibrated risk from already pooled, already transformed features."""
+    return calibrate(probe, raw_logit(probe, pooled))
+
+
+def token_inputs(probe: Probe, token_codes: Mapping[int, Iterable[tuple[int, float]]]) -> dict[FeatureKey, float]:
+    """x_t: one token's top-k codes {layer: [(feature_id, activation), ...]} restricted to the probe's features."""
+    x: dict[FeatureKey, float] = {}
+    for layer, pairs in token_codes.items():
+        for feature_id, value in pairs:
+            if (layer, feature_id) in probe.weights:
+                x[(layer, feature_id)] = _transform(float(value), probe.input_transform)
+    return x
+
+
+def running_risks(probe: Probe, tokens: Sequence[Mapping[int, Iterable[tuple[int, float]]]]) -> list[float]:
+    """risk_t after each scored token (the server's streaming semantics); the last one is the response risk."""
+    pooled: dict[FeatureKey, float] = {}
+    risks = []
+    for t, codes in enumerate(tokens, start=1):
+        x = token_inputs(probe, codes)
+        if probe.pooling == "mean":
+            for key in pooled.keys() | x.keys():
+                pooled[key] = pooled.get(key, 0.0) + (x.get(key, 0.0) - pooled.get(key, 0.0)) / t
+        elif probe.pooling == "max":
+            for key, value in x.items():
+                pooled[key] = max(pooled.get(key, 0.0), value)
+        elif t == 1:  # last_prompt: the first scored token's codes are those of the last prompt position
+            pooled = x
+        risks.append(score(probe, pooled))
+    return risks
+
+
+def risk_label(probe: Probe, risk: float) -> str:
+    if risk >= probe.thresholds["high"]:
+        return "HIGH"
+    return "MEDIUM" if risk >= probe.thresholds["medium"] else "LOW"
+
+
+def contributions(probe: Probe, pooled: Mapping[FeatureKey, float], top: int = 5) -> list[dict[str, Any]]:
+    """The explanation: features whose weight × pooled activation pushed the logit most."""
+    sae_ids = {(f.layer, f.feature_id): f.sae_id for f in probe.features}
+    rows = [{"layer": k[0], "sae_id": sae_ids[k], "feature_id": k[1], "activation": pooled.get(k, 0.0),
+             "weight": w, "contribution": w * pooled.get(k, 0.0)} for k, w in probe.weights.items()]
+    rows.sort(key=lambda r: -abs(r["contribution"]))
+    return [r for r in rows if r["contribution"] != 0.0][:top]
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def usable(records: Iterable[dict]) -> list[dict]:
+    """Records the probe can score: at least one response token with features."""
+    return [r for r in records if r.get("token_ids") and r.get("features")]
+
+
+def pooled_matrix(records: Sequence[dict], layers: Sequence[int], pooling: str, transform: str,
+                  columns: dict[FeatureKey, int] | None = None):
+    """(n, d) scipy CSR of pooled features, and the (layer, feature_id) → column map (built from the data
+    when not given; unseen features get no column, as they would get no weight)."""
+    import numpy as np
+    from scipy import sparse
+
+    build = columns is None
+    columns = {} if columns is None else columns
+    rows, cols, vals = [], [], []
+    for i, rec in enumerate(records):
+        pooled: dict[FeatureKey, float] = {}
+        for layer in layers:
+            entry = rec["features"][str(layer)]
+            token_rows = entry["idx"][:1] if pooling == "last_prompt" else entry["idx"]
+            n_tokens = len(token_rows)
+            for idx, val in zip(token_rows, entry["val"], strict=False):
+                for fid, v in zip(idx, val, strict=True):
+                    x = math.log1p(v) if transform == "log1p" else v
+                    key = (layer, fid)
+                    if pooling == "max":
+                        pooled[key] = max(pooled.get(key, 0.0), x)
+                    else:
+                        pooled[key] = pooled.get(key, 0.0) + x / n_tokens
+        for key, value in pooled.items():
+            if key not in columns:
+                if not build:
+                    continue
+                columns[key] = len(columns)
+            rows.append(i)
+            cols.append(columns[key])
+            vals.append(value)
+    matrix = sparse.csr_matrix((np.asarray(vals, dtype=np.float64), (rows, cols)), shape=(len(records), len(columns)))
+    return matrix, columns
+
+
+@dataclass
+class FitResult:
+    weights: Any  # (d,) raw-space weights
+    bias: float
+    C: float
+    val_auroc: float
+
+
+def fit_logreg(X, y, X_val, y_val, penalty: str = "l1", Cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+               seed: int = 0) -> FitResult:
+    """Logistic regression on columns scaled to unit RMS (so one L1 strength suits features of any scale);
+    weights are mapped back to raw activations so the file needs no scaler. C is chosen by validation AUROC."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    rms = np.sqrt(np.asarray(X.multiply(X).mean(axis=0))).ravel()
+    scale = 1.0 / np.where(rms > 0, rms, 1.0)
+    Xs, Xv = X.multiply(scale).tocsr(), X_val.multiply(scale).tocsr()
+    best: FitResult | None = None
+    for C in Cs:
+        model = LogisticRegression(l1_ratio=1.0 if penalty == "l1" else 0.0, C=C, solver="liblinear",
+                                   max_iter=2000, random_state=seed, class_weight="balanced")
+        model.fit(Xs, y)
+        auc = roc_auc_score(y_val, model.decision_function(Xv)) if len(set(y_val)) > 1 else float("nan")
+        if best is None or auc > best.val_auroc:
+            best = FitResult(model.coef_.ravel() * scale, float(model.intercept_[0]), C, float(auc))
+    assert best is not None
+    return best
+
+
+def platt(logits, y) -> dict[str, float]:
+    """Platt scaling: one-feature logistic regression on held-out logits (weak L2 only for stability)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=1e4, max_iter=1000).fit(np.asarray(logits).reshape(-1, 1), y)
+    return {"method": "platt", "a": float(model.coef_[0, 0]), "b": float(model.intercept_[0])}
+
+
+def choose_thresholds(probs, y, min_precision: float = 0.85) -> dict[str, float]:
+    """medium = the base rate (risk above an average answer's); high = the lowest threshold at which at least
+    `min_precision` of flagged validation answers were hallucinated (never below medium)."""
+    import numpy as np
+
+    probs, y = np.asarray(probs), np.asarray(y)
+    medium = float(y.mean())
+    high = 0.9
+    for t in np.unique(np.round(probs, 3)):
+        flagged = probs >= t
+        if t >= medium and flagged.sum() >= 10 and y[flagged].mean() >= min_precision:
+            high = float(t)
+            break
+    return {"medium": round(medium, 3), "high": round(max(high, medium), 3)}
+
+
+def build_probe(fit: FitResult, columns: dict[FeatureKey, int], sae_ids: Mapping[int, str], probe_id: str,
+                pooling: str, transform: str, calibration: dict, thresholds: dict, metrics: dict) -> Probe:
+    inverse = {c: key for key, c in columns.items()}
+    feats = [ProbeFeature(layer=inverse[c][0], sae_id=sae_ids[inverse[c][0]], feature_id=int(inverse[c][1]),
+                          weight=round(float(w), 6))
+             for c, w in enumerate(fit.weights) if abs(w) > 1e-9]
+    feats.sort(key=lambda f: -abs(f.weight))
+    return Probe(probe_id=probe_id, features=feats, bias=round(fit.bias, 6), pooling=pooling,
+                 input_transform=transform, calibration=calibration, thresholds=thresholds, metrics=metrics)
+
+
+def probe_logits(probe: Probe, records: Sequence[dict]):
+    """Raw logits of `probe` on records, through the same pooling the server uses (vectorised)."""
+    import numpy as np
+
+    layers = sorted({f.layer for f in probe.features})
+    columns = {(f.layer, f.feature_id): i for i, f in enumerate(probe.features)}
+    X, _ = pooled_matrix(records, layers, probe.pooling, probe.input_transform, columns=columns)
+    w = np.asarray([f.weight for f in probe.features])
+    return X @ w + probe.bias
+
+
+def calibrated(probe: Probe, logits):
+    import numpy as np
+
+    z = probe.calibration["a"] * np.asarray(logits) + probe.calibration["b"]
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def layer_options(layers: Sequence[int]) -> list[tuple[int, ...]]:
+    return [(layer,) for layer in layers] + ([tuple(layers)] if len(layers) > 1 else [])
+
+
+def train_probe(train: Sequence[dict], val: Sequence[dict], probe_id: str, *, penalty: str = "l1",
+                poolings: Sequence[str] = POOLINGS, transforms: Sequence[str] = TRANSFORMS,
+                layer_sets: Sequence[Sequence[int]] | None = None, log: Any = print) -> tuple[Probe, list[dict]]:
+    """Grid over layer set × pooling × transform × C, chosen by validation AUROC; the winner is Platt-calibrated
+    on the validation set. Returns the probe and the table of every configuration's validation AUROC."""
+    import numpy as np
+
+    layers = sorted(int(k) for k in train[0]["features"])
+    sae_ids = {int(k): v["sae_id"] for k, v in train[0]["features"].items()}
+    y, y_val = np.asarray([r["label"] for r in train]), np.asarray([r["label"] for r in val])
+    table, best = [], None
+    for layer_set in layer_sets or layer_options(layers):
+        for pooling in poolings:
+            for transform in transforms:
+                X, columns = pooled_matrix(train, layer_set, pooling, transform)
+                X_val, _ = pooled_matrix(val, layer_set, pooling, transform, columns=columns)
+                fit = fit_logreg(X, y, X_val, y_val, penalty=penalty)
+                row = {"layers": list(layer_set), "pooling": pooling, "transform": transform, "C": fit.C,
+                       "val_auroc": round(fit.val_auroc, 4), "nonzero": int((np.abs(fit.weights) > 1e-9).sum())}
+                table.append(row)
+                log(f"  {row}")
+                if best is None or fit.val_auroc > best[0].val_auroc:
+                    best = (fit, columns, pooling, transform)
+    assert best is not None
+    fit, columns, pooling, transform = best
+    probe = build_probe(fit, columns, sae_ids, probe_id, pooling, transform, {"method": "platt", "a": 1.0, "b": 0.0},
+                        {"medium": 0.5, "high": 0.8}, {})
+    val_logits = probe_logits(probe, val)
+    probe.calibration = platt(val_logits, y_val)
+    probe.thresholds = choose_thresholds(calibrated(probe, val_logits), y_val)
+    probe.metrics = {"val_auroc": round(fit.val_auroc, 4), "C": fit.C, "penalty": penalty,
+                     "n_train": len(train), "n_val": len(val)}
+    return probe, table

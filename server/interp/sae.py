@@ -1,0 +1,367 @@
+"""Sparse autoencoders in the SAELens on-disk format: config, one class per architecture, load/save.
+
+A folder holds `cfg.json` + `sae_weights.safetensors` (`W_enc[d_in,d_sae]`, `b_enc[d_sae]`,
+`W_dec[d_sae,d_in]`, `b_dec[d_in]`, and `threshold[d_sae]` for jumprelu), so SAEs published for SAELens load
+unchanged. The encode math copies SAELens op for op (cast -> normalise -> subtract b_dec -> `@ W_enc + b_enc`
+-> activation) because features are only meaningful if we compute exactly what the SAE was trained with.
+
+Layers: "layer N" everywhere in featurelens is the residual stream *after* decoder block N, which SAELens
+calls `blocks.N.hook_resid_post` (and `blocks.N+1.hook_resid_pre`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from featurelens.kernels.sae_encode import topk_encode
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+ARCHITECTURE_ALIASES = {"relu": "standard"}
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported SAE dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hook names <-> layer numbers
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def hook_name_to_layer(hook_name: str) -> int:
+    """`blocks.N.hook_resid_post` -> N; `blocks.N.hook_resid_pre` -> N-1 (both: output of that block)."""
+    m = _HOOK_RE.match(hook_name)
+    if m is None:
+        raise ValueError(
+            f"unsupported SAE hook {hook_name!r}: only residual-stream hooks "
+            "'blocks.N.hook_resid_post' or 'blocks.N.hook_resid_pre' can be served"
+        )
+    block, where = int(m.group(1)), m.group(2)
+    if where == "post":
+        return block
+    if block == 0:
+        raise ValueError(f"{hook_name!r} is the embedding output, not a decoder block's; it cannot be hooked")
+    return block - 1
+
+
+def layer_to_hook_name(layer: int) -> str:
+    if layer < 0:
+        raise ValueError(f"layer must be >= 0, got {layer}")
+    return f"blocks.{layer}.hook_resid_post"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class SaeConfig:
+    """Typed view of SAELens `cfg.json`. Unknown keys live in `extra` and are written back unchanged.
+
+    SAELens >= 6 nests `hook_name`/`model_name` under `metadata`; older files keep them at top level.
+    We read both and write them back where we found them, so a third-party cfg survives a round trip.
+    """
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    hook_name: str | None = None
+    k: int | None = None
+    dtype: str = "float32"
+    apply_b_dec_to_input: bool = True
+    normalize_activations: str = "none"
+    # Only for "expected_average_only_in": inputs are multiplied by this before encoding. SAELens keeps it
+    # outside cfg.json (in its pretrained directory), so we store it under our own key.
+    norm_scaling_factor: float | None = None
+    model_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KNOWN: ClassVar[tuple[str, ...]] = (
+        "architecture", "d_in", "d_sae", "hook_name", "k", "dtype", "apply_b_dec_to_input",
+        "normalize_activations", "norm_scaling_factor", "model_name",
+    )
+
+    def __post_init__(self) -> None:
+        self.architecture = ARCHITECTURE_ALIASES.get(self.architecture, self.architecture)
+        if self.architecture not in SAE_CLASSES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; known: {sorted(SAE_CLASSES)}")
+        if self.architecture == "topk" and (self.k is None or self.k < 1):
+            raise ValueError("a topk SAE needs k >= 1 in cfg.json")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, "
+                             f"got {self.normalize_activations!r}")
+        parse_dtype(self.dtype)
+
+    @property
+    def layer(self) -> int:
+        if self.hook_name is None:
+            raise ValueError("SAE cfg has no hook_name, so its layer is unknown")
+        return hook_name_to_layer(self.hook_name)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SaeConfig:
+        d = dict(raw)
+        meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
+        if "hook_point" in d and "hook_name" not in d:  # pre-3.0 SAELens name
+            d["hook_name"] = d.pop("hook_point")
+        for key in ("hook_name", "model_name"):
+            if key not in d and key in meta:
+                d[key] = meta[key]
+        if isinstance(d.get("normalize_activations"), bool):  # pre-3.0: a bool meant the April-update scaling
+            d["normalize_activations"] = "expected_average_only_in" if d["normalize_activations"] else "none"
+        d.setdefault("architecture", "standard")
+        # SAELens < 6 encoded topk SAEs as architecture "standard" + activation_fn "topk".
+        act = d.get("activation_fn", d.get("activation_fn_str"))
+        if ARCHITECTURE_ALIASES.get(d["architecture"], d["architecture"]) == "standard" and act == "topk":
+            d["architecture"] = "topk"
+            d.setdefault("k", (d.get("activation_fn_kwargs") or {}).get("k"))
+        if d.get("finetuning_scaling_factor"):
+            raise ValueError("SAEs with finetuning_scaling_factor are not supported")
+        known = {k: d.pop(k) for k in cls._KNOWN if k in d}
+        return cls(**known, extra=d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        meta = out.get("metadata")
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("hook_name", "model_name") and isinstance(meta, dict) and f.name in meta:
+                out["metadata"] = meta = {**meta, f.name: value}
+            elif value is not None or f.name in ("hook_name", "model_name"):
+                out[f.name] = value
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+
+
+class Sae(torch.nn.Module):
+    """Base SAE: standard ReLU encoder. Subclasses override `_activate` and register themselves."""
+
+    architecture: ClassVar[str] = "standard"
+
+    def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        dtype = parse_dtype(cfg.dtype)
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.W_enc = torch.nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, **kw), requires_grad=False)
+        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae, **kw), requires_grad=False)
+        self.W_dec = torch.nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, **kw), requires_grad=False)
+        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, **kw), requires_grad=False)
+        # Tensors in a third-party file that we do not use; kept so save_sae writes them back.
+        self.extra_tensors: dict[str, torch.Tensor] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def layer(self) -> int:
+        return self.cfg.layer
+
+    @property
+    def max_k(self) -> int:
+        """Largest k `encode_topk` can return without inventing features the SAE would not fire."""
+        return self.cfg.d_sae
+
+    # -- input normalisation (SAELens `run_time_activation_norm_fn_in/out`) --
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Return the normalised input and what `_denormalize` needs to undo it for the same rows."""
+        mode = self.cfg.normalize_activations
+        if mode == "expected_average_only_in":
+            s = self.cfg.norm_scaling_factor
+            return (x, None) if s is None else (x * s, s)
+        if mode == "constant_norm_rescale":
+            coeff = (self.cfg.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+            return x * coeff, coeff
+        if mode == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            return x / (std + 1e-5), (mu, std)
+        return x, None
+
+    def _denormalize(self, y: torch.Tensor, state: Any) -> torch.Tensor:
+        mode = self.cfg.normalize_activations
+        if state is None:
+            return y
+        if mode == "layer_norm":
+            mu, std = state
+            return y * std + mu
+        return y / state
+
+    def process_sae_in(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Cast and normalise; b_dec is subtracted later, inside the encode op."""
+        return self._normalize(x.to(self.dtype))
+
+    def _b_dec_in(self) -> torch.Tensor | None:
+        return self.b_dec if self.cfg.apply_b_dec_to_input else None
+
+    # -- encode / decode --
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def _encode_normalized(self, sae_in: torch.Tensor) -> torch.Tensor:
+        b_dec_in = self._b_dec_in()
+        if b_dec_in is not None:
+            sae_in = sae_in - b_dec_in
+        return self._activate(sae_in @ self.W_enc + self.b_enc)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense feature activations [..., d_sae], exactly as SAELens `SAE.encode`."""
+        sae_in, _ = self.process_sae_in(x)
+        return self._encode_normalized(sae_in)
+
+    @torch.no_grad()
+    def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k strongest features per row: (values [..., k] sorted descending, indices [..., k] int64).
+
+        Equals `torch.topk(self.encode(x), k)` on every non-zero value. A zero value means fewer than k
+        features fired and its index is meaningless. `k` defaults to cfg.k (topk SAEs) or 32.
+        """
+        k = k if k is not None else (self.cfg.k or 32)
+        if k > self.max_k:
+            raise ValueError(f"k={k} exceeds what this {self.architecture} SAE can fire (max {self.max_k})")
+        sae_in, _ = self.process_sae_in(x)
+        lead = sae_in.shape[:-1]
+        values, indices = topk_encode(
+            sae_in.reshape(-1, self.cfg.d_in), self.W_enc, self.b_enc, self._b_dec_in(), k,
+            threshold=getattr(self, "threshold", None), architecture=self.architecture,  # type: ignore[arg-type]
+        )
+        return values.reshape(*lead, k), indices.reshape(*lead, k)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, norm_state: Any = None) -> torch.Tensor:
+        """Reconstruction in the model's activation space. For per-row normalisations (constant_norm_rescale,
+        layer_norm) pass the `norm_state` from `process_sae_in`, or use `forward`."""
+        if norm_state is None and self.cfg.normalize_activations == "expected_average_only_in":
+            norm_state = self.cfg.norm_scaling_factor
+        return self._denormalize(codes @ self.W_dec + self.b_dec, norm_state)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sae_in, state = self.process_sae_in(x)
+        return self.decode(self._encode_normalized(sae_in), state)
+
+
+class TopKSae(Sae):
+    architecture = "topk"
+
+    @property
+    def max_k(self) -> int:
+        return int(self.cfg.k)  # type: ignore[arg-type]
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        # SAELens TopK: pick the k largest pre-activations, relu only those, zero the rest.
+        top = torch.topk(pre, k=int(self.cfg.k), dim=-1)  # type: ignore[arg-type]
+        return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+
+
+class JumpReluSae(Sae):
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__(cfg, device)
+        self.threshold = torch.nn.Parameter(
+            torch.zeros(cfg.d_sae, dtype=self.dtype, device=device), requires_grad=False
+        )
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        acts = torch.relu(pre)
+        return acts * (pre > self.threshold).to(acts.dtype)
+
+
+SAE_CLASSES: dict[str, type[Sae]] = {cls.architecture: cls for cls in (Sae, TopKSae, JumpReluSae)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Disk I/O
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype | None = None) -> Sae:
+    """Load a SAELens folder. `dtype` casts the weights (and cfg.dtype) after loading."""
+    path = Path(path)
+    cfg = SaeConfig.from_dict(json.loads((path / CFG_FILENAME).read_text()))
+    tensors = load_file(str(path / WEIGHTS_FILENAME), device=str(device))
+    if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
+        tensors["threshold"] = torch.exp(tensors.pop("log_threshold"))  # a training checkpoint
+    sae = SAE_CLASSES[cfg.architecture](cfg, device="meta")
+    expected = dict(sae.named_parameters())
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{path / WEIGHTS_FILENAME} lacks tensors {missing}")
+    for name, param in expected.items():
+        t = tensors.pop(name)
+        if t.shape != param.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, cfg.json implies {tuple(param.shape)}")
+        # Keep the file's tensor as-is (no copy into a preallocated buffer) so save_sae is bit-exact.
+        setattr(sae, name, torch.nn.Parameter(t, requires_grad=False))
+    sae.extra_tensors = tensors
+    if cfg.normalize_activations == "expected_average_only_in" and cfg.norm_scaling_factor is None:
+        log.warning("%s: normalize_activations=expected_average_only_in but no norm_scaling_factor; "
+                    "inputs are used unscaled (as SAELens load_from_disk does)", path)
+    if dtype is not None and parse_dtype(dtype) != sae.dtype:
+        sae = sae.to(parse_dtype(dtype))
+        sae.cfg.dtype = dtype_name(parse_dtype(dtype))
+    return sae
+
+
+def save_sae(sae: Sae, path: str | Path) -> None:
+    """Write `cfg.json` + `sae_weights.safetensors` in the SAELens layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().contiguous() for name, p in sae.named_parameters()}
+    tensors.update({name: t.contiguous() for name, t in sae.extra_tensors.items()})
+    save_file(tensors, str(path / WEIGHTS_FILENAME))
+    (path / CFG_FILENAME).write_text(json.dumps(sae.cfg.to_dict(), indent=2))
+
+
+def validate_for_model(sae: Sae, hidden_size: int, num_layers: int) -> int:
+    """Check the SAE fits the served model; returns its layer. Raises ValueError naming the mismatch."""
+    if sae.cfg.d_in != hidden_size:
+        raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the model hidden size {hidden_size}"
+                         f" (hook {sae.cfg.hook_name!r}, model {sae.cfg.model_name!r})")
+    layer = sae.layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"SAE hook {sae.cfg.hook_name!r} is layer {layer}, but the model has "
+                         f"{num_layers} decoder layers (valid 0..{num_layers - 1})")
+    if not all(math.isfinite(float(v)) for v in (sae.W_enc.abs().max(), sae.b_enc.abs().max())):
+        raise ValueError("SAE encoder weights contain NaN or inf")
+    return layer

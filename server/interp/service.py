@@ -1,0 +1,125 @@
+"""Between the API and the worker: validate a request's interpretability block and steering list into the
+plain-data spec the worker reads from `extra_args`, and turn captured codes back into protobuf.
+
+Token convention: a generated token's features are those of the residual stream at the position that
+*predicted* it (the state that chose the token); prompt token i's features are those at position i.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from featurelens.server.interp.capture import RequestFeatures
+from featurelens.server.interp.steering import parse_interventions
+from featurelens.server.validation import ApiError, invalid
+from featurelens.v1 import featurelens_pb2 as pb
+
+
+@dataclass
+class InterpPlan:
+    capture: dict[int, int] = field(default_factory=dict)  # layer → top_k captured in the worker
+    returned: dict[int, int] = field(default_factory=dict)  # layer → top_k returned to the caller
+    include_prompt: bool = False
+    steer: list[dict[str, Any]] = field(default_factory=list)
+    risk: Any = None  # the RiskProbe when the request scores risk
+
+    @property
+    def active(self) -> bool:
+        return bool(self.capture or self.steer)
+
+    def extra_args(self, key: str) -> dict[str, Any]:
+        return {"featurelens": {
+            "key": key,
+            "capture": [{"layer": layer, "k": k, "prompt": self.include_prompt} for layer, k in self.capture.items()],
+            "steer": self.steer,
+        }}
+
+    def cache_salt(self) -> str | None:
+        """Steered requests get their own prefix-cache namespace: the same steering may share, nothing else."""
+        if not self.steer:
+            return None
+        return hashlib.sha256(json.dumps(self.steer, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def parse_feature_selection(selections: Any, engine: Any, max_k: int, field_name: str) -> dict[int, int]:
+    capture: dict[int, int] = {}
+    for i, sel in enumerate(selections):
+        where = f"{field_name}[{i}]"
+        entry = engine.saes.get(sel.layer)
+        if entry is None:
+            raise invalid(f"{where}.layer", f"no SAE at layer {sel.layer}; layers with SAEs: {sorted(engine.saes)}")
+        if sel.sae_id and sel.sae_id != entry.sae_id:
+            raise invalid(f"{where}.sae_id", f"unknown SAE {sel.sae_id!r} at layer {sel.layer} "
+                                             f"(loaded: {entry.sae_id!r})")
+        limit = min(max_k, entry.cfg.k or entry.d_sae) if entry.cfg.architecture == "topk" else min(max_k, entry.d_sae)
+        top_k = sel.top_k or min(8, limit)
+        if not 1 <= top_k <= limit:
+            raise invalid(f"{where}.top_k", f"must be in [1, {limit}], got {sel.top_k}")
+        if sel.layer in capture:
+            raise invalid(f"{where}.layer", f"layer {sel.layer} selected twice")
+        capture[sel.layer] = top_k
+    return capture
+
+
+def plan_interpretability(request: Any, engine: Any, settings: Any) -> InterpPlan:
+    """Generate/GenerateStream request → InterpPlan, or ApiError naming the field."""
+    interp = request.interpretability
+    plan = InterpPlan()
+    wants = bool(interp.features or interp.include_prompt_features or interp.score_risk or len(request.steering))
+    if wants and not engine.interpretability_available:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                       "interpretability: the server runs in compiled mode, where hooks do not fire; "
+                       "restart it with --enforce-eager to use features, risk or steering")
+    plan.returned = parse_feature_selection(interp.features, engine, settings.max_features_per_token,
+                                            "interpretability.features")
+    plan.capture = dict(plan.returned)
+    if interp.score_risk:
+        if engine.risk_probe is None:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "interpretability.score_risk: no risk probe is loaded on this server "
+                           "(GetModelInfo.risk_available)")
+        plan.risk = engine.risk_probe
+        for layer in plan.risk.layers:
+            plan.capture[layer] = max(plan.capture.get(layer, 0), risk_capture_k(engine.saes[layer], settings))
+    if interp.include_prompt_features and not plan.returned:
+        raise invalid("interpretability.include_prompt_features", "needs at least one interpretability.features")
+    plan.include_prompt = interp.include_prompt_features
+    plan.steer = parse_interventions(request.steering, num_layers=engine.shape.num_layers, saes=engine.saes,
+                                     vectors=engine.vectors, max_interventions=settings.max_interventions,
+                                     max_strength=settings.max_steering_strength)
+    return plan
+
+
+def risk_capture_k(entry: Any, settings: Any) -> int:
+    """Codes the risk probe reads: a TopK SAE's whole code (its k), else the per-token limit."""
+    return int(entry.cfg.k) if entry.cfg.architecture == "topk" and entry.cfg.k else settings.max_features_per_token
+
+
+def to_layer_features(layer: int, sae_id: str, indices: Any, values: Any, k: int) -> pb.LayerFeatures:
+    lf = pb.LayerFeatures(layer=layer, sae_id=sae_id)
+    for index, value in zip(indices[:k].tolist(), values[:k].tolist(), strict=True):
+        if value > 0.0:  # a zero means fewer than k features fired; its index means nothing
+            lf.activations.add(feature_id=index, activation=value)
+    return lf
+
+
+async def token_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Any]:
+    return {layer: await received.get(layer, position) for layer in plan.capture}
+
+
+def layer_features(codes: dict[int, Any], plan: InterpPlan, engine: Any) -> list[pb.LayerFeatures]:
+    return [to_layer_features(layer, engine.saes[layer].sae_id, *codes[layer], k) for layer, k in plan.returned.items()]
+
+
+async def prompt_features(received: RequestFeatures, plan: InterpPlan, engine: Any,
+                          prompt_ids: list[int]) -> list[pb.TokenFeatures]:
+    tokens = []
+    for position, token_id in enumerate(prompt_ids):
+        tf = pb.TokenFeatures(token_id=token_id, token_text=engine.token_text(token_id))
+        tf.features.extend(layer_features(await token_codes(received, plan, position), plan, engine))
+        tokens.append(tf)
+    return tokens

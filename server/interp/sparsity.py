@@ -1,0 +1,168 @@
+"""WINA activation sparsity: which inputs of a linear layer to zero, and the calibrated thresholds to do it.
+
+For a linear layer y = W x with W [out, in], WINA (Chen et al., 2025) scores input i by |x_i| * ||W[:, i]||_2:
+the size of the change zeroing x_i makes to y, up to the direction of column i. Inputs scoring below a
+per-layer, per-projection threshold are zeroed. With the threshold chosen as a quantile of the scores seen on
+a calibration corpus, the expected fraction of zeroed inputs is the target sparsity (TEAL's recipe, with
+WINA's score instead of |x_i|).
+
+Thresholds ship as JSON (`load_thresholds`), keyed "<layer>.<proj>" with proj in PROJECTIONS, one table per
+sparsity level ("25", "40", "50"). Two ways to reach a level:
+- uniform (`calibrate_thresholds`): every projection at the target sparsity;
+- greedy (`greedy_allocation`, TEAL-style): per block, repeatedly raise the sparsity of the projection whose
+  increase hurts the block output least, until the parameter-weighted mean reaches the target.
+
+Masking is exact: an input is kept iff x_i != 0 and score_i >= threshold. The sparse GEMV kernels
+(featurelens.kernels.sparse_gemv) apply the same test, so masking then dense matmul == the sparse kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# Projections of a Llama-style decoder block and the module path of each under `model.layers[i]`.
+PROJECTIONS: dict[str, str] = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+LEVELS = ("25", "40", "50")
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sparsity"
+DEFAULT_THRESHOLDS = ASSETS / "smollm2-135m-wina.json"
+MAX_QUANTILE_SAMPLES = 1 << 22  # sort cost bound; 4M samples put the quantile within ~0.05 points
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||W[:, i]||_2 for W [out, in] (an nn.Linear weight) -> [in] float32."""
+    return weight.detach().float().norm(dim=0)
+
+
+def wina_scores(x: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
+    """|x_i| * ||W[:, i]||, float32, broadcast over leading dims of x [..., in]."""
+    return x.float().abs() * col_norms
+
+
+def wina_mask(x: torch.Tensor, col_norms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean keep-mask, shape of x: True where x_i != 0 and |x_i| * ||W[:, i]|| >= threshold."""
+    return (x != 0) & (wina_scores(x, col_norms) >= threshold)
+
+
+def wina_sparsify(x: torch.Tensor, col_norms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x with the inputs below the WINA threshold set to zero (same dtype and shape)."""
+    return torch.where(wina_mask(x, col_norms, threshold), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _subsample(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    flat = scores.detach().flatten().float()
+    if flat.numel() > MAX_QUANTILE_SAMPLES:
+        pick = torch.randint(flat.numel(), (MAX_QUANTILE_SAMPLES,), generator=generator, device=flat.device)
+        flat = flat[pick]
+    return flat
+
+
+def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
+    """Threshold t such that a fraction `sparsity` of `scores` lies strictly below t.
+
+    t is the smallest score at or above the quantile, so masking `score >= t` zeroes exactly the scores
+    below it (ties at t are kept, which errs on the side of quality).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    flat = _subsample(scores)
+    if flat.numel() == 0:
+        raise ValueError("no calibration scores")
+    k = int(round(sparsity * flat.numel()))
+    if k == 0:
+        return 0.0
+    return float(flat.sort().values[k].item()) if k < flat.numel() else float("inf")
+
+
+def calibrate_thresholds(scores_by_proj: Mapping[str, torch.Tensor], target_sparsity: float) -> dict[str, float]:
+    """Uniform allocation: per projection, the score quantile that zeroes `target_sparsity` of its inputs.
+
+    Args:
+        scores_by_proj: "<layer>.<proj>" -> sampled WINA scores (any shape) from calibration text.
+        target_sparsity: fraction in [0, 1), e.g. 0.4.
+    """
+    return {name: quantile_threshold(s, target_sparsity) for name, s in scores_by_proj.items()}
+
+
+def measured_sparsity(scores: torch.Tensor, threshold: float) -> float:
+    """Fraction of inputs a threshold zeroes (scores of exactly-zero inputs count as zeroed)."""
+    flat = scores.detach().flatten()
+    return float(((flat < threshold) | (flat == 0)).float().mean().item())
+
+
+def greedy_allocation(
+    proj_sizes: Mapping[str, int],
+    block_error: Callable[[dict[str, float]], float],
+    target_sparsity: float,
+    step: float = 0.05,
+    max_sparsity: float = 0.95,
+    start: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """TEAL-style greedy per-projection sparsities for ONE block.
+
+    Starting from all-dense, each round tries raising every projection's sparsity by `step`, keeps the one
+    whose increase gives the smallest `block_error`, and stops when the parameter-weighted mean sparsity
+    (weights = `proj_sizes`, e.g. weight numel: bytes read is what decode time follows) reaches the target.
+    `block_error(sparsities)` is measured by the caller on calibration activations (e.g. relative MSE of the
+    block's output against dense). The last step is shrunk so the mean lands on the target exactly.
+    `start` continues a previous allocation (25% -> 40% -> 50% reuses the path, as TEAL does).
+    """
+    if not 0.0 <= target_sparsity <= max_sparsity:
+        raise ValueError(f"target sparsity must be in [0, {max_sparsity}], got {target_sparsity}")
+    total = float(sum(proj_sizes.values()))
+    levels = {name: float((start or {}).get(name, 0.0)) for name in proj_sizes}
+
+    def mean(lv: Mapping[str, float]) -> float:
+        return sum(lv[n] * proj_sizes[n] for n in lv) / total
+
+    while mean(levels) < target_sparsity - 1e-9:
+        best: tuple[float, str, float] | None = None
+        for name in proj_sizes:
+            if levels[name] >= max_sparsity - 1e-9:
+                continue
+            # Never overshoot: the increment that would land the mean exactly on the target, if smaller.
+            room = (target_sparsity - mean(levels)) * total / proj_sizes[name]
+            inc = min(step, max_sparsity - levels[name], room)
+            err = block_error({**levels, name: levels[name] + inc})
+            if best is None or err < best[0]:
+                best = (err, name, inc)
+        if best is None:
+            break
+        levels[best[1]] += best[2]
+    return levels
+
+
+def thresholds_for_sparsities(scores_by_proj: Mapping[str, torch.Tensor], sparsities: Mapping[str, float]) -> dict[str, float]:
+    """Per-projection thresholds for per-projection target sparsities (the greedy allocation's output)."""
+    return {name: quantile_threshold(scores_by_proj[name], sparsities[name]) for name in sparsities}
+
+
+@lru_cache(maxsize=4)
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_thresholds(level: str | int, path: str | Path = DEFAULT_THRESHOLDS, allocation: str = "uniform") -> dict[str, float]:
+    """"<layer>.<proj>" -> threshold for a shipped level ("25" | "40" | "50"); KeyError names what exists.
+
+    allocation: "uniform" (the `levels` table) or "greedy" (`levels_greedy`, when the file has it).
+    """
+    data = _read(str(path))
+    table = data["levels"] if allocation == "uniform" else data.get("levels_greedy", {})
+    key = str(level)
+    if key not in table:
+        raise KeyError(f"no {allocation} sparsity level {key!r} in {path}; available: {sorted(table)}")
+    return dict(table[key])
+
+
+def available_levels(path: str | Path = DEFAULT_THRESHOLDS) -> list[str]:
+    return sorted(_read(str(path))["levels"], key=int)

@@ -1,0 +1,279 @@
+"""Offline WINA calibration and quality check for the default model (HF transformers, CPU, float32).
+
+    python -m featurelens.server.interp.sparsity_calibrate [--out PATH] [--greedy] [--texts 300]
+
+1. Text: the offline corpus sources (package docstrings/READMEs + entity fact paragraphs, see corpus.py),
+   seeded, split into calibration and held-out documents before anything is measured.
+2. Scores: forward pre-hooks on every q/k/v/o/gate/up/down projection record a random sample of the WINA
+   scores |x_i| * ||W[:, i]|| of its input on calibration text; thresholds are per-projection quantiles
+   (uniform), optionally per-projection sparsities from a TEAL-style greedy search per block.
+3. Check: the same hooks on held-out text measure the sparsity the thresholds actually give; pre-hooks that
+   zero inputs measure perplexity on held-out text and greedy-token agreement with dense on chat prompts.
+Masks apply to every token (prefill and decode alike), which is the harsher setting for perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from featurelens.server.interp import corpus
+from featurelens.server.interp.sparsity import (
+    DEFAULT_THRESHOLDS,
+    LEVELS,
+    PROJECTIONS,
+    column_norms,
+    greedy_allocation,
+    measured_sparsity,
+    wina_scores,
+    wina_sparsify,
+)
+
+MAX_TOKENS = 128  # per document: positional variety at a cost a shared 2-core box can pay (~1 s/forward)
+
+
+def load_model(path: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def corpus_texts(seed: int, n_texts: int, heldout_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+    """(calibration, held-out) documents, ~70% docs prose/code and ~30% entity facts, disjoint by document."""
+    rng = random.Random(seed)
+    n_facts = n_texts * 3 // 10
+    docs = corpus.pack_texts(corpus.iter_doc_texts(rng, max_files=1500), 1200, 1200 * (n_texts - n_facts))
+    facts = corpus.fact_paragraphs(rng)
+    rng.shuffle(facts)
+    texts = docs[: n_texts - n_facts] + facts[:n_facts]
+    rng.shuffle(texts)
+    n_held = int(len(texts) * heldout_fraction)
+    return texts[n_held:], texts[:n_held]
+
+
+def projections(model: Any) -> dict[str, torch.nn.Module]:
+    """"<layer>.<proj>" -> nn.Linear for every decoder block."""
+    out: dict[str, torch.nn.Module] = {}
+    for i, layer in enumerate(model.model.layers):
+        for proj, path in PROJECTIONS.items():
+            out[f"{i}.{proj}"] = layer.get_submodule(path)
+    return out
+
+
+@contextmanager
+def hooks(modules: dict[str, torch.nn.Module], make_hook: Any) -> Iterator[None]:
+    handles = [m.register_forward_pre_hook(make_hook(name, m)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _tokens(tok: Any, text: str) -> torch.Tensor:
+    return tok(text, return_tensors="pt", truncation=True, max_length=MAX_TOKENS).input_ids
+
+
+@torch.inference_mode()
+def collect_scores(model: Any, tok: Any, texts: list[str], per_call: int = 2048, seed: int = 0) -> dict[str, torch.Tensor]:
+    """"<layer>.<proj>" -> 1-D sample of WINA scores of that projection's inputs over `texts`."""
+    mods = projections(model)
+    norms = {name: column_norms(m.weight) for name, m in mods.items()}
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in mods}
+    gen = torch.Generator().manual_seed(seed)
+
+    def make_hook(name: str, _m: torch.nn.Module) -> Any:
+        def hook(_mod: torch.nn.Module, args: tuple) -> None:
+            s = wina_scores(args[0], norms[name]).flatten()
+            samples[name].append(s[torch.randint(s.numel(), (min(per_call, s.numel()),), generator=gen)])
+        return hook
+
+    with hooks(mods, make_hook):
+        for text in texts:
+            model.model(_tokens(tok, text), use_cache=False)  # decoder only: the unembedding is not hooked
+    return {name: torch.cat(v) for name, v in samples.items()}
+
+
+@contextmanager
+def wina_masking(model: Any, thresholds: dict[str, float]) -> Iterator[None]:
+    """Zero the inputs below threshold in every listed projection while the context is open."""
+    mods = {n: m for n, m in projections(model).items() if n in thresholds}
+    norms = {name: column_norms(m.weight) for name, m in mods.items()}
+
+    def make_hook(name: str, _m: torch.nn.Module) -> Any:
+        def hook(_mod: torch.nn.Module, args: tuple) -> tuple:
+            return (wina_sparsify(args[0], norms[name], thresholds[name]), *args[1:])
+        return hook
+
+    with hooks(mods, make_hook):
+        yield
+
+
+def _sorted_samples(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: s.sort().values for n, s in scores.items()}
+
+
+def _threshold_at(sorted_scores: torch.Tensor, sparsity: float) -> float:
+    k = int(round(sparsity * sorted_scores.numel()))
+    return 0.0 if k == 0 else float(sorted_scores[min(k, sorted_scores.numel() - 1)])
+
+
+@torch.inference_mode()
+def greedy_levels(model: Any, tok: Any, texts: list[str], sorted_scores: dict[str, torch.Tensor],
+                  targets: list[float], step: float = 0.1, n_seqs: int = 2) -> dict[float, dict[str, float]]:
+    """Per-block TEAL greedy on captured (dense) block inputs; error = relative MSE of the block output."""
+    captured: dict[int, list[tuple[tuple, dict]]] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        def grab(_mod: Any, args: tuple, kwargs: dict, i: int = i) -> None:
+            captured.setdefault(i, []).append((args, kwargs))
+        handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+    for text in texts[:n_seqs]:
+        model.model(_tokens(tok, text), use_cache=False)  # a cache would grow on every replay
+    for h in handles:
+        h.remove()
+
+    sizes = {p: model.model.layers[0].get_submodule(path).weight.numel() for p, path in PROJECTIONS.items()}
+    result: dict[float, dict[str, float]] = {t: {} for t in targets}
+    for i, layer in enumerate(model.model.layers):
+        dense = [layer(*a, **k) for a, k in captured[i]]
+        dense = [d[0] if isinstance(d, tuple) else d for d in dense]
+
+        def block_error(levels: dict[str, float], i: int = i, layer: Any = layer, dense: list = dense) -> float:
+            thr = {f"{i}.{p}": _threshold_at(sorted_scores[f"{i}.{p}"], s) for p, s in levels.items()}
+            err = ref = 0.0
+            with wina_masking(model, thr):
+                for (a, k), d in zip(captured[i], dense, strict=True):
+                    out = layer(*a, **k)
+                    out = out[0] if isinstance(out, tuple) else out
+                    err += float((out - d).pow(2).sum())
+                    ref += float(d.pow(2).sum())
+            return err / ref
+
+        levels: dict[str, float] = {}
+        for t in sorted(targets):  # one path: each level continues from the previous one
+            levels = greedy_allocation(sizes, block_error, t, step=step, start=levels)
+            result[t].update({f"{i}.{p}": s for p, s in levels.items()})
+        print(f"  greedy block {i}: " + " ".join(f"{p}={s:.2f}" for p, s in levels.items()), flush=True)
+    return result
+
+
+@torch.inference_mode()
+def perplexity(model: Any, tok: Any, texts: list[str]) -> float:
+    nll = n = 0.0
+    for text in texts:
+        ids = _tokens(tok, text)
+        if ids.shape[1] < 2:
+            continue
+        loss = model(ids, labels=ids).loss
+        nll += float(loss) * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def chat_prompts(tok: Any, n: int, seed: int) -> list[torch.Tensor]:
+    pairs = corpus.make_instructions(random.Random(seed), n)
+    return [tok.apply_chat_template(corpus.chat_messages(s, u), add_generation_prompt=True, return_tensors="pt",
+                                    return_dict=True)["input_ids"] for s, u in pairs]
+
+
+@torch.inference_mode()
+def dense_continuations(model: Any, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
+    return [model.generate(p, max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(p))
+            for p in prompts]
+
+
+@torch.inference_mode()
+def greedy_agreement(model: Any, prompts: list[torch.Tensor], dense_full: list[torch.Tensor]) -> float:
+    """Teacher-forced: fraction of the dense greedy continuation's tokens the masked model also picks."""
+    agree = total = 0
+    for p, full in zip(prompts, dense_full, strict=True):
+        n_new = full.shape[1] - p.shape[1]
+        if n_new == 0:
+            continue
+        logits = model(full).logits[0, p.shape[1] - 1 : full.shape[1] - 1]
+        agree += int((logits.argmax(-1) == full[0, p.shape[1]:]).sum())
+        total += n_new
+    return agree / max(total, 1)
+
+
+def heldout_report(scores: dict[str, torch.Tensor], thresholds: dict[str, float]) -> dict[str, Any]:
+    per = {n: measured_sparsity(scores[n], t) for n, t in thresholds.items()}
+    vals = list(per.values())
+    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "per_projection": per}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from featurelens.server.model_assets import MODEL_NAME, resolve_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(DEFAULT_THRESHOLDS))
+    ap.add_argument("--texts", type=int, default=250, help="documents in all (20%% held out)")
+    ap.add_argument("--prompts", type=int, default=30)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--greedy", action="store_true", help="also compute TEAL-style greedy allocations")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    model, tok = load_model(resolve_model("default"))
+    calib, held = corpus_texts(args.seed, args.texts)
+    print(f"{len(calib)} calibration / {len(held)} held-out documents", flush=True)
+    scores = _sorted_samples(collect_scores(model, tok, calib, seed=args.seed))
+    held_scores = collect_scores(model, tok, held, seed=args.seed + 1)
+    print(f"scores collected ({time.time() - t0:.0f} s)", flush=True)
+
+    out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina", "allocation": "uniform",
+                           "calibration": {"documents": len(calib), "heldout_documents": len(held),
+                                           "max_tokens_per_document": MAX_TOKENS, "seed": args.seed},
+                           "levels": {}, "heldout_sparsity": {}}
+    for level in LEVELS:
+        thr = {n: _threshold_at(s, int(level) / 100) for n, s in scores.items()}
+        out["levels"][level] = thr
+        out["heldout_sparsity"][level] = heldout_report(held_scores, thr)
+    write = lambda: Path(args.out).write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write()  # thresholds first: quality checks below only add to the file
+
+    prompts = chat_prompts(tok, args.prompts, args.seed + 2)
+    dense_full = dense_continuations(model, prompts, args.new_tokens)
+    quality: dict[str, Any] = {"dense": {"heldout_ppl": perplexity(model, tok, held)}}
+    out["quality"] = {"prompts": len(prompts), "new_tokens": args.new_tokens, "heldout_tokens_per_doc": MAX_TOKENS,
+                      "agreement": "teacher-forced top-1 match with the dense greedy continuation", **quality}
+
+    def evaluate(name: str, table: dict[str, dict[str, float]]) -> None:
+        for level, thr in table.items():
+            with wina_masking(model, thr):
+                q = {"heldout_ppl": perplexity(model, tok, held),
+                     "greedy_agreement": greedy_agreement(model, prompts, dense_full)}
+            q["ppl_ratio"] = q["heldout_ppl"] / quality["dense"]["heldout_ppl"]
+            out["quality"][f"{name}-{level}"] = q
+            print(name, level, {k: round(v, 4) for k, v in q.items()}, f"({time.time() - t0:.0f} s)", flush=True)
+            write()
+
+    evaluate("uniform", out["levels"])
+    if args.greedy:
+        alloc = greedy_levels(model, tok, calib, scores, [int(lv) / 100 for lv in LEVELS])
+        out["greedy_sparsities"] = {lv: alloc[int(lv) / 100] for lv in LEVELS}
+        out["levels_greedy"] = {lv: {n: _threshold_at(scores[n], s) for n, s in alloc[int(lv) / 100].items()}
+                                for lv in LEVELS}
+        out["heldout_sparsity_greedy"] = {lv: heldout_report(held_scores, t) for lv, t in out["levels_greedy"].items()}
+        write()
+        print(f"greedy done ({time.time() - t0:.0f} s)", flush=True)
+        evaluate("greedy", out["levels_greedy"])
+    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

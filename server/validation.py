@@ -1,0 +1,203 @@
+"""Request validation: every bad field becomes an ApiError naming the field; nothing invalid reaches the engine.
+
+Pure functions over the protobuf messages, so they are unit-tested without an engine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from featurelens.server.config import Settings
+from featurelens.v1 import featurelens_pb2 as pb
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+_ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant"}
+
+
+class ApiError(Exception):
+    """An error with a gRPC status; the message starts with the offending field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(field_path: str, problem: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{field_path}: {problem}")
+
+
+class Tokenizes(Protocol):
+    def encode_text(self, text: str) -> list[int]: ...
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]: ...
+
+
+@dataclass
+class GenerationPlan:
+    """A validated generation request, ready to become vLLM SamplingParams."""
+
+    prompt_token_ids: list[int]
+    sampling_kwargs: dict[str, Any]
+    stop_token_ids: frozenset[int]
+    token_logprobs: bool
+    top_logprobs: int
+    mode: int
+    request_id: str
+    extra_args: dict[str, Any] = field(default_factory=dict)
+
+
+def check_finite(field_path: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise invalid(field_path, f"must be a finite number, got {value}")
+
+
+def check_enum(field_path: str, value: int, enum: Any) -> None:
+    if value not in enum.values():
+        raise invalid(field_path, f"unknown value {value}; expected one of {', '.join(enum.keys())}")
+
+
+def chat_messages(chat: pb.ChatMessages) -> list[dict[str, str]]:
+    if not chat.messages:
+        raise invalid("chat.messages", "must contain at least one message")
+    messages = []
+    for i, message in enumerate(chat.messages):
+        role = _ROLES.get(message.role)
+        if role is None:
+            raise invalid(f"chat.messages[{i}].role", f"must be SYSTEM, USER or ASSISTANT, got {message.role}")
+        if not message.content.strip():
+            raise invalid(f"chat.messages[{i}].content", "must not be empty")
+        messages.append({"role": role, "content": message.content})
+    return messages
+
+
+def prompt_token_ids(request: Any, tokenizer: Tokenizes, max_model_len: int) -> list[int]:
+    """Tokenizes the request's `text` or `chat` oneof; the prompt must leave room for one new token."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise invalid("prompt", "set either text or chat")
+    if kind == "text":
+        if not request.text.strip():
+            raise invalid("text", "must not be empty")
+        ids = tokenizer.encode_text(request.text)
+    else:
+        ids = tokenizer.encode_chat(chat_messages(request.chat))
+    if len(ids) >= max_model_len:
+        raise invalid(kind, f"prompt is {len(ids)} tokens; the model's context is {max_model_len} tokens "
+                            f"and at least one must be left for the answer")
+    return ids
+
+
+def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, max_model_len: int,
+                      vocab_size: int, request_id: str) -> GenerationPlan:
+    """GenerateRequest or GenerateStreamRequest → GenerationPlan, or ApiError naming the field."""
+    if request.request_id and not _REQUEST_ID.match(request.request_id):
+        raise invalid("request_id", "must be 1-128 characters of letters, digits and . _ : / -")
+    check_enum("mode", request.mode, pb.InferenceMode)
+    sampling = _sampling_kwargs(request.sampling, vocab_size)
+    stopping, stop_ids = _stopping_kwargs(request.stopping, settings, vocab_size)
+    top_logprobs = request.logprobs.top_logprobs
+    if not 0 <= top_logprobs <= settings.max_top_logprobs:
+        raise invalid("logprobs.top_logprobs", f"must be in [0, {settings.max_top_logprobs}], got {top_logprobs}")
+    if request.mode == pb.INFERENCE_MODE_SPARSE:
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                       "mode: INFERENCE_MODE_SPARSE is not implemented on this server yet (see GetModelInfo.modes)")
+    if request.mode == pb.INFERENCE_MODE_QUANTIZED:
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                       "mode: INFERENCE_MODE_QUANTIZED is not implemented on this server yet (see GetModelInfo.modes)")
+    if request.sparsity_percent and request.mode != pb.INFERENCE_MODE_SPARSE:
+        raise invalid("sparsity_percent", "only valid with mode INFERENCE_MODE_SPARSE")
+
+    ids = prompt_token_ids(request, tokenizer, max_model_len)
+    room = max_model_len - len(ids)
+    # Never ask the engine for more than the context holds; the answer then ends with FINISH_REASON_LENGTH.
+    stopping["max_tokens"] = min(stopping["max_tokens"], room)
+    stopping["min_tokens"] = min(stopping["min_tokens"], stopping["max_tokens"])
+    want_logprobs = request.logprobs.token_logprobs or top_logprobs > 0
+    return GenerationPlan(
+        prompt_token_ids=ids,
+        sampling_kwargs={**sampling, **stopping, "logprobs": top_logprobs if want_logprobs else None},
+        stop_token_ids=frozenset(stop_ids),
+        token_logprobs=want_logprobs,
+        top_logprobs=top_logprobs,
+        mode=request.mode or pb.INFERENCE_MODE_DENSE,
+        request_id=request_id,
+    )
+
+
+def _sampling_kwargs(sampling: pb.SamplingOptions, vocab_size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if sampling.HasField("temperature"):
+        check_finite("sampling.temperature", sampling.temperature)
+        if not 0.0 <= sampling.temperature <= 2.0:
+            raise invalid("sampling.temperature", f"must be in [0, 2], got {sampling.temperature:g}")
+        out["temperature"] = sampling.temperature
+    if sampling.HasField("top_p"):
+        check_finite("sampling.top_p", sampling.top_p)
+        if not 0.0 < sampling.top_p <= 1.0:
+            raise invalid("sampling.top_p", f"must be in (0, 1], got {sampling.top_p:g}")
+        out["top_p"] = sampling.top_p
+    if sampling.HasField("top_k"):
+        if not 0 <= sampling.top_k <= vocab_size:
+            raise invalid("sampling.top_k", f"must be in [0, {vocab_size}] (0 disables), got {sampling.top_k}")
+        out["top_k"] = sampling.top_k
+    if sampling.HasField("seed"):
+        if not 0 <= sampling.seed < 2**63:
+            raise invalid("sampling.seed", f"must be a non-negative 63-bit integer, got {sampling.seed}")
+        out["seed"] = sampling.seed
+    if sampling.HasField("repetition_penalty"):
+        check_finite("sampling.repetition_penalty", sampling.repetition_penalty)
+        if not 0.0 < sampling.repetition_penalty <= 2.0:
+            raise invalid("sampling.repetition_penalty", f"must be in (0, 2], got {sampling.repetition_penalty:g}")
+        out["repetition_penalty"] = sampling.repetition_penalty
+    return out
+
+
+def _stopping_kwargs(stopping: pb.StoppingOptions, settings: Settings,
+                     vocab_size: int) -> tuple[dict[str, Any], list[int]]:
+    max_new = settings.default_max_new_tokens
+    if stopping.HasField("max_new_tokens"):
+        max_new = stopping.max_new_tokens
+        if not 1 <= max_new <= settings.max_new_tokens:
+            raise invalid("stopping.max_new_tokens", f"must be in [1, {settings.max_new_tokens}], got {max_new}")
+    if not 0 <= stopping.min_new_tokens <= max_new:
+        raise invalid("stopping.min_new_tokens", f"must be in [0, max_new_tokens={max_new}], got "
+                                                  f"{stopping.min_new_tokens}")
+    if len(stopping.stop_sequences) > settings.max_stop_sequences:
+        raise invalid("stopping.stop_sequences", f"at most {settings.max_stop_sequences} allowed, got "
+                                                  f"{len(stopping.stop_sequences)}")
+    for i, stop in enumerate(stopping.stop_sequences):
+        if not stop or len(stop) > settings.max_stop_sequence_chars:
+            raise invalid(f"stopping.stop_sequences[{i}]",
+                          f"must be 1-{settings.max_stop_sequence_chars} characters, got {len(stop)}")
+    if len(stopping.stop_token_ids) > settings.max_stop_sequences:
+        raise invalid("stopping.stop_token_ids", f"at most {settings.max_stop_sequences} allowed, got "
+                                                  f"{len(stopping.stop_token_ids)}")
+    for i, token_id in enumerate(stopping.stop_token_ids):
+        if token_id >= vocab_size:
+            raise invalid(f"stopping.stop_token_ids[{i}]", f"must be < vocab size {vocab_size}, got {token_id}")
+    kwargs = {
+        "max_tokens": max_new,
+        "min_tokens": stopping.min_new_tokens,
+        "stop": list(stopping.stop_sequences) or None,
+        "stop_token_ids": list(stopping.stop_token_ids) or None,
+        "ignore_eos": stopping.ignore_eos,
+    }
+    return kwargs, list(stopping.stop_token_ids)
+
+
+def validate_interpretability_unavailable(request: Any) -> None:
+    """Until in-engine interpretability lands, feature/risk/steering options are refused, never faked."""
+    interp = request.interpretability
+    if interp.features or interp.include_prompt_features:
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                       "interpretability.features: per-token SAE features are not implemented on this server yet")
+    if interp.score_risk:
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                       "interpretability.score_risk: hallucination-risk scoring is not implemented on this server yet")
+    if len(request.steering):
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
+                       "steering: steering interventions are not implemented on this server yet")

@@ -1,0 +1,149 @@
+"""Sparse GEMV kernels (native C++, Triton interpreted, torch fallback) against the dense matmul of the masked input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from featurelens.kernels import sparse_gemv as sg
+
+IN, OUT = 200, 130  # odd sizes: exercise the 4-row, 8-column and 64-column-block tails
+
+
+def _case(sparsity: float, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(IN, generator=g)
+    x[torch.rand(IN, generator=g) < sparsity] = 0
+    weight = torch.randn(OUT, IN, generator=g).to(dtype)  # nn.Linear layout [out, in]
+    return x, weight
+
+
+def _dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.double() @ weight.double().t()
+
+
+@pytest.fixture(scope="module")
+def native() -> None:
+    if not sg.native_available():
+        pytest.skip(f"native kernel unavailable: {sg.native_status()}")
+
+
+# Triton decides interpretation when `triton` is first imported and patches `triton.language` for it; once
+# vLLM (imported by other test modules in the same session) has imported triton normally, the interpreter
+# fails with "Cannot call @triton.jit'd outside of the scope of a kernel". So the Triton cases run in a fresh
+# interpreter with TRITON_INTERPRET=1 set from the start; inputs and outputs travel as safetensors files.
+_TRITON_SCRIPT = """
+import sys
+from safetensors.torch import load_file, save_file
+from featurelens.kernels.triton_sparse import sparse_gemv_triton
+cases = load_file(sys.argv[1])
+out = {}
+for name in sorted({key.split(".")[0] for key in cases}):
+    norms = cases.get(name + ".norms")
+    threshold = float(cases[name + ".threshold"]) if norms is not None else 0.0
+    out[name] = sparse_gemv_triton(cases[name + ".x"], cases[name + ".w_t"], norms, threshold)
+save_file(out, sys.argv[2])
+"""
+SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+
+
+def _wina_case() -> tuple[torch.Tensor, torch.Tensor]:
+    return _case(0.0, seed=1)
+
+
+def _wina_threshold(x: torch.Tensor, norms: torch.Tensor) -> float:
+    return float((x.abs() * norms).median())
+
+
+@pytest.fixture(scope="module")
+def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Every Triton case of this module, computed in one interpreted subprocess."""
+    pytest.importorskip("triton")
+    from featurelens.server.interp.sparsity import column_norms
+    from safetensors.torch import load_file, save_file
+
+    flat: dict[str, torch.Tensor] = {}
+    for sparsity in SPARSITIES:
+        x, weight = _case(sparsity)
+        flat[f"masked{int(sparsity * 100)}.x"] = x
+        flat[f"masked{int(sparsity * 100)}.w_t"] = sg.transpose_weight(weight)
+    x, weight = _wina_case()
+    norms = column_norms(weight)
+    flat.update({"wina.x": x, "wina.w_t": sg.transpose_weight(weight), "wina.norms": norms,
+                 "wina.threshold": torch.tensor(_wina_threshold(x, norms))})
+    tmp = tmp_path_factory.mktemp("triton")
+    save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "in.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(tmp / "in.safetensors"), str(tmp / "out.safetensors")],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(tmp / "out.safetensors"))
+
+
+def _run(backend: str, request: pytest.FixtureRequest, key: str, x: torch.Tensor, w_t: torch.Tensor,
+         *extra: object) -> torch.Tensor:
+    """The backend's result: Triton's comes from the interpreted subprocess, computed on the same inputs."""
+    if backend == "triton":
+        return request.getfixturevalue("triton_results")[key]
+    if backend == "native":
+        request.getfixturevalue("native")
+    return sg.sparse_gemv(x, w_t, *extra, backend=backend)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+def test_fp32_equals_dense_matmul_of_masked_input(sparsity: float, backend: str, request: pytest.FixtureRequest) -> None:
+    x, weight = _case(sparsity)
+    y = _run(backend, request, f"masked{int(sparsity * 100)}", x, sg.transpose_weight(weight))
+    assert y.shape == (OUT,) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _dense(x, weight), rtol=1e-5, atol=1e-4)
+    if sparsity == 1.0:
+        assert torch.count_nonzero(y) == 0
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+def test_fused_wina_threshold_equals_masking_first(backend: str, request: pytest.FixtureRequest) -> None:
+    from featurelens.server.interp.sparsity import column_norms, wina_sparsify
+
+    x, weight = _wina_case()
+    norms = column_norms(weight)
+    threshold = _wina_threshold(x, norms)
+    y = _run(backend, request, "wina", x, sg.transpose_weight(weight), norms, threshold)
+    torch.testing.assert_close(y.double(), _dense(wina_sparsify(x, norms, threshold), weight), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bf16_weights_and_activations(backend: str, native: None) -> None:
+    x, weight = _case(0.5, torch.bfloat16, seed=2)
+    x = x.to(torch.bfloat16)
+    y = sg.sparse_gemv(x[None], sg.transpose_weight(weight), backend=backend)  # [1, in] -> [1, out]
+    assert y.shape == (1, OUT) and y.dtype == torch.bfloat16
+    # fp32 accumulation of exact bf16 products, then one rounding to bf16.
+    torch.testing.assert_close(y[0].float(), _dense(x.float(), weight.float()).float(), rtol=1e-2, atol=2e-2)
+
+
+def test_fallback_when_native_disabled(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("FEATURELENS_SPARSE_NATIVE", "0")
+    sg._native_module.cache_clear()
+    sg._log_fallback_once.cache_clear()
+    try:
+        assert not sg.native_available()
+        assert "FEATURELENS_SPARSE_NATIVE=0" in sg.native_status()
+        assert "pure-torch fallback" in caplog.text
+        x, weight = _case(0.5, seed=3)
+        torch.testing.assert_close(sg.sparse_gemv(x, sg.transpose_weight(weight)).double(), _dense(x, weight),
+                                   rtol=1e-5, atol=1e-4)
+        with pytest.raises(RuntimeError, match="unavailable"):
+            sg.sparse_gemv(x, sg.transpose_weight(weight), backend="native")
+    finally:
+        sg._native_module.cache_clear()
+
+
+def test_rejects_batches_and_mismatched_shapes() -> None:
+    x, weight = _case(0.5)
+    with pytest.raises(ValueError, match="batch-1"):
+        sg.sparse_gemv(torch.stack([x, x]), sg.transpose_weight(weight))
+    with pytest.raises(ValueError, match="does not match"):
+        sg.sparse_gemv(x, weight)  # not transposed

@@ -1,0 +1,101 @@
+"""WINA masking, threshold calibration, greedy allocation and the shipped SmolLM2 thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from featurelens.server.interp import sparsity as sp
+
+
+def test_wina_mask_matches_criterion_on_hand_made_layer() -> None:
+    # Column norms 1, 10, 0.1, 2 (columns are axis-aligned so the norms are exact).
+    weight = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 6.0, 0.0, 2.0], [0.0, 8.0, 0.1, 0.0]])
+    weight[0, 3] = 0.0
+    norms = sp.column_norms(weight)
+    torch.testing.assert_close(norms, torch.tensor([1.0, 10.0, 0.1, 2.0]))
+    x = torch.tensor([3.0, -0.2, 50.0, 0.0])
+    # scores: 3, 2, 5, 0 -> threshold 2.5 keeps inputs 0 and 2 only: input 1 is big-normed but its |x| small,
+    # input 2 has a tiny norm but a huge |x| (magnitude-only TEAL would keep 0 and 2 too; threshold 4 differs).
+    assert sp.wina_mask(x, norms, 2.5).tolist() == [True, False, True, False]
+    assert sp.wina_mask(x, norms, 4.0).tolist() == [False, False, True, False]
+    assert sp.wina_mask(x, norms, 2.0).tolist() == [True, True, True, False]  # >= keeps ties; zeros never kept
+    masked = sp.wina_sparsify(x, norms, 2.5)
+    assert masked.tolist() == [3.0, 0.0, 50.0, 0.0]
+    # Output error of dropping input i is |x_i| * ||W[:, i]||: exactly the score (one input dropped at a time).
+    for i in range(3):
+        dropped = x.clone()
+        dropped[i] = 0
+        assert float((weight @ x - weight @ dropped).norm()) == pytest.approx(float(x[i].abs() * norms[i]), rel=1e-6)
+
+
+def test_wina_mask_broadcasts_and_keeps_dtype() -> None:
+    x = torch.randn(3, 5, 8, dtype=torch.bfloat16)
+    norms = torch.rand(8)
+    out = sp.wina_sparsify(x, norms, 0.3)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert torch.equal(out != 0, (x != 0) & (x.float().abs() * norms >= 0.3))
+
+
+def _synthetic_scores(n_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """Heavy-tailed, per-channel-scaled scores like real activations: |Laplace x| times column norms.
+
+    Channel scales and norms are fixed per projection; only the tokens differ between seeds (held-out text).
+    """
+    torch.manual_seed(seed)
+    out = {}
+    for name, width in (("0.q_proj", 64), ("0.down_proj", 160)):
+        fixed = torch.Generator().manual_seed(width)
+        chan_scale = torch.rand(width, generator=fixed) * 3 + 0.1
+        norms = torch.rand(width, generator=fixed)
+        x = torch.distributions.Laplace(0.0, 1.0).sample((n_tokens, width)) * chan_scale
+        out[name] = sp.wina_scores(x, norms)
+    return out
+
+
+@pytest.mark.parametrize("target", [0.25, 0.4, 0.5, 0.65])
+def test_calibrated_thresholds_hit_target_on_heldout(target: float) -> None:
+    calib = _synthetic_scores(2000, seed=0)
+    held = _synthetic_scores(2000, seed=1)
+    thresholds = sp.calibrate_thresholds(calib, target)
+    for name, t in thresholds.items():
+        assert abs(sp.measured_sparsity(held[name], t) - target) <= 0.02, name
+
+
+def test_quantile_threshold_edges() -> None:
+    s = torch.arange(100.0)
+    assert sp.quantile_threshold(s, 0.0) == 0.0
+    assert sp.measured_sparsity(s, sp.quantile_threshold(s, 0.3)) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        sp.quantile_threshold(s, 1.0)
+
+
+def test_greedy_allocation_prefers_cheap_projections_and_hits_weighted_target() -> None:
+    sizes = {"a": 100, "b": 300, "c": 600}
+    cost = {"a": 10.0, "b": 1.0, "c": 2.0}  # convex error: the greedy spreads sparsity, cheapest first
+
+    def block_error(levels: dict[str, float]) -> float:
+        return sum(cost[n] * levels[n] ** 2 for n in levels)
+
+    levels = sp.greedy_allocation(sizes, block_error, 0.5, step=0.05)
+    weighted = sum(levels[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert weighted == pytest.approx(0.5, abs=1e-9)
+    assert levels["a"] < levels["c"] < levels["b"]
+
+
+def test_shipped_thresholds_cover_every_projection_and_level() -> None:
+    if not sp.DEFAULT_THRESHOLDS.exists():
+        pytest.skip("thresholds not calibrated yet")
+    data = json.loads(sp.DEFAULT_THRESHOLDS.read_text())
+    assert data["criterion"] == "wina"
+    assert set(sp.available_levels()) >= set(sp.LEVELS)
+    expected = {f"{i}.{p}" for i in range(30) for p in sp.PROJECTIONS}
+    for level in sp.LEVELS:
+        table = sp.load_thresholds(level)
+        assert set(table) == expected
+        assert all(t >= 0 for t in table.values())
+        held = data["heldout_sparsity"][level]
+        assert abs(held["mean"] - int(level) / 100) <= 0.02
+    with pytest.raises(KeyError, match="available"):
+        sp.load_thresholds("99")

@@ -1,0 +1,96 @@
+"""Small helpers shared by test modules (conftest fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisProcess:
+    """A private redis-server (no persistence) we can stop and start again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+def prometheus_query(port: int, promql: str) -> list[dict]:
+    import json
+    import urllib.parse
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+class PrometheusProcess:
+    """A real Prometheus server (Debian `prometheus`) scraping one target every second."""
+
+    def __init__(self, binary: str, target_port: int, workdir) -> None:
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: featurelens\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_for(self, promql: str, timeout_s: float = 60) -> list[dict]:
+        """Polls until the query returns a non-empty result (or fails the test)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                result = prometheus_query(self.port, promql)
+            except OSError:
+                continue  # not listening yet
+            if result:
+                return result
+        raise AssertionError(f"prometheus never returned a result for {promql}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
