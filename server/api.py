@@ -60,6 +60,13 @@ def _finish_reason(completion: Any, plan: GenerationPlan) -> int:
     return pb.FINISH_REASON_ERROR if reason else pb.FINISH_REASON_UNSPECIFIED
 
 
+def _cache_salt(steering_salt: str | None, sparsity_percent: int) -> str | None:
+    """Prefix-cache namespace: sparse-mode KV differs from dense KV, so each level gets its own."""
+    if not sparsity_percent:
+        return steering_salt
+    return f"sparse{sparsity_percent}-{steering_salt or 'plain'}"
+
+
 class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None,
                  cache: FeatureCache | None = None) -> None:
@@ -137,7 +144,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         shape = self.engine.shape
         assert shape is not None
         plan = validate_generate(request, self.engine, self.settings, shape.max_model_len, shape.vocab_size,
-                                 request_id)
+                                 request_id, sparsity_levels=self.engine.sparsity_levels)
         return plan, plan_interpretability(request, self.engine, self.settings)
 
     def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str) -> Any:
@@ -145,6 +152,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         from vllm.sampling_params import RequestOutputKind
 
         extra = interp.extra_args(key) if interp.active else None
+        if plan.sparsity_percent:
+            extra = extra or {"featurelens": {"key": key}}
+            extra["featurelens"]["sparse"] = str(plan.sparsity_percent)
         # Prompt features need every prompt position computed, so such requests skip reading the prefix cache.
         return SamplingParams(**plan.sampling_kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
                               skip_reading_prefix_cache=True if interp.include_prompt else None)
@@ -179,7 +189,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         generated = 0
         try:
             params = self._sampling_params(plan, interp, engine_id)
-            async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params, interp.cache_salt()):
+            async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
+                                                     _cache_salt(interp.cache_salt(), plan.sparsity_percent)):
                 completion = output.outputs[0]
                 chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id)
                 tokens = self._tokens(completion, plan)
@@ -343,7 +354,11 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 info.saes.add(sae_id=entry.sae_id, layer=entry.layer, hook_name=entry.cfg.hook_name or "",
                               d_in=entry.cfg.d_in, d_sae=entry.d_sae, architecture=entry.cfg.architecture)
             info.modes.add(mode=pb.INFERENCE_MODE_DENSE, available=True, description="full-precision weights")
-            info.modes.add(mode=pb.INFERENCE_MODE_SPARSE, available=False, description="not implemented yet")
+            levels = self.engine.sparsity_levels
+            info.modes.add(mode=pb.INFERENCE_MODE_SPARSE, available=bool(levels), sparsity_levels_percent=levels,
+                           description="WINA activation sparsity: per layer and projection, inputs with "
+                                       "|x_i|*||W[:,i]|| below a calibrated threshold are zeroed" if levels else
+                                       "no WINA thresholds calibrated for this model")
             info.modes.add(mode=pb.INFERENCE_MODE_QUANTIZED, available=False, description="not implemented yet")
             info.limits.CopyFrom(pb.Limits(
                 max_prompt_tokens=shape.max_model_len - 1, max_new_tokens=s.max_new_tokens,
@@ -406,10 +421,79 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
         return await self._unary(context, "ScoreHallucination", body)
 
+    # -- feature explanations and search ----------------------------------------------------------------
+
+    def _catalog_for(self, layer: int, sae_id: str) -> Any:
+        entry = self.engine.saes.get(layer)
+        if entry is None:
+            raise invalid("layer", f"no SAE at layer {layer}; layers with SAEs: {sorted(self.engine.saes)}")
+        if sae_id and sae_id != entry.sae_id:
+            raise invalid("sae_id", f"unknown SAE {sae_id!r} at layer {layer} (loaded: {entry.sae_id!r})")
+        catalog = self.engine.catalog(layer)
+        if catalog is None:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"layer: SAE {entry.sae_id!r} at layer {layer} ships no explanations "
+                           f"(build them with `featurelens sae explain`)")
+        return catalog
+
+    def _feature_pb(self, layer: int, sae_id: str, feature: dict[str, Any]) -> pb.Feature:
+        out = pb.Feature(layer=layer, sae_id=sae_id, feature_id=feature["id"], label=feature["label"],
+                         label_machine_generated=feature["label_machine_generated"], density=feature["density"])
+        for text, activation in feature["examples"]:
+            out.top_examples.add(text=text, activation=activation)
+        for token_id, text, score in feature["promoted"]:
+            out.promoted_tokens.add(token_id=token_id, token_text=text, score=score)
+        for token_id, text, score in feature["suppressed"]:
+            out.suppressed_tokens.add(token_id=token_id, token_text=text, score=score)
+        return out
+
     async def SearchFeatures(self, request: pb.SearchFeaturesRequest,
                              context: grpc.aio.ServicerContext) -> pb.SearchFeaturesResponse:
-        return await self._unimplemented(context, "SearchFeatures", "feature search")
+        async def body() -> pb.SearchFeaturesResponse:
+            from featurelens.server.interp.explanations import rank_by_activation
+
+            catalog = self._catalog_for(request.layer, request.sae_id)
+            if not 0 <= request.page_size <= 100:
+                raise invalid("page_size", f"must be 0 (default 10) to 100, got {request.page_size}")
+            limit = request.page_size or 10
+            which = request.WhichOneof("query")
+            if which == "text_query":
+                if not request.text_query.strip():
+                    raise invalid("text_query", "must contain at least one word")
+                if len(request.text_query) > 1000:
+                    raise invalid("text_query", "at most 1000 characters")
+                ranked = catalog.search_text(request.text_query, limit)
+            elif which == "example_text":
+                if not request.example_text.strip():
+                    raise invalid("example_text", "must not be empty")
+                ids = self.engine.encode_text(request.example_text)
+                limit_tokens = self.engine.shape.max_model_len - 1
+                if len(ids) > limit_tokens:
+                    raise invalid("example_text", f"{len(ids)} tokens, more than the {limit_tokens} the model takes")
+                entry = self.engine.saes[request.layer]
+                k = min(self.settings.max_features_per_token, entry.cfg.k or 32)
+                codes, _ = await self._prompt_codes(ids, {request.layer: k}, self._request_id(request, context))
+                lc = codes.layers[0]
+                ranked = rank_by_activation(lc.indices, lc.values.astype(np.float32), limit)
+            else:
+                raise invalid("query", "set text_query or example_text")
+            response = pb.SearchFeaturesResponse()
+            for feature_id, score in ranked:
+                feature = catalog.get(feature_id)
+                if feature is not None:
+                    response.matches.add(feature=self._feature_pb(request.layer, catalog.sae_id, feature),
+                                         score=score)
+            return response
+
+        return await self._unary(context, "SearchFeatures", body)
 
     async def GetFeature(self, request: pb.GetFeatureRequest,
                          context: grpc.aio.ServicerContext) -> pb.GetFeatureResponse:
-        return await self._unimplemented(context, "GetFeature", "feature explanations")
+        async def body() -> pb.GetFeatureResponse:
+            catalog = self._catalog_for(request.layer, request.sae_id)
+            feature = catalog.get(request.feature_id)
+            if feature is None:
+                raise invalid("feature_id", f"{request.feature_id} is outside 0..{len(catalog) - 1}")
+            return pb.GetFeatureResponse(feature=self._feature_pb(request.layer, catalog.sae_id, feature))
+
+        return await self._unary(context, "GetFeature", body)

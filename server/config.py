@@ -33,6 +33,8 @@ class Settings(BaseSettings):
                                                      "model, 'none' disables risk scoring")
     risk_medium_threshold: float | None = Field(None, description="risk ≥ this is MEDIUM (default: the probe's own)")
     risk_high_threshold: float | None = Field(None, description="risk ≥ this is HIGH (default: the probe's own)")
+    sparsity_thresholds: str = Field("default", description="WINA thresholds JSON for sparse mode; 'default' = "
+                                                            "the shipped ones for the default model, 'none' disables")
     sae: Annotated[list[str], NoDecode] = Field(default_factory=list, description="SAEs to load, 'LAYER=PATH' (repeatable)")
 
     # -- network --

@@ -43,6 +43,8 @@ class Engine:
         self.features: Any = None
         self.vectors: dict[str, int] = {}
         self.risk_probe: Any = None
+        self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
+        self._catalogs: dict[int, Any] = {}
         # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
         self.interpretability_available = settings.enforce_eager
 
@@ -102,7 +104,11 @@ class Engine:
         self.features.start()
         config = {"endpoint": self.features.endpoint,
                   "saes": [{"layer": e.layer, "path": e.path, "sae_id": e.sae_id} for e in self.saes.values()]}
+        thresholds = self._sparsity_thresholds()
+        if thresholds:
+            config["sparsity"] = {"path": thresholds}
         installed = await self.llm.collective_rpc("featurelens_setup", args=(config,))
+        self.sparsity_levels = tuple(int(level) for level in installed[0].get("sparsity_levels", ()))
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():
             log.info("SAE %s at layer %d: d_sae=%d, %s", entry.sae_id, entry.layer, entry.d_sae,
@@ -119,6 +125,24 @@ class Engine:
         from featurelens.server.interp.risk import PROBES_DIR
 
         return [str(p.parent) for p in sorted(PROBES_DIR.parent.joinpath("saes").glob("*/cfg.json"))]
+
+    def _sparsity_thresholds(self) -> str | None:
+        """The WINA thresholds file for sparse mode, or None (sparse mode then answers FAILED_PRECONDITION)."""
+        from featurelens.server.interp.sparsity import DEFAULT_THRESHOLDS
+
+        choice = self.settings.sparsity_thresholds
+        if choice == "none" or not self.interpretability_available:  # compiled mode runs no Python wrappers
+            return None
+        if choice != "default":
+            return choice
+        if self._is_default_model() and DEFAULT_THRESHOLDS.exists():
+            return str(DEFAULT_THRESHOLDS)
+        log.info("no WINA thresholds for this model: sparse mode unavailable")
+        return None
+
+    async def sparsity_stats(self) -> dict[str, dict[str, float]]:
+        """Per sparse-mode engine request id: fraction of projection inputs the worker zeroed."""
+        return (await self.llm.collective_rpc("featurelens_sparsity_stats"))[0]
 
     def _load_probe(self) -> Any:
         from featurelens.server.interp.risk import RiskProbe, default_probe_path
@@ -146,11 +170,24 @@ class Engine:
                  probe.medium, probe.high)
         return probe
 
+    def catalog(self, layer: int) -> Any:
+        """The explanations of the SAE at `layer` (FeatureCatalog), loaded on first use; None without a file."""
+        if layer not in self._catalogs:
+            from featurelens.server.interp.explanations import FeatureCatalog
+
+            entry = self.saes.get(layer)
+            catalog = FeatureCatalog.load(entry.path) if entry else None
+            if catalog is not None and catalog.sae_id != entry.sae_id:
+                log.warning("explanations in %s are for SAE %s, not %s: ignored", entry.path, catalog.sae_id,
+                            entry.sae_id)
+                catalog = None
+            self._catalogs[layer] = catalog
+        return self._catalogs[layer]
+
     def explain(self, layer: int, feature_id: int) -> str:
         """A short explanation of a feature, when its SAE ships explanations (else empty)."""
-        entry = self.saes.get(layer)
-        labels = getattr(entry, "labels", None) if entry else None
-        return labels.get(feature_id, "") if labels else ""
+        catalog = self.catalog(layer)
+        return catalog.label(feature_id) if catalog is not None else ""
 
     async def register_vector(self, vector_id: str, values: list[float]) -> None:
         await self.llm.collective_rpc("featurelens_register_vector", args=(vector_id, values))

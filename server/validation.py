@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +49,7 @@ class GenerationPlan:
     mode: int
     request_id: str
     extra_args: dict[str, Any] = field(default_factory=dict)
+    sparsity_percent: int = 0  # WINA level with INFERENCE_MODE_SPARSE, else 0
 
 
 def check_finite(field_path: str, value: float) -> None:
@@ -92,8 +94,11 @@ def prompt_token_ids(request: Any, tokenizer: Tokenizes, max_model_len: int) -> 
 
 
 def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, max_model_len: int,
-                      vocab_size: int, request_id: str) -> GenerationPlan:
-    """GenerateRequest or GenerateStreamRequest → GenerationPlan, or ApiError naming the field."""
+                      vocab_size: int, request_id: str, sparsity_levels: Sequence[int] = ()) -> GenerationPlan:
+    """GenerateRequest or GenerateStreamRequest → GenerationPlan, or ApiError naming the field.
+
+    `sparsity_levels`: the WINA levels (percent) the engine serves; empty means sparse mode is unavailable.
+    """
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         raise invalid("request_id", "must be 1-128 characters of letters, digits and . _ : / -")
     check_enum("mode", request.mode, pb.InferenceMode)
@@ -103,8 +108,7 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
     if not 0 <= top_logprobs <= settings.max_top_logprobs:
         raise invalid("logprobs.top_logprobs", f"must be in [0, {settings.max_top_logprobs}], got {top_logprobs}")
     if request.mode == pb.INFERENCE_MODE_SPARSE:
-        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
-                       "mode: INFERENCE_MODE_SPARSE is not implemented on this server yet (see GetModelInfo.modes)")
+        check_sparsity(request.sparsity_percent, sparsity_levels)
     if request.mode == pb.INFERENCE_MODE_QUANTIZED:
         raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
                        "mode: INFERENCE_MODE_QUANTIZED is not implemented on this server yet (see GetModelInfo.modes)")
@@ -125,7 +129,20 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         top_logprobs=top_logprobs,
         mode=request.mode or pb.INFERENCE_MODE_DENSE,
         request_id=request_id,
+        sparsity_percent=request.sparsity_percent if request.mode == pb.INFERENCE_MODE_SPARSE else 0,
     )
+
+
+def check_sparsity(percent: int, levels: Sequence[int]) -> None:
+    """A sparse-mode request must name one of the calibrated levels the server has loaded."""
+    if not levels:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                       "mode: INFERENCE_MODE_SPARSE needs WINA thresholds calibrated for the served model and "
+                       "none are loaded (GetModelInfo.modes says which modes are available)")
+    if percent not in levels:
+        got = "unset" if percent == 0 else str(percent)
+        raise invalid("sparsity_percent", f"with INFERENCE_MODE_SPARSE must be one of "
+                                          f"{', '.join(str(level) for level in sorted(levels))}, got {got}")
 
 
 def _sampling_kwargs(sampling: pb.SamplingOptions, vocab_size: int) -> dict[str, Any]:

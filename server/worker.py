@@ -6,12 +6,14 @@ their interpretability spec as plain data in `SamplingParams.extra_args["feature
     {"key": "<engine request id>",
      "capture": [{"layer": 12, "k": 8, "prompt": false}],            # top-k SAE features per token
      "steer":   [{"layer": 12, "op": "nudge", "feature": 7, "strength": 4.0, "positions": "all",
-                  "norm": false, "cond": [feature, threshold]?, "vector": "id"?}]}
+                  "norm": false, "cond": [feature, threshold]?, "vector": "id"?}],
+     "sparse":  "40"?}                                              # WINA sparse mode at that level
 
 Each forward step: a pre-hook on the model builds a view of the flattened batch (which rows belong to which
 request, their token positions); a hook on every decoder layer edits/encodes only the rows of requests that
 asked for that layer, so every other row stays bit-identical; a post-hook ships the step's sparse codes
-(feature index, activation) to the frontend over a ZMQ PUSH socket — never dense residuals.
+(feature index, activation) to the frontend over a ZMQ PUSH socket — never dense residuals. Sparse-mode
+requests are handled by the wrapped projections of server/worker_sparsity.py, on their rows only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class _RequestRows:
     num_prompt_tokens: int
     capture: dict[int, dict[str, Any]]
     steer: dict[int, list[dict[str, Any]]]
+    sparse: str | None = None
 
 
 @dataclass
@@ -85,7 +88,22 @@ class FeatureLensWorkerExtension:
                             model.register_forward_hook(self._fl_end_step)]
         for index, layer in enumerate(layers):
             self._fl_handles.append(layer.register_forward_hook(self._fl_layer_hook(index)))
-        return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()}}
+        self._fl_sparse = None
+        sparsity = config.get("sparsity")
+        if sparsity:
+            from featurelens.server.worker_sparsity import SparseRuntime
+
+            self._fl_sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers),
+                                            device)
+            self._fl_sparse.install(layers)
+        return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
+                "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else []}
+
+    def featurelens_sparsity_stats(self) -> dict[str, dict[str, float]]:
+        """Per sparse-mode request key (the most recent few thousand): the fraction of projection inputs
+        zeroed over all its rows so far, the inputs counted and the rows."""
+        sparse = getattr(self, "_fl_sparse", None)
+        return sparse.report() if sparse is not None else {}
 
     def featurelens_register_vector(self, vector_id: str, values: list[float]) -> int:
         device = next(self.model_runner.get_model().parameters()).device
@@ -124,6 +142,9 @@ class FeatureLensWorkerExtension:
         """Map rows of the flattened batch to requests that carry a featurelens spec."""
         self._fl_view = _EMPTY
         self._fl_positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        sparse = getattr(self, "_fl_sparse", None)
+        if sparse is not None:
+            sparse.step = None
         runner = self.model_runner
         batch = runner.input_batch
         num_reqs = batch.num_reqs
@@ -146,12 +167,15 @@ class FeatureLensWorkerExtension:
             rows = _RequestRows(
                 key=spec["key"], start=start, end=end, positions=positions[start:end].to(torch.long),
                 num_prompt_tokens=int(state.num_prompt_tokens),
-                capture={c["layer"]: c for c in spec.get("capture", ())}, steer={})
+                capture={c["layer"]: c for c in spec.get("capture", ())}, steer={}, sparse=spec.get("sparse"))
             for s in spec.get("steer", ()):
                 rows.steer.setdefault(s["layer"], []).append(s)
             view.requests.append(rows)
             view.layers.update(rows.capture, rows.steer)
         self._fl_view = view
+        if sparse is not None:
+            sparse.begin([(r.key, r.start, r.end, r.sparse) for r in view.requests if r.sparse],
+                         int(query_start[num_reqs]))
 
     def _fl_layer_hook(self, layer: int) -> Any:
         from featurelens.server.interp.steering import steering_delta
@@ -197,6 +221,8 @@ class FeatureLensWorkerExtension:
                              values.float().cpu().numpy().tobytes()))
 
     def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
+        if getattr(self, "_fl_sparse", None) is not None:
+            self._fl_sparse.end()
         view = self._fl_view
         if view.records and self._fl_is_sender:
             if self._fl_socket is not None:

@@ -182,11 +182,16 @@ async def test_invalid_requests_get_invalid_argument(stub, served, request_kwarg
     assert served.engine.num_unfinished_requests() == before
 
 
-async def test_later_capabilities_answer_unimplemented(stub):
+async def test_feature_rpcs_name_the_missing_sae_or_explanations(stub):
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.SearchFeatures(pb.SearchFeaturesRequest(text_query="capital"))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "not implemented" in info.value.details()
+        await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=0, text_query="capital"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("layer: no SAE at layer 0")
+    # The in-test toy SAE at layer 6 has no explanations file: a precondition, not a fake answer.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetFeature(pb.GetFeatureRequest(layer=6, feature_id=1))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "featurelens sae explain" in info.value.details()
 
 
 async def test_model_info(stub):

@@ -96,3 +96,21 @@ def test_stop_and_seed_pass_through():
     assert p.sampling_kwargs["stop"] == ["x"] and p.sampling_kwargs["stop_token_ids"] == [9]
     assert p.stop_token_ids == frozenset({9})
     assert (p.sampling_kwargs["temperature"], p.sampling_kwargs["seed"], p.sampling_kwargs["top_k"]) == (0.5, 7, 5)
+
+
+def test_sparse_mode_needs_a_loaded_level():
+    def sparse(percent, levels=(25, 40, 50)):
+        return validate_generate(pb.GenerateRequest(text="a", mode=pb.INFERENCE_MODE_SPARSE, sparsity_percent=percent),
+                                 WordTokenizer(), SETTINGS, max_model_len=100, vocab_size=1000, request_id="r1",
+                                 sparsity_levels=levels)
+
+    assert sparse(40).sparsity_percent == 40 and sparse(40).mode == pb.INFERENCE_MODE_SPARSE
+    assert plan(text="a").sparsity_percent == 0
+    for bad in (0, 33, -1, 100):
+        with pytest.raises(ApiError) as info:
+            sparse(bad)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.message.startswith("sparsity_percent:") and "25, 40, 50" in info.value.message
+    with pytest.raises(ApiError) as info:
+        sparse(40, levels=())
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and info.value.message.startswith("mode:")

@@ -4,6 +4,7 @@
     featurelens sae harvest --corpus WORK/corpus/train.jsonl --layers 12 24 --out WORK/shards
     featurelens sae train   --shards WORK/shards --layer 12 --d-sae 4096 --k 32 --out WORK/sae_L12
     featurelens sae eval    --sae WORK/sae_L12 --texts WORK/corpus/heldout.jsonl --out WORK/eval
+    featurelens sae explain --sae WORK/sae_L12 --shards WORK/shards
 
 Every step runs offline. vLLM spawns worker processes, so callers keep `main()` behind a __main__ guard.
 """
@@ -85,6 +86,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from featurelens.server.interp.explain_cli import explain_from_harvest
+
+    for sae_dir in args.sae:
+        path = explain_from_harvest(sae_dir, args.shards, _model_path(args.model), max_rows=args.max_rows,
+                                    n_examples=args.examples)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurelens sae", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -136,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("explain", help="top contexts, density, logit lens and a machine label for every latent")
+    p.add_argument("--sae", required=True, nargs="+", help="one or more SAE folders (explanations.json.gz goes there)")
+    p.add_argument("--shards", required=True, help="the harvest folder the SAE was trained on")
+    p.add_argument("--model", default="default")
+    p.add_argument("--max-rows", type=int, default=300_000, help="harvested rows scanned (from the start)")
+    p.add_argument("--examples", type=int, default=6, help="top activating contexts kept per latent")
+    p.set_defaults(func=_cmd_explain)
     return parser
 
 

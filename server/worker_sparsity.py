@@ -1,0 +1,234 @@
+"""Per-request WINA sparse mode inside the vLLM worker (installed by server/worker.py).
+
+vLLM fuses Llama's projections (qkv_proj = q|k|v, gate_up_proj = gate|up), and the three q/k/v (two gate/up)
+thresholds differ, so one input mask cannot serve a fused matmul. Each fused module's `forward` is therefore
+wrapped (an instance attribute shadowing the class method) instead of pre-hooked:
+
+- no sparse row in the step (the default): the wrapper calls the original forward and nothing else;
+- mask path: the dense forward runs for the whole batch as before, so rows of other requests are computed
+  exactly as without sparse requests; the sparse rows are recomputed once more with one masked copy of their
+  input per sub-projection, stacked into ONE call of the module's own GEMM, and each sub-projection's output
+  columns are taken from its copy. When every row is sparse the dense forward is skipped;
+- fast path: a step whose whole batch is one sparse row (batch-1 decode) runs the sparse GEMV
+  (featurelens.kernels.sparse_gemv) with the WINA mask fused, on transposed weights read once per projection
+  from the model's safetensors (vLLM repacks its weights for oneDNN and drops `weight`).
+
+Column norms ||W[:, i]|| come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
+per-projection tables (server/interp/sparsity.py). Per request the worker counts the zeroed inputs (over all
+projections, every row), readable with `featurelens_sparsity_stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from featurelens.server.interp.sparsity import PROJECTIONS
+
+log = logging.getLogger(__name__)
+
+PROJ_NAMES = tuple(PROJECTIONS)  # q, k, v, o, gate, up, down: the column order of the threshold tensors
+# vLLM module (under a decoder layer) -> the HF projections it fuses, in output-column order.
+FUSED: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "self_attn.o_proj": ("o_proj",),
+    "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+    "mlp.down_proj": ("down_proj",),
+}
+MAX_STATS = 4096  # requests whose counts are kept (oldest dropped first)
+
+
+@dataclass
+class SparseStep:
+    """The sparse rows of one forward step."""
+
+    rows: torch.Tensor  # [n] row indices in the flattened batch
+    thresholds: torch.Tensor  # [n, layers, 7] float32: each row's request level
+    levels: list[str]  # per row (python, for the fast path's scalar thresholds)
+    all_rows: bool  # every row of the batch is sparse: the dense forward can be skipped
+    segments: list[tuple[str, int, int]]  # (request key, start, end) within `rows`
+    zeroed: torch.Tensor  # [n] float64: inputs zeroed so far this step
+    inputs: int = 0  # inputs per row seen so far this step
+
+
+class SparseRuntime:
+    """Thresholds, column norms and the wrapped projections of one model."""
+
+    def __init__(self, model_path: str, thresholds_path: str, num_layers: int, device: torch.device) -> None:
+        data = json.loads(Path(thresholds_path).read_text())
+        self.levels = sorted(data["levels"], key=int)
+        self.num_layers = num_layers
+        self._files = _weight_files(model_path)
+        self._thr: dict[str, list[list[float]]] = {}
+        for level in self.levels:
+            table = data["levels"][level]
+            self._thr[level] = [[float(table[f"{i}.{p}"]) for p in PROJ_NAMES] for i in range(num_layers)]
+        self._thr_tensor = torch.tensor([self._thr[lv] for lv in self.levels], dtype=torch.float32, device=device)
+        self._level_index = {lv: i for i, lv in enumerate(self.levels)}
+        self.norms: list[list[torch.Tensor]] = [
+            [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
+        self._w_t: dict[tuple[int, int], torch.Tensor] = {}
+        self.step: SparseStep | None = None
+        self.stats: OrderedDict[str, list[float]] = OrderedDict()
+        self.fast_path_calls = 0
+
+    # -- weights -----------------------------------------------------------------------------------------
+
+    def _weight(self, layer: int, proj: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = f"model.layers.{layer}.{PROJECTIONS[proj]}.weight"
+        with safe_open(self._files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def transposed(self, layer: int, p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[in, out] contiguous weight of projection p, built once on the first fast-path call."""
+        w_t = self._w_t.get((layer, p))
+        if w_t is None:
+            from featurelens.kernels.sparse_gemv import transpose_weight
+
+            w_t = transpose_weight(self._weight(layer, PROJ_NAMES[p]).to(device=device, dtype=dtype))
+            self._w_t[(layer, p)] = w_t
+        return w_t
+
+    # -- installation ------------------------------------------------------------------------------------
+
+    def install(self, layers: Any) -> int:
+        """Wrap the projection modules of every decoder layer; idempotent (set-up may run twice)."""
+        count = 0
+        for index, layer in enumerate(layers):
+            for path, parts in FUSED.items():
+                module = layer.get_submodule(path)
+                if getattr(module, "tp_size", 1) != 1:
+                    raise RuntimeError("sparse mode supports tensor_parallel_size=1 only")
+                dense = getattr(module, "_fl_dense_forward", None) or module.forward
+                module._fl_dense_forward = dense
+                module.forward = _SparseProjection(self, module, dense, index, parts)
+                count += 1
+        return count
+
+    # -- per step ----------------------------------------------------------------------------------------
+
+    def begin(self, requests: list[tuple[str, int, int, str]], total_rows: int) -> None:
+        """requests: (key, start, end, level) of the sparse-mode requests in this step's flattened batch."""
+        self.step = None
+        if not requests:
+            return
+        rows, levels, segments = [], [], []
+        for key, start, end, level in requests:
+            segments.append((key, len(rows), len(rows) + end - start))
+            rows.extend(range(start, end))
+            levels.extend([level] * (end - start))
+        device = self._thr_tensor.device
+        index = torch.tensor([self._level_index[lv] for lv in levels], dtype=torch.long, device=device)
+        self.step = SparseStep(rows=torch.tensor(rows, dtype=torch.long, device=device),
+                               thresholds=self._thr_tensor.index_select(0, index), levels=levels,
+                               all_rows=len(rows) == total_rows, segments=segments,
+                               zeroed=torch.zeros(len(rows), dtype=torch.float64, device=device))
+
+    def end(self) -> None:
+        step, self.step = self.step, None
+        if step is None or step.inputs == 0:
+            return
+        for key, start, end in step.segments:
+            entry = self.stats.pop(key, None) or [0.0, 0.0, 0.0]
+            entry[0] += float(step.zeroed[start:end].sum())
+            entry[1] += float(step.inputs * (end - start))
+            entry[2] += end - start
+            self.stats[key] = entry
+        while len(self.stats) > MAX_STATS:
+            self.stats.popitem(last=False)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {key: {"zeroed_fraction": z / n if n else 0.0, "inputs": n, "rows": rows}
+                for key, (z, n, rows) in self.stats.items()}
+
+
+class _SparseProjection:
+    """The forward of one (possibly fused) projection module: dense unless the step has sparse rows."""
+
+    def __init__(self, runtime: SparseRuntime, module: Any, dense: Any, layer: int, parts: tuple[str, ...]) -> None:
+        self.runtime, self.module, self.dense, self.layer = runtime, module, dense, layer
+        self.parts = [PROJ_NAMES.index(p) for p in parts]
+        sizes = list(getattr(module, "output_sizes", None) or [module.output_size])
+        if len(sizes) != len(parts):
+            raise RuntimeError(f"layer {layer}: {type(module).__name__} has outputs {sizes}, expected {parts}")
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        self.slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(parts))]
+        self.has_bias = getattr(module, "bias", None) is not None
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        step = self.runtime.step
+        if step is None or x.dim() != 2:
+            return self.dense(x)
+        full = step.all_rows and x.shape[0] == step.rows.numel()  # a padded batch is never "all sparse"
+        if full and x.shape[0] == 1 and not self.has_bias:
+            return self._wrap(self._gemv(x, step))
+        return self._masked(x, step, full)
+
+    def _wrap(self, out: torch.Tensor) -> Any:
+        return (out, None) if getattr(self.module, "return_bias", True) else out
+
+    def _gemv(self, x: torch.Tensor, step: SparseStep) -> torch.Tensor:
+        from featurelens.kernels.sparse_gemv import sparse_gemv
+
+        runtime, layer = self.runtime, self.layer
+        x0 = x[0]
+        absx = x0.float().abs()
+        level = step.levels[0]
+        outs = []
+        for p in self.parts:
+            norms = runtime.norms[layer][p]
+            threshold = runtime._thr[level][layer][p]
+            step.zeroed[0] += int((absx * norms < threshold).sum())
+            outs.append(sparse_gemv(x0, runtime.transposed(layer, p, x.dtype, x.device), norms, threshold))
+        step.inputs += x.shape[1] * len(self.parts)
+        runtime.fast_path_calls += 1
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0)
+
+    def _masked(self, x: torch.Tensor, step: SparseStep, full: bool) -> Any:
+        xs = x if full else x.index_select(0, step.rows)
+        n = xs.shape[0]
+        absx = xs.float().abs()
+        copies = []
+        for p in self.parts:
+            keep = absx * self.runtime.norms[self.layer][p] >= step.thresholds[:, self.layer, p:p + 1]
+            step.zeroed += x.shape[1] - keep.sum(1)
+            copies.append(xs.masked_fill(~keep, 0))
+        step.inputs += x.shape[1] * len(self.parts)
+        result = self.dense(copies[0] if len(copies) == 1 else torch.cat(copies))
+        stacked = result[0] if isinstance(result, tuple) else result
+        if len(copies) == 1:
+            sparse_out = stacked
+        else:
+            sparse_out = torch.cat([stacked[i * n:(i + 1) * n, sl] for i, sl in enumerate(self.slices)], dim=1)
+        if full:
+            return (sparse_out, *result[1:]) if isinstance(result, tuple) else sparse_out
+        dense = self.dense(x)
+        out = dense[0] if isinstance(dense, tuple) else dense
+        out.index_copy_(0, step.rows, sparse_out.to(out.dtype))
+        return dense
+
+
+def _column_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.float().norm(dim=0).contiguous()
+
+
+def _weight_files(model_path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file of a (possibly sharded) HF model folder."""
+    from safetensors import safe_open
+
+    files: dict[str, str] = {}
+    for path in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            files.update({key: str(path) for key in f.keys()})  # noqa: SIM118 - safe_open is not a dict
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_path}: sparse mode needs the weights' column norms")
+    return files

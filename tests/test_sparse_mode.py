@@ -1,0 +1,211 @@
+"""Per-request WINA sparse mode: the worker's wrapped projections (unit, on a fake vLLM-style layer) and the
+real engine over gRPC (shared session server, tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+import torch
+from featurelens.server.interp import sparsity as sp
+from featurelens.server.worker_sparsity import PROJ_NAMES, SparseRuntime
+from featurelens.v1 import featurelens_pb2 as pb
+
+D, D_KV, D_FF, N_LAYERS = 16, 8, 24, 2
+SHAPES = {"q_proj": (D, D), "k_proj": (D_KV, D), "v_proj": (D_KV, D), "o_proj": (D, D),
+          "gate_proj": (D_FF, D), "up_proj": (D_FF, D), "down_proj": (D, D_FF)}
+
+
+class FakeLinear(torch.nn.Module):
+    """Like vLLM's (merged) linear layers: fused weight, `output_sizes`, forward returns (out, bias)."""
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.fused = torch.cat(weights)
+        self.output_sizes = [w.shape[0] for w in weights]
+        self.output_size = sum(self.output_sizes)
+        self.bias = None
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        self.calls.append(x.shape[0])
+        return x @ self.fused.T, None
+
+
+class FakeLayer(torch.nn.Module):
+    def __init__(self, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.qkv_proj = FakeLinear([w["q_proj"], w["k_proj"], w["v_proj"]])
+        self.self_attn.o_proj = FakeLinear([w["o_proj"]])
+        self.mlp = torch.nn.Module()
+        self.mlp.gate_up_proj = FakeLinear([w["gate_proj"], w["up_proj"]])
+        self.mlp.down_proj = FakeLinear([w["down_proj"]])
+
+
+@pytest.fixture
+def fake(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    weights = [{p: torch.randn(*SHAPES[p], generator=g) * torch.rand(SHAPES[p][1], generator=g)
+                for p in PROJ_NAMES} for _ in range(N_LAYERS)]
+    save_file({f"model.layers.{i}.{sp.PROJECTIONS[p]}.weight": w for i in range(N_LAYERS)
+               for p, w in weights[i].items()}, str(tmp_path / "model.safetensors"))
+    levels = {"25": 0.3, "50": 0.9}  # one threshold per level, the same for every projection
+    (tmp_path / "thr.json").write_text(json.dumps({"levels": {
+        lv: {f"{i}.{p}": t for i in range(N_LAYERS) for p in PROJ_NAMES} for lv, t in levels.items()}}))
+    layers = torch.nn.ModuleList([FakeLayer(w) for w in weights])
+    runtime = SparseRuntime(str(tmp_path), str(tmp_path / "thr.json"), N_LAYERS, torch.device("cpu"))
+    assert runtime.install(layers) == 4 * N_LAYERS
+    runtime.install(layers)  # idempotent: wrapping twice must not nest wrappers
+    return runtime, layers, weights, levels
+
+
+def reference(x: torch.Tensor, weights: dict[str, torch.Tensor], parts: tuple[str, ...], threshold: float):
+    return torch.cat([sp.wina_sparsify(x, sp.column_norms(weights[p]), threshold) @ weights[p].T for p in parts], -1)
+
+
+def test_no_sparse_row_runs_the_dense_forward_only(fake):
+    runtime, layers, weights, _ = fake
+    x = torch.randn(5, D)
+    qkv = layers[0].self_attn.qkv_proj
+    out, _ = qkv(x)
+    torch.testing.assert_close(out, x @ qkv.fused.T)
+    assert qkv.calls == [5]
+
+
+def test_masks_only_the_sparse_rows_each_subprojection_with_its_own_norms(fake):
+    runtime, layers, weights, levels = fake
+    x = torch.randn(6, D)
+    dense, _ = layers[1].self_attn.qkv_proj(x)
+    runtime.begin([("a", 1, 3, "25"), ("b", 4, 5, "50")], total_rows=6)
+    out, _ = layers[1].self_attn.qkv_proj(x)
+    parts = ("q_proj", "k_proj", "v_proj")
+    for rows, level in ((slice(1, 3), "25"), (slice(4, 5), "50")):
+        torch.testing.assert_close(out[rows], reference(x[rows], weights[1], parts, levels[level]))
+    for row in (0, 3, 5):  # other requests' rows: bit-identical to the dense forward
+        assert torch.equal(out[row], dense[row])
+    down, _ = layers[1].mlp.down_proj(torch.cat([x, x[:, :D_FF - D]], 1))
+    runtime.end()
+    stats = runtime.report()
+    assert set(stats) == {"a", "b"} and stats["a"]["rows"] == 2 and stats["b"]["rows"] == 1
+    assert stats["b"]["zeroed_fraction"] > stats["a"]["zeroed_fraction"] > 0
+    assert runtime.step is None
+
+
+def test_all_sparse_batch_skips_the_dense_forward(fake):
+    runtime, layers, weights, levels = fake
+    x = torch.randn(3, D)
+    gate_up = layers[0].mlp.gate_up_proj
+    runtime.begin([("a", 0, 3, "25")], total_rows=3)
+    out, _ = gate_up(x)
+    runtime.end()
+    torch.testing.assert_close(out, reference(x, weights[0], ("gate_proj", "up_proj"), levels["25"]))
+    assert gate_up.calls == [6]  # one stacked call (two masked copies), no dense call
+
+
+def test_single_row_fast_path_uses_the_sparse_gemv_and_matches_masking(fake):
+    runtime, layers, weights, levels = fake
+    x = torch.randn(1, D)
+    qkv = layers[0].self_attn.qkv_proj
+    runtime.begin([("a", 0, 1, "50")], total_rows=1)
+    out, bias = qkv(x)
+    runtime.end()
+    assert bias is None and qkv.calls == [] and runtime.fast_path_calls == 1
+    torch.testing.assert_close(out, reference(x, weights[0], ("q_proj", "k_proj", "v_proj"), levels["50"]),
+                               rtol=1e-5, atol=1e-5)
+    scores = torch.cat([sp.wina_scores(x[0], sp.column_norms(weights[0][p])) for p in ("q_proj", "k_proj", "v_proj")])
+    assert runtime.report()["a"]["zeroed_fraction"] == pytest.approx(float((scores < levels["50"]).float().mean()))
+
+
+# -- the real engine over gRPC -----------------------------------------------------------------------------
+
+PROMPT = [pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is the capital of France?")]
+
+
+def gen(n=12, mode=pb.INFERENCE_MODE_UNSPECIFIED, sparsity=0, request_id="", text=None, stream=False):
+    cls = pb.GenerateStreamRequest if stream else pb.GenerateRequest
+    prompt = {"text": text} if text else {"chat": pb.ChatMessages(messages=PROMPT)}
+    return cls(**prompt, sampling=pb.SamplingOptions(temperature=0.0),
+               stopping=pb.StoppingOptions(max_new_tokens=n, ignore_eos=True),
+               logprobs=pb.LogprobOptions(token_logprobs=True, top_logprobs=3), mode=mode,
+               sparsity_percent=sparsity, request_id=request_id)
+
+
+def logprobs_of(reply) -> list[tuple[int, float, list]]:
+    return [(t.token_id, t.logprob, [(a.token_id, a.logprob) for a in t.top_logprobs]) for t in reply.tokens]
+
+
+@pytest.mark.engine
+async def test_model_info_lists_sparse_levels(stub):
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    sparse = next(m for m in info.modes if m.mode == pb.INFERENCE_MODE_SPARSE)
+    assert sparse.available and list(sparse.sparsity_levels_percent) == [25, 40, 50]
+
+
+@pytest.mark.engine
+async def test_dense_neighbour_of_a_sparse_request_is_bit_identical(served, stub):
+    """A dense and a sparse request in one batch: the dense one's tokens and logprobs equal those it gets
+    beside a dense request, and the sparse one really ran masked (its output differs from dense)."""
+    neighbour = gen(16, text="A short poem about rivers:")
+    peak = 0
+
+    async def watch():
+        nonlocal peak
+        while True:
+            peak = max(peak, served.engine.num_unfinished_requests())
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    with_sparse = await asyncio.gather(stub.Generate(neighbour),
+                                       stub.Generate(gen(16, pb.INFERENCE_MODE_SPARSE, 50, "iso-sparse")))
+    without = await asyncio.gather(stub.Generate(neighbour), stub.Generate(gen(16)))
+    watcher.cancel()
+    assert peak >= 2
+    assert logprobs_of(with_sparse[0]) == logprobs_of(without[0])
+    assert logprobs_of(with_sparse[1]) != logprobs_of(without[1])
+    assert with_sparse[1].mode == pb.INFERENCE_MODE_SPARSE
+
+
+@pytest.mark.engine
+async def test_sparse_request_zeroes_about_its_level_and_answers(served, stub):
+    replies = {}
+    for level in (25, 50):
+        replies[level] = await stub.Generate(gen(24, pb.INFERENCE_MODE_SPARSE, level, f"level-{level}"))
+    stats = await served.engine.sparsity_stats()
+    dense = await stub.Generate(gen(24))
+    assert "Paris" in dense.text and "Paris" in replies[25].text, (dense.text, replies[25].text)
+    for level, reply in replies.items():
+        assert reply.text and reply.usage.completion_tokens == 24
+        (key,) = [k for k in stats if k.startswith(f"level-{level}-")]
+        # The calibrated thresholds zero ~level% of every projection's inputs; chat text in bf16 sits
+        # within a few points of the held-out corpus.
+        assert abs(stats[key]["zeroed_fraction"] - level / 100) < 0.06, stats[key]
+        assert stats[key]["rows"] >= 24
+    assert logprobs_of(replies[50]) != logprobs_of(dense)
+
+
+@pytest.mark.engine
+async def test_stream_and_unary_agree_in_sparse_mode(stub):
+    unary = await stub.Generate(gen(8, pb.INFERENCE_MODE_SPARSE, 40))
+    streamed = [t.token_id async for chunk in stub.GenerateStream(gen(8, pb.INFERENCE_MODE_SPARSE, 40, stream=True))
+                for t in chunk.tokens]
+    assert [t.token_id for t in unary.tokens] == streamed
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("mode, level, field", [
+    (pb.INFERENCE_MODE_SPARSE, 33, "sparsity_percent"),
+    (pb.INFERENCE_MODE_SPARSE, 0, "sparsity_percent"),
+    (pb.INFERENCE_MODE_SPARSE, -5, "sparsity_percent"),
+    (pb.INFERENCE_MODE_DENSE, 40, "sparsity_percent"),
+    (42, 0, "mode"),
+])
+async def test_bad_mode_or_level_is_invalid_argument_naming_the_field(stub, mode, level, field):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Generate(gen(2, mode, level))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field + ":"), info.value.details()
