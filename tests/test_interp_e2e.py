@@ -239,3 +239,72 @@ async def test_feature_selection_validation(stub, features, field):
         await stub.Generate(request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field + ":"), info.value.details()
+
+
+# -- explanations of the shipped SAEs (GetFeature / SearchFeatures) ---------------------------------------------
+
+
+def _shipped_layers(info) -> list[tuple[int, str]]:
+    return [(s.layer, s.sae_id) for s in info.saes if not s.sae_id.startswith("toy-")]
+
+
+async def _shipped_or_skip(stub) -> list[tuple[int, str]]:
+    shipped = _shipped_layers(await stub.GetModelInfo(pb.GetModelInfoRequest()))
+    if not shipped:
+        pytest.skip("no SAEs shipped under server/assets/saes")
+    return shipped
+
+
+async def test_get_feature_returns_the_shipped_explanation(stub):
+    from featurelens.server.interp.explanations import FeatureCatalog
+    from featurelens.server.interp.risk_cli import ASSETS
+
+    for layer, sae_id in await _shipped_or_skip(stub):
+        catalog = FeatureCatalog.load(ASSETS / "saes" / sae_id)
+        assert catalog is not None, f"shipped SAE {sae_id} has no explanations file"
+        # The most frequent live feature: it has examples to show.
+        fid = max(range(len(catalog)), key=lambda f: catalog.get(f)["density"])
+        reply = (await stub.GetFeature(pb.GetFeatureRequest(layer=layer, feature_id=fid))).feature
+        want = catalog.get(fid)
+        assert (reply.layer, reply.sae_id, reply.feature_id) == (layer, sae_id, fid)
+        assert reply.label == want["label"] and reply.label_machine_generated
+        assert math.isclose(reply.density, want["density"], rel_tol=1e-6)
+        assert [e.text for e in reply.top_examples] == [t for t, _ in want["examples"]] and reply.top_examples
+        assert all("«" in e.text and "»" in e.text for e in reply.top_examples)
+        assert [t.token_id for t in reply.promoted_tokens] == [t[0] for t in want["promoted"]]
+        assert reply.promoted_tokens[0].score > reply.suppressed_tokens[0].score
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetFeature(pb.GetFeatureRequest(layer=layer, feature_id=len(catalog)))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("feature_id:")
+
+
+async def test_search_features_by_text_and_by_example(stub):
+    layer, sae_id = (await _shipped_or_skip(stub))[0]
+    # By example: the features most active on a text are ones that fire on it (checked against the
+    # GetFeatureActivations of the same text).
+    text = "The capital of France is Paris."
+    found = await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, example_text=text, page_size=5))
+    assert len(found.matches) == 5
+    scores = [m.score for m in found.matches]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+    acts = await stub.GetFeatureActivations(pb.GetFeatureActivationsRequest(
+        text=text, features=[pb.FeatureSelection(layer=layer, top_k=64)]))
+    fired = {a.feature_id for t in acts.tokens for lf in t.features for a in lf.activations}
+    assert {m.feature.feature_id for m in found.matches} <= fired
+    # By text query: the RPC returns the catalog's own ranking (whose semantics tests/test_explanations.py
+    # checks), and a word of a top example's activating token finds that feature.
+    from featurelens.server.interp.explanations import FeatureCatalog
+    from featurelens.server.interp.risk_cli import ASSETS
+
+    catalog = FeatureCatalog.load(ASSETS / "saes" / sae_id)
+    query = "capital France Paris"
+    hits = await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query=query, page_size=20))
+    assert [(m.feature.feature_id, m.score) for m in hits.matches] == [
+        (f, pytest.approx(s)) for f, s in catalog.search_text(query, 20)]
+    assert hits.matches, "no shipped feature mentions capital/France/Paris in its contexts or tokens"
+    hits = await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query="zqxjv-no-such-word"))
+    assert list(hits.matches) == []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query="x", page_size=101))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("page_size:")

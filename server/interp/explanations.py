@@ -212,13 +212,12 @@ class FeatureCatalog:
         self.sae_id: str = data["sae_id"]
         self.layer: int = int(data["layer"])
         self.features: list[dict[str, Any]] = data["features"]
-        # word -> {feature: weight}: label words 3, activating tokens 3, promoted tokens 2, context words 1.
+        # word -> {feature: weight}: activating tokens 3, promoted tokens 2, each context containing it 0.25.
+        # (Machine labels are made from the same tokens plus boilerplate words, so they are not indexed.)
         self._index: dict[str, dict[int, float]] = {}
         for feature in self.features:
             fid = feature["id"]
             weights: dict[str, float] = {}
-            for w in _words(feature.get("label", "")):
-                weights[w] = max(weights.get(w, 0.0), 3.0)
             for text, _ in feature["examples"]:
                 m = re.search(f"{MARK_OPEN}(.*?){MARK_CLOSE}", text)
                 for w in _words(m.group(1) if m else ""):
@@ -252,8 +251,8 @@ class FeatureCatalog:
         return feature["label"] if feature else ""
 
     def search_text(self, query: str, limit: int) -> list[tuple[int, float]]:
-        """Features ranked by how many query words their label, activating tokens, promoted tokens and
-        contexts contain (weighted; a feature must match at least one word)."""
+        """Features ranked by how many query words their activating tokens, promoted tokens and contexts
+        contain (weighted; a feature must match at least one word)."""
         scores: dict[int, float] = {}
         for word in _words(query):
             for fid, weight in self._index.get(word, {}).items():
