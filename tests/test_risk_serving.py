@@ -61,3 +61,41 @@ def test_thresholds_are_configurable_and_checked():
     for bad in (dict(risk_high_threshold=1.5), dict(risk_medium_threshold=0.8, risk_high_threshold=0.5)):
         with pytest.raises(ValidationError):
             Settings(**bad)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "last_prompt"])
+@pytest.mark.parametrize("transform", ["identity", "log1p"])
+def test_streaming_server_scores_equal_the_offline_reference(tmp_path, pooling, transform):
+    """The server's incremental RunningRisk and `risk_probe.running_risks` (what training and evaluation use)
+    give the same risk after every token, for every pooling and transform a probe file may name."""
+    from featurelens.server.interp import risk_probe as rp
+
+    rng = np.random.default_rng(7)
+    features = [{"layer": layer, "sae_id": f"s{layer}", "feature_id": int(f), "weight": float(w)}
+                for layer in (3, 5) for f, w in zip(rng.choice(20, 6, replace=False), rng.normal(size=6), strict=True)]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"probe_id": "p", "version": 1, "kind": "sparse_logreg", "model": "m",
+                                "features": features, "bias": 0.3, "pooling": pooling, "input_transform": transform,
+                                "calibration": {"method": "platt", "a": 1.5, "b": -0.2},
+                                "thresholds": {"medium": 0.4, "high": 0.7}}))
+    served, reference = RiskProbe.load(path), rp.load_probe(path)
+    running = served.start()
+    tokens = []
+    for _ in range(12):
+        token = {}
+        for layer in (3, 5):
+            idx = rng.choice(20, 4, replace=False)
+            val = np.where(rng.random(4) < 0.2, 0.0, rng.exponential(2.0, 4)).astype(np.float32)
+            token[layer] = (idx.astype(np.int64), val)
+        tokens.append({layer: [(int(i), float(v)) for i, v in zip(*token[layer], strict=True) if v > 0]
+                       for layer in token})
+        running.add(token)
+        assert running.risk() == pytest.approx(rp.running_risks(reference, tokens)[-1], rel=1e-6, abs=1e-9)
+
+
+def test_unusable_probe_files_are_refused_clearly(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"probe_id": "p", "version": 1, "kind": "sparse_logreg", "features": [],
+                                "bias": 0.0, "pooling": "median"}))
+    with pytest.raises(ValueError, match="not a usable probe file: pooling must be one of"):
+        RiskProbe.load(path)
