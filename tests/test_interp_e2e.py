@@ -303,6 +303,11 @@ async def test_search_features_by_text_and_by_example(stub):
     assert [(m.feature.feature_id, m.score) for m in hits.matches] == [
         (f, pytest.approx(s)) for f, s in catalog.search_text(query, 20)]
     assert hits.matches, "no shipped feature mentions capital/France/Paris in its contexts or tokens"
+    # Common words: the best match's top contexts contain the word.
+    for word in ("the", "capital", "def", "number"):
+        best = (await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query=word, page_size=1))).matches
+        assert best, f"no feature found for {word!r}"
+        assert any(word in e.text.lower() for e in best[0].feature.top_examples), (word, best[0].feature)
     hits = await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query="zqxjv-no-such-word"))
     assert list(hits.matches) == []
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -269,3 +269,15 @@ def test_metrics():
     assert ranking_metrics(np.asarray([0.1, 0.2]), np.asarray([1, 1]))["auroc"] is None
     assert ece(np.asarray([0.0, 0.0, 1.0, 1.0]), y) == pytest.approx(0.0)
     assert ece(np.asarray([1.0, 1.0, 0.0, 0.0]), y) == pytest.approx(1.0)
+
+
+def test_answers_cut_off_before_the_answer_are_not_labelled_wrong():
+    base = {"token_ids": [1] * 24, "features": {12: {}}, "max_new_tokens": 24}
+    cut_wrong = {**base, "fictional": False, "verdict": "wrong", "label": 1}
+    assert not rp.label_is_certain(cut_wrong)
+    assert rp.label_is_certain({**cut_wrong, "token_ids": [1] * 23})  # ended on its own: a real wrong answer
+    assert rp.label_is_certain({**cut_wrong, "max_new_tokens": 64})  # the limit was higher
+    assert rp.label_is_certain({**base, "fictional": False, "verdict": "correct", "label": 0})  # answer seen
+    assert rp.label_is_certain({**base, "fictional": True, "verdict": "confabulated", "label": 1})
+    assert not rp.label_is_certain({k: v for k, v in cut_wrong.items() if k != "max_new_tokens"})  # old default 24
+    assert rp.usable([cut_wrong, {**cut_wrong, "token_ids": [1] * 5}]) == [{**cut_wrong, "token_ids": [1] * 5}]

@@ -430,7 +430,9 @@ async def run_questions(questions: list[Question], out_path: str, sae_specs: lis
             stopping=pb.StoppingOptions(max_new_tokens=max_new_tokens, stop_sequences=["\n"]),
             logprobs=pb.LogprobOptions(token_logprobs=True, top_logprobs=20), interpretability=interp)
         reply = await client.stub.Generate(req)
-        return reply_to_record(q, reply, set(running.engine.shape.eos_token_ids))
+        record = reply_to_record(q, reply, set(running.engine.shape.eos_token_ids))
+        record["max_new_tokens"] = max_new_tokens  # a response this long was cut off: see label_is_certain
+        return record
 
     return await _serve_map(todo, out_path, sae_specs, concurrency, "risk data", ask)
 

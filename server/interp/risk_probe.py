@@ -161,9 +161,17 @@ def contributions(probe: Probe, pooled: Mapping[FeatureKey, float], top: int = 5
 
 # --------------------------------------------------------------------------------------------- training
 
+def label_is_certain(record: Mapping[str, Any]) -> bool:
+    """False for a real question answered wrongly in a response cut off at the token limit: the right answer
+    may have come after the cut (e.g. "To calculate 68 - 23, we subtract 23 from 68, which gives"), so the
+    label is unknown, not 1. Records without `max_new_tokens` were built with the old default, 24."""
+    cut_off = len(record.get("token_ids") or ()) >= int(record.get("max_new_tokens", 24))
+    return not (cut_off and not record.get("fictional") and record.get("verdict") == "wrong")
+
+
 def usable(records: Iterable[dict]) -> list[dict]:
-    """Records the probe can score: at least one response token with features."""
-    return [r for r in records if r.get("token_ids") and r.get("features")]
+    """Records the probe can score: at least one response token with features, and a certain label."""
+    return [r for r in records if r.get("token_ids") and r.get("features") and label_is_certain(r)]
 
 
 def pooled_matrix(records: Sequence[dict], layers: Sequence[int], pooling: str, transform: str,
