@@ -250,20 +250,22 @@ def platt(logits, y) -> dict[str, float]:
     return {"method": "platt", "a": float(model.coef_[0, 0]), "b": float(model.intercept_[0])}
 
 
-def choose_thresholds(probs, y, min_precision: float = 0.85) -> dict[str, float]:
-    """medium = the base rate (risk above an average answer's); high = the lowest threshold at which at least
-    `min_precision` of flagged validation answers were hallucinated (never below medium)."""
+def choose_thresholds(probs, y, min_precision: float = 0.95, medium: float = 0.5,
+                      min_gap: float = 0.1) -> dict[str, float]:
+    """On the calibrated scale: medium = 0.5 (more likely made up than not); high = the lowest threshold, at
+    least `min_gap` above medium, at which at least `min_precision` of the flagged validation answers (≥ 10)
+    were hallucinations, else 0.9. (A base-rate medium was tried first: with 78 % hallucinated answers in the
+    data it put medium and high 0.001 apart, leaving MEDIUM empty.)"""
     import numpy as np
 
     probs, y = np.asarray(probs), np.asarray(y)
-    medium = float(y.mean())
     high = 0.9
     for t in np.unique(np.round(probs, 3)):
         flagged = probs >= t
-        if t >= medium and flagged.sum() >= 10 and y[flagged].mean() >= min_precision:
+        if t >= medium + min_gap and flagged.sum() >= 10 and y[flagged].mean() >= min_precision:
             high = float(t)
             break
-    return {"medium": round(medium, 3), "high": round(max(high, medium), 3)}
+    return {"medium": medium, "high": round(high, 3)}
 
 
 def build_probe(fit: FitResult, columns: dict[FeatureKey, int], sae_ids: Mapping[int, str], probe_id: str,
