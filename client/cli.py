@@ -146,13 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("risk", help="build risk data, train and evaluate the probe (see: featurelens risk --help)")
 
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("which", choices=["generate", "interp", "cache", "soak"])
+    bench.add_argument("which", choices=["generate", "interp", "cache", "soak", "modes"])
     bench.add_argument("--duration-s", type=float, default=60.0, help="bench soak: how long to run")
     bench.add_argument("--redis-url", default=None, help="bench cache: Redis to use (default 127.0.0.1:6379/15)")
     bench.add_argument("--model", default="default")
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--max-new-tokens", type=int, default=64)
-    bench.add_argument("--concurrency", type=int, action="append", help="levels to measure (default 1 and 32)")
+    bench.add_argument("--concurrency", type=int, action="append",
+                       help="levels to measure (default 1 and 32; bench modes: 1 and 8)")
+    bench.add_argument("--rounds", type=int, default=2, help="bench modes: timing rounds (median)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

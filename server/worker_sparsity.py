@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class SparseStep:
     segments: list[tuple[str, int, int]]  # (request key, start, end) within `rows`
     zeroed: torch.Tensor  # [n] float64: inputs zeroed so far this step
     inputs: int = 0  # inputs per row seen so far this step
+    fast: bool = False  # the sparse GEMV ran (batch-1 step)
+    pending: list[torch.Tensor] = field(default_factory=list)  # fast path: zeroed counts, summed at the end
 
 
 class SparseRuntime:
@@ -73,6 +75,7 @@ class SparseRuntime:
         self.norms: list[list[torch.Tensor]] = [
             [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
+        self.gemv = _native_gemv()
         self.step: SparseStep | None = None
         self.stats: OrderedDict[str, list[float]] = OrderedDict()
         self.fast_path_calls = 0
@@ -135,18 +138,21 @@ class SparseRuntime:
         step, self.step = self.step, None
         if step is None or step.inputs == 0:
             return
+        if step.pending:
+            step.zeroed[0] += torch.stack(step.pending).sum()
         for key, start, end in step.segments:
-            entry = self.stats.pop(key, None) or [0.0, 0.0, 0.0]
+            entry = self.stats.pop(key, None) or [0.0, 0.0, 0.0, 0.0]
             entry[0] += float(step.zeroed[start:end].sum())
             entry[1] += float(step.inputs * (end - start))
             entry[2] += end - start
+            entry[3] += (end - start) if step.fast else 0
             self.stats[key] = entry
         while len(self.stats) > MAX_STATS:
             self.stats.popitem(last=False)
 
     def report(self) -> dict[str, dict[str, float]]:
-        return {key: {"zeroed_fraction": z / n if n else 0.0, "inputs": n, "rows": rows}
-                for key, (z, n, rows) in self.stats.items()}
+        return {key: {"zeroed_fraction": z / n if n else 0.0, "inputs": n, "rows": rows, "sparse_gemv_rows": fast}
+                for key, (z, n, rows, fast) in self.stats.items()}
 
 
 class _SparseProjection:
@@ -163,6 +169,12 @@ class _SparseProjection:
             bounds.append(bounds[-1] + size)
         self.slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(parts))]
         self.has_bias = getattr(module, "bias", None) is not None
+        # Fast-path constants: batch-1 decode pays Python overhead per call, so nothing is rebuilt per step.
+        self.norm_list = [runtime.norms[layer][p] for p in self.parts]
+        self.norm_stack = torch.stack(self.norm_list)  # [parts, in]
+        self.thr_list = {lv: [runtime._thr[lv][layer][p] for p in self.parts] for lv in runtime.levels}
+        self.thr_col = {lv: torch.tensor(t, dtype=torch.float32).unsqueeze(1) for lv, t in self.thr_list.items()}
+        self.w_t: list[torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> Any:
         step = self.runtime.step
@@ -177,21 +189,18 @@ class _SparseProjection:
         return (out, None) if getattr(self.module, "return_bias", True) else out
 
     def _gemv(self, x: torch.Tensor, step: SparseStep) -> torch.Tensor:
-        from featurelens.kernels.sparse_gemv import sparse_gemv
-
-        runtime, layer = self.runtime, self.layer
+        if self.w_t is None:
+            self.w_t = [self.runtime.transposed(self.layer, p, x.dtype, x.device) for p in self.parts]
         x0 = x[0]
-        absx = x0.float().abs()
         level = step.levels[0]
-        outs = []
-        for p in self.parts:
-            norms = runtime.norms[layer][p]
-            threshold = runtime._thr[level][layer][p]
-            step.zeroed[0] += int((absx * norms < threshold).sum())
-            outs.append(sparse_gemv(x0, runtime.transposed(layer, p, x.dtype, x.device), norms, threshold))
+        step.pending.append((x0.abs() * self.norm_stack < self.thr_col[level]).sum())
+        gemv = self.runtime.gemv
+        outs = [gemv(x0, w_t, norms, t) for w_t, norms, t in zip(self.w_t, self.norm_list, self.thr_list[level],
+                                                                  strict=True)]
         step.inputs += x.shape[1] * len(self.parts)
-        runtime.fast_path_calls += 1
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0)
+        step.fast = True
+        self.runtime.fast_path_calls += 1
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.dtype).unsqueeze(0)
 
     def _masked(self, x: torch.Tensor, step: SparseStep, full: bool) -> Any:
         xs = x if full else x.index_select(0, step.rows)
@@ -215,6 +224,17 @@ class _SparseProjection:
         out = dense[0] if isinstance(dense, tuple) else dense
         out.index_copy_(0, step.rows, sparse_out.to(out.dtype))
         return dense
+
+
+def _native_gemv() -> Any:
+    """The sparse GEMV with the WINA mask fused, (x [in], w_t [in, out], norms, threshold) -> float32 [out]:
+    the native kernel called directly (the checked wrapper costs more than the GEMV at this size), else the
+    torch fallback."""
+    from featurelens.kernels import sparse_gemv as sg
+
+    if sg.native_available():
+        return sg._native_module()[0].sparse_gemv
+    return lambda x, w_t, norms, threshold: sg.sparse_gemv_torch(x, w_t, norms, threshold).float()
 
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,9 @@ TOY_CATALOG = FeatureCatalog({"version": 1, "sae_id": "toy", "layer": SAE_LAYER,
     for i in range(TOY_SAE.d_sae)]})
 
 
+SPARSITY_LEVELS = (25, 40, 50)  # WINA levels the stand-in engine "serves"
+
+
 class StandInEngine(WordTokenizer):
     """What the servicer reads from the engine, minus the engine: it refuses to generate (ReachedEngine) and
     remembers the vLLM SamplingParams it was handed, so the test can check them."""
@@ -108,6 +111,7 @@ class StandInEngine(WordTokenizer):
         self.saes = {SAE_LAYER: TOY_SAE}
         self.vectors = {"v1": HIDDEN_SIZE}
         self.interpretability_available = True
+        self.sparsity_levels = SPARSITY_LEVELS
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace)
         self.tokenizer = WordTokenizer()
         self.features = SimpleNamespace(open=lambda key: None, close=lambda key: None)
@@ -391,7 +395,8 @@ def _short(request: Message) -> str:
 def validate_generation(request: Message) -> None:
     """What the servicer runs before the engine for Generate/GenerateStream, in the same order."""
     engine = StandInEngine()
-    plan = validate_generate(request, engine, SETTINGS, MAX_MODEL_LEN, VOCAB_SIZE, "fuzz-1")
+    plan = validate_generate(request, engine, SETTINGS, MAX_MODEL_LEN, VOCAB_SIZE, "fuzz-1",
+                             sparsity_levels=engine.sparsity_levels)
     interp = plan_interpretability(request, engine, SETTINGS)
     assert 1 <= plan.sampling_kwargs["max_tokens"] <= MAX_MODEL_LEN - len(plan.prompt_token_ids)
     # What crosses into the worker is plain, finite data.

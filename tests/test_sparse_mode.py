@@ -118,7 +118,16 @@ def test_single_row_fast_path_uses_the_sparse_gemv_and_matches_masking(fake):
     torch.testing.assert_close(out, reference(x, weights[0], ("q_proj", "k_proj", "v_proj"), levels["50"]),
                                rtol=1e-5, atol=1e-5)
     scores = torch.cat([sp.wina_scores(x[0], sp.column_norms(weights[0][p])) for p in ("q_proj", "k_proj", "v_proj")])
+    assert runtime.report()["a"]["sparse_gemv_rows"] == 1
     assert runtime.report()["a"]["zeroed_fraction"] == pytest.approx(float((scores < levels["50"]).float().mean()))
+
+
+def test_sparse_requests_get_their_own_prefix_cache_namespace():
+    from featurelens.server.api import _cache_salt
+
+    assert _cache_salt(None, 0) is None and _cache_salt("steer", 0) == "steer"  # dense: unchanged
+    salts = {_cache_salt(None, 25), _cache_salt(None, 40), _cache_salt("steer", 40)}
+    assert len(salts) == 3 and None not in salts
 
 
 # -- the real engine over gRPC -----------------------------------------------------------------------------
@@ -146,6 +155,18 @@ async def test_model_info_lists_sparse_levels(stub):
     assert sparse.available and list(sparse.sparsity_levels_percent) == [25, 40, 50]
 
 
+async def _pair_in_one_batch(stub, first, second, nonce: int):
+    """Run two requests in the same engine steps from start to end. vLLM's CPU GEMMs are not batch-invariant
+    (a row's result may change with the number of rows), so the pair must be admitted in the same step in
+    both runs: a dense blocker with a long, fresh prompt holds the engine in its prefill while both arrive,
+    and generates longer than the pair, so every step of the pair has the same rows in both runs."""
+    blocker = asyncio.ensure_future(stub.Generate(gen(24, text=f"{nonce} " + "river stone cloud " * 400)))
+    await asyncio.sleep(0.3)
+    pair = await asyncio.gather(stub.Generate(first), stub.Generate(second))
+    await blocker
+    return pair
+
+
 @pytest.mark.engine
 async def test_dense_neighbour_of_a_sparse_request_is_bit_identical(served, stub):
     """A dense and a sparse request in one batch: the dense one's tokens and logprobs equal those it gets
@@ -160,11 +181,10 @@ async def test_dense_neighbour_of_a_sparse_request_is_bit_identical(served, stub
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch())
-    with_sparse = await asyncio.gather(stub.Generate(neighbour),
-                                       stub.Generate(gen(16, pb.INFERENCE_MODE_SPARSE, 50, "iso-sparse")))
-    without = await asyncio.gather(stub.Generate(neighbour), stub.Generate(gen(16)))
+    with_sparse = await _pair_in_one_batch(stub, neighbour, gen(16, pb.INFERENCE_MODE_SPARSE, 50, "iso-sparse"), 1)
+    without = await _pair_in_one_batch(stub, neighbour, gen(16), 2)
     watcher.cancel()
-    assert peak >= 2
+    assert peak >= 3
     assert logprobs_of(with_sparse[0]) == logprobs_of(without[0])
     assert logprobs_of(with_sparse[1]) != logprobs_of(without[1])
     assert with_sparse[1].mode == pb.INFERENCE_MODE_SPARSE
@@ -172,10 +192,15 @@ async def test_dense_neighbour_of_a_sparse_request_is_bit_identical(served, stub
 
 @pytest.mark.engine
 async def test_sparse_request_zeroes_about_its_level_and_answers(served, stub):
+    def sparse_tokens() -> float:
+        return served.metrics.registry.get_sample_value("featurelens_generated_tokens_total", {"mode": "sparse"}) or 0
+
+    before = sparse_tokens()
     replies = {}
     for level in (25, 50):
         replies[level] = await stub.Generate(gen(24, pb.INFERENCE_MODE_SPARSE, level, f"level-{level}"))
     stats = await served.engine.sparsity_stats()
+    assert sparse_tokens() - before == 48  # metrics carry the mode label
     dense = await stub.Generate(gen(24))
     assert "Paris" in dense.text and "Paris" in replies[25].text, (dense.text, replies[25].text)
     for level, reply in replies.items():
@@ -185,6 +210,7 @@ async def test_sparse_request_zeroes_about_its_level_and_answers(served, stub):
         # within a few points of the held-out corpus.
         assert abs(stats[key]["zeroed_fraction"] - level / 100) < 0.06, stats[key]
         assert stats[key]["rows"] >= 24
+        assert stats[key]["sparse_gemv_rows"] >= 20  # alone in the batch, decode steps take the GEMV path
     assert logprobs_of(replies[50]) != logprobs_of(dense)
 
 

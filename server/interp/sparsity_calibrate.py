@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scores collected ({time.time() - t0:.0f} s)", flush=True)
 
     out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina", "allocation": "uniform",
-                           "calibration": {"documents": len(calib), "heldout_documents": len(held),
+                           "calibration": {"texts": args.texts, "documents": len(calib), "heldout_documents": len(held),
                                            "max_tokens_per_document": MAX_TOKENS, "seed": args.seed},
                            "levels": {}, "heldout_sparsity": {}}
     for level in LEVELS:

@@ -1,0 +1,187 @@
+"""`featurelens bench modes`: dense vs WINA sparse 25/40/50, quality and speed side by side in one run.
+
+1. Engine (our gRPC server on vLLM, one instance, every mode through the same engine): greedy-token agreement
+   of each sparse level with dense over --num-prompts chat prompts (free-running, position by position, and
+   the mean length of the identical prefix); decode tokens/s at batch 1 and at batch 8 (`--concurrency`),
+   prefill tokens/s on fresh ~500-token prompts (unique, so the prefix cache never answers). Modes alternate
+   inside every round so load from other processes hits them alike.
+2. Quality offline (HF transformers, float32, masks on every token): perplexity on the calibration's held-out
+   documents and teacher-forced agreement with the dense greedy continuation (server/interp/sparsity_calibrate).
+3. Kernels: server/bench_kernels (sparse GEMV vs dense at 25/40/50/65%, bf16).
+
+Beside each decode figure: the physical bound, weight bytes read per token dense / sparse. Only decoder
+projections are sparsified; the tied 49152x576 unembedding is read in full, which caps sparse-50% at ~1.65x.
+Batch > 1 and prefill run the masked path (a masked copy of the input per fused sub-projection, then the
+dense GEMM), so sparse mode costs time there: the speed-up is for batch-1 decode only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from typing import Any
+
+LEVELS = (25, 40, 50)
+HELDOUT_TEXTS = 150  # sparsity_calibrate --texts of the shipped thresholds: same seed, same held-out split
+
+
+def _modes() -> list[tuple[str, int]]:
+    return [("dense", 0)] + [(f"sparse-{lv}", lv) for lv in LEVELS]
+
+
+def _request(prompt: Any, level: int, max_new_tokens: int, stream: bool = True) -> Any:
+    from featurelens.client import pb
+
+    cls = pb.GenerateStreamRequest if stream else pb.GenerateRequest
+    kind = {"text": prompt} if isinstance(prompt, str) else {"chat": pb.ChatMessages(messages=[
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=prompt[0])])}
+    return cls(**kind, sampling=pb.SamplingOptions(temperature=0.0),
+               stopping=pb.StoppingOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
+               mode=pb.INFERENCE_MODE_SPARSE if level else pb.INFERENCE_MODE_DENSE, sparsity_percent=level)
+
+
+async def _stream(stub: Any, request: Any) -> tuple[list[int], float, float, float]:
+    """(token ids, start, first-token time, end) of one streamed generation."""
+    started = time.perf_counter()
+    first, ids = 0.0, []
+    async for chunk in stub.GenerateStream(request):
+        if chunk.tokens and not first:
+            first = time.perf_counter()
+        ids.extend(t.token_id for t in chunk.tokens)
+    return ids, started, first, time.perf_counter()
+
+
+async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches: list[int],
+                        rounds: int) -> dict[str, dict[str, float]]:
+    from featurelens.client import AsyncClient
+    from featurelens.server.app import start_server
+    from featurelens.server.config import Settings
+
+    running = await start_server(Settings(model=model, port=0, metrics_port=-1, max_num_seqs=max(8, *batches),
+                                          max_in_flight=10_000))
+    out: dict[str, dict[str, Any]] = {name: {} for name, _ in _modes()}
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
+            stub = client.stub
+            for _name, level in _modes():  # warm-up: the first sparse-GEMV call per projection transposes weights
+                await _stream(stub, _request("Hello", level, 4))
+            # Agreement: every prompt at concurrency 8 per mode.
+            sem = asyncio.Semaphore(8)
+
+            async def one(prompt: str, level: int) -> list[int]:
+                async with sem:
+                    return (await _stream(stub, _request([prompt], level, new_tokens)))[0]
+
+            ids = {name: await asyncio.gather(*(one(p, level) for p in prompts)) for name, level in _modes()}
+            for name, _ in _modes():
+                same = total = prefix = 0
+                for a, b in zip(ids["dense"], ids[name], strict=True):
+                    same += sum(x == y for x, y in zip(a, b, strict=False))
+                    total += len(a)
+                    prefix += next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+                out[name]["agreement"] = same / max(total, 1)
+                out[name]["same_prefix"] = prefix / len(prompts)
+            samples: dict[str, dict[str, list[float]]] = {name: {} for name, _ in _modes()}
+            rng = random.Random(0)
+            for r in range(rounds):
+                for name, level in _modes():
+                    for batch in batches:
+                        reqs = [_request([prompts[(r * batch + i) % len(prompts)]], level, new_tokens)
+                                for i in range(batch)]
+                        results = await asyncio.gather(*(_stream(stub, q) for q in reqs))
+                        if batch == 1:
+                            ids1, _, first, end = results[0]
+                            rate = (len(ids1) - 1) / (end - first)
+                        else:
+                            rate = sum(len(x[0]) for x in results) / (max(x[3] for x in results) -
+                                                                      min(x[1] for x in results))
+                        samples[name].setdefault(f"decode_b{batch}", []).append(rate)
+                    long = f"[{rng.getrandbits(64):x}] " + " ".join(prompts) * 4  # unique: no prefix-cache hit
+                    _, started, first, _ = await _stream(stub, _request(long[:2400], level, 1))
+                    n_prompt = len(running.engine.encode_text(long[:2400]))
+                    samples[name].setdefault("prefill", []).append(n_prompt / (first - started))
+            for name, per in samples.items():
+                out[name].update({k: statistics.median(v) for k, v in per.items()})
+    finally:
+        await running.stop(grace_s=1.0)
+    return out
+
+
+def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float]]:
+    import torch
+    from featurelens.server.interp import sparsity_calibrate as cal
+    from featurelens.server.interp.sparsity import load_thresholds
+    from featurelens.server.model_assets import resolve_model
+
+    model, tok = cal.load_model(resolve_model("default"))
+    _, held = cal.corpus_texts(0, HELDOUT_TEXTS)
+    prompts = cal.chat_prompts(tok, n_prompts, 2)
+    with torch.inference_mode():
+        dense_full = cal.dense_continuations(model, prompts, new_tokens)
+    out = {"dense": {"ppl": cal.perplexity(model, tok, held), "tf_agreement": 1.0}}
+    for level in LEVELS:
+        with cal.wina_masking(model, load_thresholds(level)):
+            out[f"sparse-{level}"] = {"ppl": cal.perplexity(model, tok, held),
+                                      "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
+    out["_docs"] = {"heldout_documents": len(held)}
+    return out
+
+
+def decode_bounds() -> dict[str, float]:
+    """Weight bytes per decoded token, dense / sparse at each level (projections sparse, unembedding not)."""
+    from featurelens.server.model_assets import resolve_model
+    from featurelens.server.worker_sparsity import _weight_files
+    from safetensors import safe_open
+
+    files = _weight_files(resolve_model("default"))
+    proj = other = 0
+    for key, path in files.items():
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(key).get_shape()
+        n = 1
+        for d in shape:
+            n *= d
+        if key.endswith("_proj.weight"):
+            proj += n
+        elif key.endswith("embed_tokens.weight") or key.endswith("lm_head.weight"):
+            other += n  # tied: read once, as the unembedding (the embedding reads one row)
+    dense = proj + other
+    return {f"sparse-{lv}": dense / (proj * (1 - lv / 100) + other) for lv in LEVELS} | {"dense": 1.0}
+
+
+def main(args: argparse.Namespace) -> int:
+    from featurelens.server import bench_kernels
+    from featurelens.server.bench import PROMPTS
+
+    started = time.perf_counter()
+    # Capped so the default run (--num-prompts 64 --max-new-tokens 64 are the shared bench defaults) stays short.
+    n_prompts, args.max_new_tokens = min(args.num_prompts, 32), min(args.max_new_tokens, 48)
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(n_prompts)]
+    batches = args.concurrency or [1, 8]
+    print(f"bench modes: engine agreement over {n_prompts} prompts x {args.max_new_tokens} tokens; decode at "
+          f"batch {batches}; prefill ~500 tokens; {args.rounds} rounds, modes interleaved", flush=True)
+    engine = asyncio.run(_bench_engine(args.model, prompts, args.max_new_tokens, batches, args.rounds))
+    print(f"engine done ({time.perf_counter() - started:.0f} s)", flush=True)
+    quality = _bench_quality(min(n_prompts, 12), 32)
+    print(f"quality done ({time.perf_counter() - started:.0f} s)\n", flush=True)
+    bounds = decode_bounds()
+    d = engine["dense"]
+    cols = "".join(f" {'b' + str(b) + ' tok/s':>10} {'x':>5}" for b in batches)
+    print(f"{'mode':<10} {'ppl':>7} {'x':>5} {'tf agree':>8} {'agree':>6} {'prefix':>6}{cols} {'bound x':>7} "
+          f"{'prefill/s':>9} {'x':>5}")
+    for name, _ in _modes():
+        e, q = engine[name], quality[name]
+        speeds = "".join(f" {e[f'decode_b{b}']:>10.1f} {e[f'decode_b{b}'] / d[f'decode_b{b}']:>4.2f}x" for b in batches)
+        print(f"{name:<10} {q['ppl']:>7.2f} {q['ppl'] / quality['dense']['ppl']:>4.2f}x {q['tf_agreement']:>8.1%} "
+              f"{e['agreement']:>6.1%} {e['same_prefix']:>6.1f}{speeds} {bounds[name]:>6.2f}x "
+              f"{e['prefill']:>9.0f} {e['prefill'] / d['prefill']:>4.2f}x")
+    print(f"\nppl: held-out perplexity ({quality['_docs']['heldout_documents']} documents, HF float32, every token "
+          f"masked); tf agree: teacher-forced top-1 agreement with dense greedy (HF); agree / prefix: engine "
+          f"free-running greedy tokens equal to dense, position by position / mean identical prefix length; "
+          f"bound x: dense / sparse weight bytes per decoded token\n", flush=True)
+    bench_kernels.main(["--dtypes", "bf16", "--rounds", str(max(3, args.rounds + 2))])
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 0
