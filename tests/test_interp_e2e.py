@@ -11,6 +11,7 @@ import pytest
 import torch
 from featurelens.server.interp.sae import load_sae
 from featurelens.v1 import featurelens_pb2 as pb
+from tests_support import pair_in_one_batch
 
 pytestmark = pytest.mark.engine
 
@@ -105,30 +106,15 @@ async def test_include_prompt_features_on_generate(stub):
     assert all(t.features[0].activations for t in reply.prompt_features)
 
 
-async def _pair(stub, first, second):
-    """Run two requests concurrently, so they share engine steps (continuous batching)."""
-    return await asyncio.gather(stub.Generate(first), stub.Generate(second))
-
-
 async def test_unsteered_neighbour_is_bit_identical(served, stub):
     """A steered and an unsteered request in one batch: the unsteered one's tokens, logprobs and features
     equal those of the same batch with nothing steered."""
     neighbour = gen("A short poem about rivers:", n=16, features=[(27, 6)])
     steered = gen(n=16, steering=[nudge(6, 3, 60.0), nudge(27, 9, 60.0)])
     plain = gen(n=16)
-    peak = 0
-
-    async def watch():
-        nonlocal peak
-        while True:
-            peak = max(peak, served.engine.num_unfinished_requests())
-            await asyncio.sleep(0.005)
-
-    watcher = asyncio.create_task(watch())
-    with_steering = await _pair(stub, neighbour, steered)
-    without = await _pair(stub, neighbour, plain)
-    watcher.cancel()
-    assert peak >= 2
+    with_steering, peak = await pair_in_one_batch(stub, neighbour, steered, 11, served.engine)
+    without, _ = await pair_in_one_batch(stub, neighbour, plain, 12, served.engine)
+    assert peak >= 3
     assert logprobs_of(with_steering[0]) == logprobs_of(without[0])
     assert [list(t.features) for t in with_steering[0].tokens] == [list(t.features) for t in without[0].tokens]
     assert [t.token_id for t in with_steering[1].tokens] != [t.token_id for t in without[1].tokens]
@@ -308,7 +294,7 @@ async def test_search_features_by_text_and_by_example(stub):
         best = (await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query=word, page_size=1))).matches
         assert best, f"no feature found for {word!r}"
         assert any(word in e.text.lower() for e in best[0].feature.top_examples), (word, best[0].feature)
-    hits = await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query="zqxjv-no-such-word"))
+    hits = await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query="zqxjvkwq"))
     assert list(hits.matches) == []
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query="x", page_size=101))

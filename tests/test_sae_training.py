@@ -171,16 +171,29 @@ def hf_model():
 
 @pytest.mark.parametrize("name", [p.name for p in _shipped_dirs()])
 def test_shipped_sae_meets_recorded_figures_on_held_out_text(hf_model, name: str) -> None:
+    """The quick CI check: on a small sample of the held-out corpus split (shipped in tests/data), the SAE
+    reproduces the explained variance recorded for that sample (numerics only may differ), which is in line
+    with the full held-out evaluation, and fires at most k latents; the recorded full figures meet the
+    targets. The hand-written paragraphs (another distribution) must stay well explained too."""
     from featurelens.server.interp.eval_sae import eval_windows, load_reconstructor, residuals
 
     model, tok = hf_model
     path = SHIPPED / name
     recorded = json.loads((path / "eval.json").read_text())
+    assert recorded["activations_hf"]["explained_variance"] >= 0.85
+    assert recorded["ce_loss_recovered"] >= 0.90 and recorded["activations_hf"]["dead_fraction"] < 0.05
     recon_fn, layer, d_sae, _ = load_reconstructor(path)
-    x = residuals(model, eval_windows(tok, HELD_OUT_TEXTS, 256, 10_000), layer)
-    stats = ActivationStats(d_sae)
-    recon, active = recon_fn(x)
-    stats.add(x, recon, active)
-    result = stats.result()
-    assert result["explained_variance"] >= recorded["activations_hf"]["explained_variance"] - 0.05
+    sample = [t["text"] for t in json.loads((Path(__file__).parent / "data" / "sae_heldout_sample.json").read_text())]
+
+    def measure(texts: list[str]) -> dict:
+        x = residuals(model, eval_windows(tok, texts, 256, 10_000), layer)
+        stats = ActivationStats(d_sae)
+        recon, active = recon_fn(x)
+        stats.add(x, recon, active)
+        return stats.result()
+
+    result = measure(sample)
+    assert result["explained_variance"] >= recorded["ci_sample"]["explained_variance"] - 0.01
+    assert abs(result["explained_variance"] - recorded["activations_hf"]["explained_variance"]) < 0.05
     assert result["l0"] <= recorded["k"]
+    assert measure(HELD_OUT_TEXTS)["explained_variance"] >= 0.7

@@ -3,7 +3,6 @@ real engine over gRPC (shared session server, tests/conftest.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import grpc
@@ -12,6 +11,7 @@ import torch
 from featurelens.server.interp import sparsity as sp
 from featurelens.server.worker_sparsity import PROJ_NAMES, SparseRuntime
 from featurelens.v1 import featurelens_pb2 as pb
+from tests_support import pair_in_one_batch
 
 D, D_KV, D_FF, N_LAYERS = 16, 8, 24, 2
 SHAPES = {"q_proj": (D, D), "k_proj": (D_KV, D), "v_proj": (D_KV, D), "o_proj": (D, D),
@@ -155,35 +155,14 @@ async def test_model_info_lists_sparse_levels(stub):
     assert sparse.available and list(sparse.sparsity_levels_percent) == [25, 40, 50]
 
 
-async def _pair_in_one_batch(stub, first, second, nonce: int):
-    """Run two requests in the same engine steps from start to end. vLLM's CPU GEMMs are not batch-invariant
-    (a row's result may change with the number of rows), so the pair must be admitted in the same step in
-    both runs: a dense blocker with a long, fresh prompt holds the engine in its prefill while both arrive,
-    and generates longer than the pair, so every step of the pair has the same rows in both runs."""
-    blocker = asyncio.ensure_future(stub.Generate(gen(24, text=f"{nonce} " + "river stone cloud " * 400)))
-    await asyncio.sleep(0.3)
-    pair = await asyncio.gather(stub.Generate(first), stub.Generate(second))
-    await blocker
-    return pair
-
-
 @pytest.mark.engine
 async def test_dense_neighbour_of_a_sparse_request_is_bit_identical(served, stub):
     """A dense and a sparse request in one batch: the dense one's tokens and logprobs equal those it gets
     beside a dense request, and the sparse one really ran masked (its output differs from dense)."""
     neighbour = gen(16, text="A short poem about rivers:")
-    peak = 0
-
-    async def watch():
-        nonlocal peak
-        while True:
-            peak = max(peak, served.engine.num_unfinished_requests())
-            await asyncio.sleep(0.005)
-
-    watcher = asyncio.create_task(watch())
-    with_sparse = await _pair_in_one_batch(stub, neighbour, gen(16, pb.INFERENCE_MODE_SPARSE, 50, "iso-sparse"), 1)
-    without = await _pair_in_one_batch(stub, neighbour, gen(16), 2)
-    watcher.cancel()
+    with_sparse, peak = await pair_in_one_batch(
+        stub, neighbour, gen(16, pb.INFERENCE_MODE_SPARSE, 50, "iso-sparse"), 1, served.engine)
+    without, _ = await pair_in_one_batch(stub, neighbour, gen(16), 2, served.engine)
     assert peak >= 3
     assert logprobs_of(with_sparse[0]) == logprobs_of(without[0])
     assert logprobs_of(with_sparse[1]) != logprobs_of(without[1])

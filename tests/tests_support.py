@@ -94,3 +94,36 @@ class PrometheusProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+async def pair_in_one_batch(stub, first, second, nonce: int, engine=None) -> tuple[list, int]:
+    """Run two Generate requests in the same engine steps from start to end; returns (replies, peak running).
+
+    vLLM's CPU GEMMs are not batch-invariant (a row's result may change with the number of rows in the step),
+    so a bit-identity comparison needs the same rows in every step of both runs: a dense blocker with a long,
+    fresh prompt holds the engine in its prefill while both arrive (so they are admitted in the same step), and
+    it generates longer than the pair, so the pair never runs a step without it."""
+    import asyncio
+
+    from featurelens.v1 import featurelens_pb2 as pb
+
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while engine is not None:
+            peak = max(peak, engine.num_unfinished_requests())
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    blocker = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(
+        text=f"{nonce} " + "river stone cloud " * 400, sampling=pb.SamplingOptions(temperature=0.0),
+        stopping=pb.StoppingOptions(max_new_tokens=max(first.stopping.max_new_tokens,
+                                                       second.stopping.max_new_tokens) + 8, ignore_eos=True))))
+    await asyncio.sleep(0.3)
+    try:
+        pair = await asyncio.gather(stub.Generate(first), stub.Generate(second))
+        await blocker
+    finally:
+        watcher.cancel()
+    return list(pair), peak
