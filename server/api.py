@@ -34,6 +34,7 @@ from featurelens.server.validation import (
     ApiError,
     GenerationPlan,
     chat_messages,
+    check_mode,
     invalid,
     prompt_token_ids,
     validate_generate,
@@ -60,11 +61,14 @@ def _finish_reason(completion: Any, plan: GenerationPlan) -> int:
     return pb.FINISH_REASON_ERROR if reason else pb.FINISH_REASON_UNSPECIFIED
 
 
-def _cache_salt(steering_salt: str | None, sparsity_percent: int) -> str | None:
-    """Prefix-cache namespace: sparse-mode KV differs from dense KV, so each level gets its own."""
-    if not sparsity_percent:
-        return steering_salt
-    return f"sparse{sparsity_percent}-{steering_salt or 'plain'}"
+def _cache_salt(steering_salt: str | None, sparsity_percent: int, mode: int = 0) -> str | None:
+    """Prefix-cache namespace: sparse-mode and int8 KV differ from dense KV, so each mode (and sparse level)
+    gets its own."""
+    if sparsity_percent:
+        return f"sparse{sparsity_percent}-{steering_salt or 'plain'}"
+    if mode == pb.INFERENCE_MODE_QUANTIZED:
+        return f"int8-{steering_salt or 'plain'}"
+    return steering_salt
 
 
 class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
@@ -144,7 +148,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         shape = self.engine.shape
         assert shape is not None
         plan = validate_generate(request, self.engine, self.settings, shape.max_model_len, shape.vocab_size,
-                                 request_id, sparsity_levels=self.engine.sparsity_levels)
+                                 request_id, sparsity_levels=self.engine.sparsity_levels,
+                                 quantized_available=self.engine.quantized is not None)
         return plan, plan_interpretability(request, self.engine, self.settings)
 
     def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str) -> Any:
@@ -155,6 +160,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         if plan.sparsity_percent:
             extra = extra or {"featurelens": {"key": key}}
             extra["featurelens"]["sparse"] = str(plan.sparsity_percent)
+        if plan.mode == pb.INFERENCE_MODE_QUANTIZED:
+            extra = extra or {"featurelens": {"key": key}}
+            extra["featurelens"]["quant"] = "int8"
         # Prompt features need every prompt position computed, so such requests skip reading the prefix cache.
         return SamplingParams(**plan.sampling_kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
                               skip_reading_prefix_cache=True if interp.include_prompt else None)
@@ -190,7 +198,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         try:
             params = self._sampling_params(plan, interp, engine_id)
             async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
-                                                     _cache_salt(interp.cache_salt(), plan.sparsity_percent)):
+                                                     _cache_salt(interp.cache_salt(), plan.sparsity_percent,
+                                                                 plan.mode)):
                 completion = output.outputs[0]
                 chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id)
                 tokens = self._tokens(completion, plan)
@@ -266,24 +275,33 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     # -- features ----------------------------------------------------------------------------------------
 
-    async def _prompt_codes(self, ids: list[int], capture: dict[int, int],
-                            request_id: str) -> tuple[CachedFeatures, bool]:
+    def _request_mode(self, request: Any) -> tuple[int, int]:
+        return check_mode(request.mode, request.sparsity_percent, self.engine.sparsity_levels,
+                          self.engine.quantized is not None)
+
+    async def _prompt_codes(self, ids: list[int], capture: dict[int, int], request_id: str,
+                            mode: int = pb.INFERENCE_MODE_DENSE,
+                            sparsity_percent: int = 0) -> tuple[CachedFeatures, bool]:
         """Top-k codes of every prompt token, from the cache or computed by a 1-token engine pass. Both
         paths return fp16-rounded activations, so a cached answer equals a recomputed one exactly."""
         entries = [self.engine.saes[layer] for layer in capture]
+        options: dict[str, Any] = {"top_k": capture}
+        if mode != pb.INFERENCE_MODE_DENSE:  # dense keys stay as they were before modes existed
+            options["mode"] = MODE_LABELS[mode] + (str(sparsity_percent) if sparsity_percent else "")
         key = cache_key(self.engine.shape.model_id, ",".join(e.sae_id for e in entries),
-                        ",".join(e.version for e in entries), list(capture), ids, {"top_k": capture})
+                        ",".join(e.version for e in entries), list(capture), ids, options)
         cached = await self.cache.get(key)
         if cached is not None and [lc.layer for lc in cached.layers] == list(capture):
             return cached, True
         interp = InterpPlan(capture=capture, include_prompt=True)
         plan = GenerationPlan(prompt_token_ids=ids, sampling_kwargs={"max_tokens": 1, "temperature": 0.0},
                               stop_token_ids=frozenset(), token_logprobs=False, top_logprobs=0,
-                              mode=pb.INFERENCE_MODE_DENSE, request_id=request_id)
+                              mode=mode, request_id=request_id, sparsity_percent=sparsity_percent)
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         received = self.engine.features.open(engine_id)
         try:
-            async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id)):
+            async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id),
+                                                _cache_salt(None, sparsity_percent, mode)):
                 pass
             layers = []
             for layer in capture:
@@ -306,8 +324,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 raise invalid("features", "select at least one layer (GetModelInfo.saes lists them)")
             capture = parse_feature_selection(request.features, self.engine, self.settings.max_features_per_token,
                                               "features")
+            mode, sparsity_percent = self._request_mode(request)
             ids = prompt_token_ids(request, self.engine, self.engine.shape.max_model_len)
-            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context))
+            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
+                                                     sparsity_percent)
             response = pb.GetFeatureActivationsResponse(cached=cached)
             for position, token_id in enumerate(ids):
                 tf = response.tokens.add(token_id=token_id, token_text=self.engine.token_text(token_id))
@@ -359,7 +379,12 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                            description="WINA activation sparsity: per layer and projection, inputs with "
                                        "|x_i|*||W[:,i]|| below a calibrated threshold are zeroed" if levels else
                                        "no WINA thresholds calibrated for this model")
-            info.modes.add(mode=pb.INFERENCE_MODE_QUANTIZED, available=False, description="not implemented yet")
+            quant = self.engine.quantized
+            info.modes.add(mode=pb.INFERENCE_MODE_QUANTIZED, available=quant is not None,
+                           description=f"int8 W8A8 decoder projections (per-channel weights, per-token dynamic "
+                                       f"activations; {quant['backend']} kernel); embeddings, attention and "
+                                       f"lm_head stay full precision" if quant else
+                                       "disabled (--quantized-mode none, compiled mode or unreadable weights)")
             info.limits.CopyFrom(pb.Limits(
                 max_prompt_tokens=shape.max_model_len - 1, max_new_tokens=s.max_new_tokens,
                 max_stop_sequences=s.max_stop_sequences, max_interventions=s.max_interventions,
@@ -404,8 +429,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             limit = self.engine.shape.max_model_len
             if len(ids) >= limit:
                 raise invalid("response", f"prompt + response are {len(ids)} tokens; the context is {limit}")
+            mode, sparsity_percent = self._request_mode(request)
             capture = {layer: risk_capture_k(self.engine.saes[layer], self.settings) for layer in probe.layers}
-            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context))
+            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
+                                                     sparsity_percent)
             running = probe.start()
             token_risks = []
             by_layer = {lc.layer: lc for lc in codes.layers}
@@ -414,7 +441,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                                         lc.values[position].astype(np.float32))
                                                 for layer, lc in by_layer.items()}))
             response = pb.ScoreHallucinationResponse(response_tokens=len(response_ids) + 1, cached=cached)
-            response.risk.CopyFrom(self._response_risk(running, "dense"))
+            response.risk.CopyFrom(self._response_risk(running, MODE_LABELS[mode]))
             if request.return_token_risks:
                 response.token_risks.extend(token_risks)
             return response

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     risk_high_threshold: float | None = Field(None, description="risk ≥ this is HIGH (default: the probe's own)")
     sparsity_thresholds: str = Field("default", description="WINA thresholds JSON for sparse mode; 'default' = "
                                                             "the shipped ones for the default model, 'none' disables")
+    quantized_mode: str = Field("int8", description="INFERENCE_MODE_QUANTIZED: 'int8' builds "
+                                                                      "W8A8 copies of the decoder projections at start-up "
+                                                                      "(~1 byte per weight), 'none' disables the mode")
     sae: Annotated[list[str], NoDecode] = Field(default_factory=list, description="SAEs to load, 'LAYER=PATH' (repeatable)")
 
     # -- network --
@@ -82,6 +85,13 @@ class Settings(BaseSettings):
             if value.startswith("["):
                 return json.loads(value)
             return [part for part in value.split(",") if part]
+        return value
+
+    @field_validator("quantized_mode")
+    @classmethod
+    def _check_quantized_mode(cls, value: str) -> str:
+        if value not in ("int8", "none"):
+            raise ValueError("quantized_mode must be 'int8' or 'none'")
         return value
 
     @field_validator("feature_transport")

@@ -44,6 +44,7 @@ class Engine:
         self.vectors: dict[str, int] = {}
         self.risk_probe: Any = None
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
+        self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
         self._catalogs: dict[int, Any] = {}
         # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
         self.interpretability_available = settings.enforce_eager
@@ -107,8 +108,11 @@ class Engine:
         thresholds = self._sparsity_thresholds()
         if thresholds:
             config["sparsity"] = {"path": thresholds}
+        # Quantized mode wraps Python forwards like sparse mode, so compiled mode cannot serve it either.
+        config["quantized"] = self.settings.quantized_mode == "int8" and self.interpretability_available
         installed = await self.llm.collective_rpc("featurelens_setup", args=(config,))
         self.sparsity_levels = tuple(int(level) for level in installed[0].get("sparsity_levels", ()))
+        self.quantized = installed[0].get("quantized")
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():
             log.info("SAE %s at layer %d: d_sae=%d, %s", entry.sae_id, entry.layer, entry.d_sae,
@@ -143,6 +147,10 @@ class Engine:
     async def sparsity_stats(self) -> dict[str, dict[str, float]]:
         """Per sparse-mode engine request id: fraction of projection inputs the worker zeroed."""
         return (await self.llm.collective_rpc("featurelens_sparsity_stats"))[0]
+
+    async def quant_stats(self) -> dict[str, dict[str, Any]]:
+        """Per quantized-mode engine request id: rows the worker computed with the int8 projections."""
+        return (await self.llm.collective_rpc("featurelens_quant_stats"))[0]
 
     def _load_probe(self) -> Any:
         from featurelens.server.interp.risk import RiskProbe, default_probe_path

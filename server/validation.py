@@ -94,10 +94,12 @@ def prompt_token_ids(request: Any, tokenizer: Tokenizes, max_model_len: int) -> 
 
 
 def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, max_model_len: int,
-                      vocab_size: int, request_id: str, sparsity_levels: Sequence[int] = ()) -> GenerationPlan:
+                      vocab_size: int, request_id: str, sparsity_levels: Sequence[int] = (),
+                      quantized_available: bool = False) -> GenerationPlan:
     """GenerateRequest or GenerateStreamRequest → GenerationPlan, or ApiError naming the field.
 
     `sparsity_levels`: the WINA levels (percent) the engine serves; empty means sparse mode is unavailable.
+    `quantized_available`: the worker installed the int8 projections (INFERENCE_MODE_QUANTIZED).
     """
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         raise invalid("request_id", "must be 1-128 characters of letters, digits and . _ : / -")
@@ -107,13 +109,8 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
     top_logprobs = request.logprobs.top_logprobs
     if not 0 <= top_logprobs <= settings.max_top_logprobs:
         raise invalid("logprobs.top_logprobs", f"must be in [0, {settings.max_top_logprobs}], got {top_logprobs}")
-    if request.mode == pb.INFERENCE_MODE_SPARSE:
-        check_sparsity(request.sparsity_percent, sparsity_levels)
-    if request.mode == pb.INFERENCE_MODE_QUANTIZED:
-        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
-                       "mode: INFERENCE_MODE_QUANTIZED is not implemented on this server yet (see GetModelInfo.modes)")
-    if request.sparsity_percent and request.mode != pb.INFERENCE_MODE_SPARSE:
-        raise invalid("sparsity_percent", "only valid with mode INFERENCE_MODE_SPARSE")
+    mode, sparsity_percent = check_mode(request.mode, request.sparsity_percent, sparsity_levels,
+                                        quantized_available)
 
     ids = prompt_token_ids(request, tokenizer, max_model_len)
     room = max_model_len - len(ids)
@@ -127,10 +124,27 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         stop_token_ids=frozenset(stop_ids),
         token_logprobs=want_logprobs,
         top_logprobs=top_logprobs,
-        mode=request.mode or pb.INFERENCE_MODE_DENSE,
+        mode=mode,
         request_id=request_id,
-        sparsity_percent=request.sparsity_percent if request.mode == pb.INFERENCE_MODE_SPARSE else 0,
+        sparsity_percent=sparsity_percent,
     )
+
+
+def check_mode(mode: int, sparsity_percent: int, sparsity_levels: Sequence[int],
+               quantized_available: bool) -> tuple[int, int]:
+    """`mode` + `sparsity_percent` of a request → (mode, sparsity percent or 0), or ApiError naming the field."""
+    check_enum("mode", mode, pb.InferenceMode)
+    if mode == pb.INFERENCE_MODE_SPARSE:
+        check_sparsity(sparsity_percent, sparsity_levels)
+        return mode, sparsity_percent
+    if sparsity_percent:
+        raise invalid("sparsity_percent", "only valid with mode INFERENCE_MODE_SPARSE")
+    if mode == pb.INFERENCE_MODE_QUANTIZED and not quantized_available:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                       "mode: INFERENCE_MODE_QUANTIZED is not available on this server (disabled with "
+                       "--quantized-mode none, compiled mode, or the model's safetensors could not be read; "
+                       "GetModelInfo.modes says which modes are available)")
+    return mode or pb.INFERENCE_MODE_DENSE, 0
 
 
 def check_sparsity(percent: int, levels: Sequence[int]) -> None:

@@ -7,13 +7,15 @@ their interpretability spec as plain data in `SamplingParams.extra_args["feature
      "capture": [{"layer": 12, "k": 8, "prompt": false}],            # top-k SAE features per token
      "steer":   [{"layer": 12, "op": "nudge", "feature": 7, "strength": 4.0, "positions": "all",
                   "norm": false, "cond": [feature, threshold]?, "vector": "id"?}],
-     "sparse":  "40"?}                                              # WINA sparse mode at that level
+     "sparse":  "40"?,                                              # WINA sparse mode at that level
+     "quant":   "int8"?}                                            # int8 (W8A8) quantized mode
 
 Each forward step: a pre-hook on the model builds a view of the flattened batch (which rows belong to which
 request, their token positions); a hook on every decoder layer edits/encodes only the rows of requests that
 asked for that layer, so every other row stays bit-identical; a post-hook ships the step's sparse codes
 (feature index, activation) to the frontend over a ZMQ PUSH socket — never dense residuals. Sparse-mode
-requests are handled by the wrapped projections of server/worker_sparsity.py, on their rows only.
+requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode requests by
+those of server/worker_quant.py, on their rows only.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class _RequestRows:
     capture: dict[int, dict[str, Any]]
     steer: dict[int, list[dict[str, Any]]]
     sparse: str | None = None
+    quant: str | None = None
 
 
 @dataclass
@@ -96,8 +99,26 @@ class FeatureLensWorkerExtension:
             self._fl_sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers),
                                             device)
             self._fl_sparse.install(layers)
+        self._fl_quant = None
+        if config.get("quantized"):
+            from featurelens.server.worker_quant import QuantRuntime
+
+            try:
+                quant = QuantRuntime(self.model_runner.model_config.model)
+                quant.install(layers)  # after sparse mode: wraps the sparse wrapper
+                self._fl_quant = quant
+            except (OSError, KeyError, RuntimeError) as error:
+                # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
+                log.warning("quantized mode unavailable: %s: %s", type(error).__name__, error)
         return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
-                "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else []}
+                "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
+                "quantized": None if self._fl_quant is None else
+                {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes}}
+
+    def featurelens_quant_stats(self) -> dict[str, dict[str, Any]]:
+        """Per quantized-mode request key (the most recent few thousand): rows computed in int8."""
+        quant = getattr(self, "_fl_quant", None)
+        return quant.report() if quant is not None else {}
 
     def featurelens_sparsity_stats(self) -> dict[str, dict[str, float]]:
         """Per sparse-mode request key (the most recent few thousand): the fraction of projection inputs
@@ -145,6 +166,9 @@ class FeatureLensWorkerExtension:
         sparse = getattr(self, "_fl_sparse", None)
         if sparse is not None:
             sparse.step = None
+        quant = getattr(self, "_fl_quant", None)
+        if quant is not None:
+            quant.rows = None
         runner = self.model_runner
         batch = runner.input_batch
         num_reqs = batch.num_reqs
@@ -167,7 +191,8 @@ class FeatureLensWorkerExtension:
             rows = _RequestRows(
                 key=spec["key"], start=start, end=end, positions=positions[start:end].to(torch.long),
                 num_prompt_tokens=int(state.num_prompt_tokens),
-                capture={c["layer"]: c for c in spec.get("capture", ())}, steer={}, sparse=spec.get("sparse"))
+                capture={c["layer"]: c for c in spec.get("capture", ())}, steer={}, sparse=spec.get("sparse"),
+                quant=spec.get("quant"))
             for s in spec.get("steer", ()):
                 rows.steer.setdefault(s["layer"], []).append(s)
             view.requests.append(rows)
@@ -176,6 +201,8 @@ class FeatureLensWorkerExtension:
         if sparse is not None:
             sparse.begin([(r.key, r.start, r.end, r.sparse) for r in view.requests if r.sparse],
                          int(query_start[num_reqs]))
+        if quant is not None:
+            quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))
 
     def _fl_layer_hook(self, layer: int) -> Any:
         from featurelens.server.interp.steering import steering_delta
@@ -223,6 +250,8 @@ class FeatureLensWorkerExtension:
     def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
         if getattr(self, "_fl_sparse", None) is not None:
             self._fl_sparse.end()
+        if getattr(self, "_fl_quant", None) is not None:
+            self._fl_quant.end()
         view = self._fl_view
         if view.records and self._fl_is_sender:
             if self._fl_socket is not None:

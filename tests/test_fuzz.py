@@ -112,6 +112,7 @@ class StandInEngine(WordTokenizer):
         self.vectors = {"v1": HIDDEN_SIZE}
         self.interpretability_available = True
         self.sparsity_levels = SPARSITY_LEVELS
+        self.quantized = {"backend": "native", "weight_bytes": 0}
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace)
         self.tokenizer = WordTokenizer()
         self.features = SimpleNamespace(open=lambda key: None, close=lambda key: None)
@@ -396,7 +397,7 @@ def validate_generation(request: Message) -> None:
     """What the servicer runs before the engine for Generate/GenerateStream, in the same order."""
     engine = StandInEngine()
     plan = validate_generate(request, engine, SETTINGS, MAX_MODEL_LEN, VOCAB_SIZE, "fuzz-1",
-                             sparsity_levels=engine.sparsity_levels)
+                             sparsity_levels=engine.sparsity_levels, quantized_available=True)
     interp = plan_interpretability(request, engine, SETTINGS)
     assert 1 <= plan.sampling_kwargs["max_tokens"] <= MAX_MODEL_LEN - len(plan.prompt_token_ids)
     # What crosses into the worker is plain, finite data.

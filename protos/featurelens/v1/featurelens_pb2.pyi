@@ -360,16 +360,20 @@ class TokenFeatures(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., token_text: _Optional[str] = ..., features: _Optional[_Iterable[_Union[LayerFeatures, _Mapping]]] = ...) -> None: ...
 
 class ScoreHallucinationRequest(_message.Message):
-    __slots__ = ("text", "chat", "response", "return_token_risks")
+    __slots__ = ("text", "chat", "response", "return_token_risks", "mode", "sparsity_percent")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_RISKS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     response: str
     return_token_risks: bool
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., response: _Optional[str] = ..., return_token_risks: _Optional[bool] = ...) -> None: ...
+    mode: InferenceMode
+    sparsity_percent: int
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., response: _Optional[str] = ..., return_token_risks: _Optional[bool] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ...) -> None: ...
 
 class ScoreHallucinationResponse(_message.Message):
     __slots__ = ("risk", "token_risks", "response_tokens", "cached")
@@ -384,14 +388,18 @@ class ScoreHallucinationResponse(_message.Message):
     def __init__(self, risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., token_risks: _Optional[_Iterable[float]] = ..., response_tokens: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class GetFeatureActivationsRequest(_message.Message):
-    __slots__ = ("text", "chat", "features")
+    __slots__ = ("text", "chat", "features", "mode", "sparsity_percent")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     features: _containers.RepeatedCompositeFieldContainer[FeatureSelection]
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureSelection, _Mapping]]] = ...) -> None: ...
+    mode: InferenceMode
+    sparsity_percent: int
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureSelection, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ...) -> None: ...
 
 class GetFeatureActivationsResponse(_message.Message):
     __slots__ = ("tokens", "cached")

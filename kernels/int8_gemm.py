@@ -1,0 +1,119 @@
+"""W8A8 int8 linear layers for the quantized inference mode.
+
+    wq, sw = quantize_weight(linear.weight)     # int8 [out, in], float32 per-output-channel scales
+    y = int8_linear(x, wq, sw)                  # x [M, in] float -> [M, out] in x's dtype
+
+Scheme: symmetric per-channel int8 weights, symmetric dynamic per-token int8 activations, exact int32
+accumulation — the W8A8 "int-quantized" scheme of compressed-tensors and of vLLM's CPU oneDNN kernel, so the
+engine can use that kernel for large M and this one for decode sizes with the same integer arithmetic.
+
+Backends (`backend="auto"` picks native when it builds):
+- "native": C++/AVX2 torch extension (kernels/csrc/int8_gemm.cpp), built on first use like the sparse GEMV
+  (same cache folder, same flags). For small M (decode): each weight row is read once for all rows.
+- "torch": the reference — quantize in torch, integer products summed in float64 (exact), scaled. Slow;
+  the fallback when the extension cannot build, and the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from featurelens.kernels.sparse_gemv import _CFLAGS, _cpu_has_avx2, extension_build_dir
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "native", "torch"]
+_SOURCE = Path(__file__).parent / "csrc" / "int8_gemm.cpp"
+_EXTENSION_NAME = "featurelens_int8_gemm"
+QMAX = 127.0
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float weight -> (int8 [out, in] contiguous, float32 [out] scales), symmetric per channel."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero at any scale
+    wq = torch.round(w / scale.unsqueeze(1)).clamp_(-QMAX, QMAX).to(torch.int8).contiguous()
+    return wq, scale.contiguous()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, in] -> (int8-valued float32 [M, in], float32 [M] scales); an all-zero row gets scale 0."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1)
+    scale = amax / QMAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xq = torch.round(xf / safe.unsqueeze(1)).clamp_(-QMAX, QMAX)
+    return xq, scale
+
+
+def int8_linear_torch(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """Reference W8A8 product: exact integer dot products (float64), then sx[m] * sw[o]."""
+    xq, sx = quantize_activations(x)
+    acc = xq.double() @ wq.double().t()
+    return (acc.float() * sx.unsqueeze(1) * sw.unsqueeze(0)).to(x.dtype)
+
+
+def dequantize(wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    return wq.float() * sw.unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=1)
+def _native_module() -> tuple[ModuleType | None, str]:
+    if os.environ.get("FEATURELENS_INT8_NATIVE", "1") == "0":
+        return None, "disabled by FEATURELENS_INT8_NATIVE=0"
+    if not _cpu_has_avx2():
+        return None, "CPU lacks AVX2/FMA (or /proc/cpuinfo unreadable)"
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = extension_build_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        module = load(name=_EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build/import failure means "use the torch path"
+        return None, f"native build failed: {type(exc).__name__}: {str(exc).strip()[-500:]}"
+    return module, ""
+
+
+def native_available() -> bool:
+    module, reason = _native_module()
+    if module is None:
+        _log_fallback_once(reason)
+    return module is not None
+
+
+def native_status() -> str:
+    module, reason = _native_module()
+    return "native" if module is not None else f"torch fallback ({reason})"
+
+
+@functools.lru_cache(maxsize=1)
+def _log_fallback_once(reason: str) -> None:
+    log.warning("int8 GEMM: using the pure-torch fallback: %s", reason)
+
+
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """y = dequant(quant(x) @ wq^T). x: [M, in] (or [in]) float32/bfloat16/float16; wq: int8 [out, in];
+    sw: float32 [out]. Returns x's dtype, [M, out] (or [out])."""
+    squeeze = x.dim() == 1
+    if squeeze:
+        x = x.unsqueeze(0)
+    if x.dim() != 2 or wq.dim() != 2 or x.shape[1] != wq.shape[1] or sw.shape != (wq.shape[0],):
+        raise ValueError(f"x {tuple(x.shape)}, wq {tuple(wq.shape)}, sw {tuple(sw.shape)} do not match")
+    use_native = backend == "native" or (backend == "auto" and x.device.type == "cpu" and native_available())
+    if use_native:
+        module, reason = _native_module()
+        if module is None:
+            raise RuntimeError(f"native int8 GEMM unavailable: {reason}")
+        y = module.int8_gemm(x, wq, sw)
+    else:
+        y = int8_linear_torch(x, wq, sw)
+    return y[0] if squeeze else y

@@ -1,0 +1,128 @@
+"""Per-request int8 (W8A8) quantized mode inside the vLLM worker (installed by server/worker.py).
+
+The engine keeps serving its full-precision weights; at set-up every decoder projection also gets an int8
+copy (symmetric per-output-channel weights, quantized from the model's safetensors by
+`featurelens.kernels.int8_gemm.quantize_weight`), and each projection module's `forward` is wrapped —
+on top of the sparse-mode wrapper when there is one:
+
+- no quantized row in the step (the default): the previous forward, nothing else;
+- every row of the step is quantized: only the int8 GEMM runs (dynamic per-token int8 activations, exact
+  int32 accumulation; the native small-M kernel, `kernels/csrc/int8_gemm.cpp`);
+- a mixed step: the previous forward runs for the whole batch exactly as before (so other requests' rows are
+  bit-identical to a run without quantized requests), then the quantized rows are recomputed in int8 and
+  written over their rows.
+
+What stays in full precision: embeddings, norms, attention arithmetic (softmax over the KV cache), the tied
+unembedding (lm_head) and the KV cache itself. The SAE hooks read the residual stream the int8 projections
+produce, so features, steering and risk of a quantized request describe the quantized model.
+
+Why not a second engine from a compressed-tensors checkpoint: vLLM's CPU W8A8 path (oneDNN) measured 6-20x
+slower than this kernel at decode sizes on the AVX2 dev box (docs/modes.md), a second engine doubles the
+KV-cache memory and the start-up time, and one engine batches dense and quantized requests together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from featurelens.server.interp.sparsity import PROJECTIONS
+from featurelens.server.worker_sparsity import FUSED, _weight_files
+
+log = logging.getLogger(__name__)
+
+MAX_STATS = 4096
+
+
+class QuantRuntime:
+    """The int8 weights and the wrapped projections of one model."""
+
+    def __init__(self, model_path: str) -> None:
+        from featurelens.kernels import int8_gemm
+
+        self._files = _weight_files(model_path)
+        self.backend = int8_gemm.native_status()
+        self.linear = int8_gemm.int8_linear
+        self.rows: torch.Tensor | None = None  # the quantized rows of this step
+        self.all_rows = False
+        self.segments: list[tuple[str, int]] = []
+        self.stats: OrderedDict[str, int] = OrderedDict()  # request key -> rows computed in int8
+        self.weight_bytes = 0
+
+    def _weight(self, layer: int, hf_proj: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = f"model.layers.{layer}.{PROJECTIONS[hf_proj]}.weight"
+        with safe_open(self._files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def install(self, layers: Any) -> int:
+        """Quantize and wrap the projection modules of every decoder layer; idempotent."""
+        from featurelens.kernels.int8_gemm import quantize_weight
+
+        count = 0
+        for index, layer in enumerate(layers):
+            for path, parts in FUSED.items():
+                module = layer.get_submodule(path)
+                if getattr(module, "tp_size", 1) != 1:
+                    raise RuntimeError("quantized mode supports tensor_parallel_size=1 only")
+                weight = torch.cat([self._weight(index, p) for p in parts])
+                expected = sum(getattr(module, "output_sizes", None) or [module.output_size])
+                if weight.shape[0] != expected:
+                    raise RuntimeError(f"layer {index} {path}: checkpoint rows {weight.shape[0]} != {expected}")
+                wq, sw = quantize_weight(weight)
+                self.weight_bytes += wq.numel() + sw.numel() * 4
+                inner = getattr(module, "_fl_quant_inner", None) or module.forward
+                module._fl_quant_inner = inner
+                module.forward = _QuantProjection(self, module, inner, wq, sw)
+                count += 1
+        return count
+
+    def begin(self, requests: list[tuple[str, int, int]], total_rows: int) -> None:
+        self.rows, self.segments = None, []
+        if not requests:
+            return
+        rows: list[int] = []
+        for key, start, end in requests:
+            rows.extend(range(start, end))
+            self.segments.append((key, end - start))
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        self.all_rows = len(rows) == total_rows
+
+    def end(self) -> None:
+        if self.rows is None:
+            return
+        for key, n in self.segments:
+            self.stats[key] = self.stats.pop(key, 0) + n
+        while len(self.stats) > MAX_STATS:
+            self.stats.popitem(last=False)
+        self.rows, self.segments = None, []
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {key: {"rows": n, "backend": self.backend} for key, n in self.stats.items()}
+
+
+class _QuantProjection:
+    def __init__(self, runtime: QuantRuntime, module: Any, inner: Any, wq: torch.Tensor, sw: torch.Tensor) -> None:
+        self.runtime, self.module, self.inner, self.wq, self.sw = runtime, module, inner, wq, sw
+        bias = getattr(module, "bias", None)
+        self.bias = bias.detach().float() if bias is not None else None
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.runtime.linear(x, self.wq, self.sw)
+        return y if self.bias is None else (y.float() + self.bias).to(x.dtype)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        rt = self.runtime
+        rows = rt.rows
+        if rows is None or x.dim() != 2:
+            return self.inner(x)
+        if rt.all_rows and x.shape[0] == rows.numel():
+            out = self._int8(x)
+            return (out, None) if getattr(self.module, "return_bias", True) else out
+        result = self.inner(x)
+        out = result[0] if isinstance(result, tuple) else result
+        out.index_copy_(0, rows, self._int8(x.index_select(0, rows)).to(out.dtype))
+        return result

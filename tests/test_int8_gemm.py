@@ -1,0 +1,65 @@
+"""W8A8 int8 GEMM (quantized mode): the native kernel against the exact torch reference, and the quantization
+error against the float matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from featurelens.kernels import int8_gemm as q
+
+native = pytest.mark.skipif(not q.native_available(), reason=f"native int8 kernel: {q.native_status()}")
+
+
+def test_weight_quantization_is_symmetric_per_channel():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 40, generator=g) * torch.arange(1, 8).unsqueeze(1)
+    w[3] = 0  # an all-zero row stays zero
+    wq, sw = q.quantize_weight(w)
+    assert wq.dtype == torch.int8 and sw.dtype == torch.float32 and wq.shape == w.shape
+    assert wq.abs().max() == 127 and (wq[3] == 0).all()
+    # Round to nearest: every weight within half a step of its row's scale.
+    assert ((q.dequantize(wq, sw) - w).abs() <= sw.unsqueeze(1) / 2 + 1e-7).all()
+
+
+@native
+@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (3, 1536, 576), (17, 40, 33), (1, 7, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_equals_the_exact_reference(m, k, n, dtype):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    x[0, : k // 2] = 0  # zeros and a large outlier change the per-token scale
+    x[-1, -1] = 40.0
+    wq, sw = q.quantize_weight(torch.randn(n, k, generator=g) * 0.05)
+    native_y = q.int8_linear(x, wq, sw, backend="native")
+    reference = q.int8_linear(x, wq, sw, backend="torch")
+    assert native_y.dtype == dtype and native_y.shape == (m, n)
+    # Same integer dot products, same float scaling: equal to the last bit in fp32, to bf16 rounding in bf16.
+    torch.testing.assert_close(native_y, reference, rtol=0 if dtype == torch.float32 else 8e-3,
+                               atol=0 if dtype == torch.float32 else 1e-5)
+
+
+@native
+def test_zero_row_gives_zero_output_and_a_vector_input_works():
+    wq, sw = q.quantize_weight(torch.randn(9, 32))
+    x = torch.zeros(2, 32)
+    x[1] = torch.randn(32)
+    y = q.int8_linear(x, wq, sw)
+    assert (y[0] == 0).all()
+    torch.testing.assert_close(q.int8_linear(x[1], wq, sw), y[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=native)])
+def test_w8a8_error_is_small_against_the_float_matmul(backend):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(576, 1536, generator=g) * 0.02
+    x = torch.randn(4, 1536, generator=g)
+    wq, sw = q.quantize_weight(w)
+    y = q.int8_linear(x, wq, sw, backend=backend)
+    exact = x @ w.T
+    assert ((y - exact).norm() / exact.norm()) < 0.02
+
+
+def test_shape_mismatch_is_a_clear_error():
+    wq, sw = q.quantize_weight(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="do not match"):
+        q.int8_linear(torch.randn(2, 9), wq, sw)
