@@ -24,7 +24,6 @@ from types import ModuleType
 from typing import Literal
 
 import torch
-
 from featurelens.kernels.sparse_gemv import _CFLAGS, _cpu_has_avx2, extension_build_dir
 
 log = logging.getLogger(__name__)

@@ -136,5 +136,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+INT8_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}  # (in, out)
+
+
+def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
+    """int8 W8A8 GEMM (quantized mode) vs the bf16 and fp32 F.linear, SmolLM2-135M's four fused projections,
+    per decoder block; weights cold (a pool larger than the last-level cache), like decode."""
+    from featurelens.kernels import int8_gemm
+
+    bw = copy_bandwidth()
+    print(f"int8 GEMM backend: {int8_gemm.native_status()}; torch threads: {torch.get_num_threads()}")
+    print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} "
+          f"{'bound bf16->int8 us':>20} {'bound x':>7}   (one block: qkv + o + gate_up + down)")
+    totals: dict[int, dict[str, float]] = {}
+    for n_in, n_out in INT8_SHAPES.values():
+        copies = max(2, 3 * last_level_cache_bytes() // (n_in * n_out * 2))
+        g = torch.Generator().manual_seed(0)
+        w16 = [torch.randn(n_out, n_in, generator=g).to(torch.bfloat16) for _ in range(copies)]
+        w32 = [w.float() for w in w16[: max(2, copies // 2)]]
+        wq = [int8_gemm.quantize_weight(w) for w in w16]
+        for m in ms:
+            x16 = torch.randn(m, n_in, generator=g).to(torch.bfloat16)
+            x32 = x16.float()
+            r = _time_rounds({  # called at once: the loop variables are bound while they are current
+                "bf16": lambda j, x16=x16, w16=w16: F.linear(x16, w16[j % len(w16)]),
+                "fp32": lambda j, x32=x32, w32=w32: F.linear(x32, w32[j % len(w32)]),
+                "int8": lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)]),
+            }, max(copies, 20), rounds)
+            entry = totals.setdefault(m, {"bf16": 0.0, "fp32": 0.0, "int8": 0.0, "bytes": 0.0})
+            for k in ("bf16", "fp32", "int8"):
+                entry[k] += r[k]
+            entry["bytes"] += n_in * n_out
+    for m, t in totals.items():
+        b16, b8 = 2 * t["bytes"] / bw * 1e6, t["bytes"] / bw * 1e6
+        print(f"{m:>3} {t['bf16']:>9.0f} {t['fp32']:>9.0f} {t['int8']:>9.0f} {t['bf16'] / t['int8']:>6.2f}x "
+              f"{t['fp32'] / t['int8']:>6.2f}x {b16:>9.0f}->{b8:>6.0f} {2.0:>6.2f}x")
+    print()
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,27 +1,32 @@
-"""`featurelens bench modes`: dense vs WINA sparse 25/40/50, quality and speed side by side in one run.
+"""`featurelens bench modes`: dense vs WINA sparse 25/40/50 vs int8 (W8A8), quality and speed side by side in
+one run.
 
 1. Engine (our gRPC server on vLLM, one instance, every mode through the same engine): greedy-token agreement
    of each sparse level with dense over --num-prompts chat prompts (free-running, position by position, and
    the mean length of the identical prefix); decode tokens/s at batch 1 and at batch 8 (`--concurrency`),
    prefill tokens/s on fresh ~500-token prompts (unique, so the prefix cache never answers). Modes alternate
    inside every round so load from other processes hits them alike.
-2. Quality offline (HF transformers, float32, masks on every token): perplexity on the calibration's held-out
-   documents and teacher-forced agreement with the dense greedy continuation (server/interp/sparsity_calibrate).
-3. Kernels: server/bench_kernels (sparse GEMV vs dense at 25/40/50/65%, bf16).
+2. Quality offline (HF transformers, float32, masks on every token; int8: every decoder projection through the
+   same W8A8 arithmetic as the engine): perplexity on the calibration's held-out documents and teacher-forced
+   agreement with the dense greedy continuation (server/interp/sparsity_calibrate).
+3. Kernels: server/bench_kernels (sparse GEMV vs dense at 25/40/50/65%, bf16; int8 GEMM vs bf16 at M=1..32).
 
 Beside each decode figure: the physical bound, weight bytes read per token dense / sparse. Only decoder
 projections are sparsified; the tied 49152x576 unembedding is read in full, which caps sparse-50% at ~1.65x.
 Batch > 1 and prefill run the masked path (a masked copy of the input per fused sub-projection, then the
-dense GEMM), so sparse mode costs time there: the speed-up is for batch-1 decode only.
+dense GEMM), so sparse mode costs time there: the speed-up is for batch-1 decode only. int8 mode reads one
+byte per projection weight instead of two (the unembedding stays bf16); its bound is printed the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 LEVELS = (25, 40, 50)
@@ -29,18 +34,20 @@ HELDOUT_TEXTS = 150  # sparsity_calibrate --texts of the shipped thresholds: sam
 
 
 def _modes() -> list[tuple[str, int]]:
-    return [("dense", 0)] + [(f"sparse-{lv}", lv) for lv in LEVELS]
+    """(name, level): level 0 dense, > 0 a sparse level, -1 int8."""
+    return [("dense", 0)] + [(f"sparse-{lv}", lv) for lv in LEVELS] + [("int8", -1)]
 
 
 def _request(prompt: Any, level: int, max_new_tokens: int, stream: bool = True) -> Any:
     from featurelens.client import pb
 
+    mode = pb.INFERENCE_MODE_QUANTIZED if level < 0 else pb.INFERENCE_MODE_SPARSE if level else pb.INFERENCE_MODE_DENSE
     cls = pb.GenerateStreamRequest if stream else pb.GenerateRequest
     kind = {"text": prompt} if isinstance(prompt, str) else {"chat": pb.ChatMessages(messages=[
         pb.ChatMessage(role=pb.CHAT_ROLE_USER, content=prompt[0])])}
     return cls(**kind, sampling=pb.SamplingOptions(temperature=0.0),
                stopping=pb.StoppingOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
-               mode=pb.INFERENCE_MODE_SPARSE if level else pb.INFERENCE_MODE_DENSE, sparsity_percent=level)
+               mode=mode, sparsity_percent=max(level, 0))
 
 
 async def _stream(stub: Any, request: Any) -> tuple[list[int], float, float, float]:
@@ -62,6 +69,7 @@ async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches
 
     running = await start_server(Settings(model=model, port=0, metrics_port=-1, max_num_seqs=max(8, *batches),
                                           max_in_flight=10_000))
+    out_memory = running.engine.quantized
     out: dict[str, dict[str, Any]] = {name: {} for name, _ in _modes()}
     try:
         async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
@@ -105,6 +113,7 @@ async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches
                     samples[name].setdefault("prefill", []).append(n_prompt / (first - started))
             for name, per in samples.items():
                 out[name].update({k: statistics.median(v) for k, v in per.items()})
+            out["_int8"] = dict(out_memory or {})
     finally:
         await running.stop(grace_s=1.0)
     return out
@@ -126,12 +135,38 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
         with cal.wina_masking(model, load_thresholds(level)):
             out[f"sparse-{level}"] = {"ppl": cal.perplexity(model, tok, held),
                                       "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
+    with int8_projections(model, cal.projections(model)):
+        out["int8"] = {"ppl": cal.perplexity(model, tok, held),
+                       "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
     out["_docs"] = {"heldout_documents": len(held)}
     return out
 
 
+@contextlib.contextmanager
+def int8_projections(model: Any, modules: dict[str, Any]) -> Iterator[None]:
+    """Every listed nn.Linear computes W8A8 (the engine's int8 arithmetic) while the context is open."""
+    from featurelens.kernels.int8_gemm import int8_linear, quantize_weight
+
+    handles = []
+    for module in modules.values():
+        wq, sw = quantize_weight(module.weight)
+
+        def hook(mod: Any, args: tuple, output: Any, wq: Any = wq, sw: Any = sw) -> Any:
+            x = args[0]
+            y = int8_linear(x.reshape(-1, x.shape[-1]), wq, sw).reshape(*x.shape[:-1], -1)
+            return y if mod.bias is None else y + mod.bias
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def decode_bounds() -> dict[str, float]:
-    """Weight bytes per decoded token, dense / sparse at each level (projections sparse, unembedding not)."""
+    """Weight bytes per decoded token, dense / sparse at each level (projections sparse, unembedding not), and
+    dense / int8 (projections one byte per weight plus a float scale per output channel, unembedding bf16)."""
     from featurelens.server.model_assets import resolve_model
     from featurelens.server.worker_sparsity import _weight_files
     from safetensors import safe_open
@@ -149,7 +184,8 @@ def decode_bounds() -> dict[str, float]:
         elif key.endswith("embed_tokens.weight") or key.endswith("lm_head.weight"):
             other += n  # tied: read once, as the unembedding (the embedding reads one row)
     dense = proj + other
-    return {f"sparse-{lv}": dense / (proj * (1 - lv / 100) + other) for lv in LEVELS} | {"dense": 1.0}
+    return ({f"sparse-{lv}": dense / (proj * (1 - lv / 100) + other) for lv in LEVELS} |
+            {"dense": 1.0, "int8": 2 * dense / (proj + 2 * other)})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -160,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     # Capped so the default run (--num-prompts 64 --max-new-tokens 64 are the shared bench defaults) stays short.
     n_prompts, args.max_new_tokens = min(args.num_prompts, 32), min(args.max_new_tokens, 48)
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(n_prompts)]
-    batches = args.concurrency or [1, 8]
+    batches = args.concurrency or [1, 32]
     print(f"bench modes: engine agreement over {n_prompts} prompts x {args.max_new_tokens} tokens; decode at "
           f"batch {batches}; prefill ~500 tokens; {args.rounds} rounds, modes interleaved", flush=True)
     engine = asyncio.run(_bench_engine(args.model, prompts, args.max_new_tokens, batches, args.rounds))
@@ -182,6 +218,11 @@ def main(args: argparse.Namespace) -> int:
           f"masked); tf agree: teacher-forced top-1 agreement with dense greedy (HF); agree / prefix: engine "
           f"free-running greedy tokens equal to dense, position by position / mean identical prefix length; "
           f"bound x: dense / sparse weight bytes per decoded token\n", flush=True)
+    int8 = engine.get("_int8") or {}
+    if int8:
+        print(f"int8 mode: {int8.get('weight_bytes', 0) / 1e6:.0f} MB of int8 projection weights + scales, held "
+              f"beside the bf16 model ({int8.get('backend')} kernel)\n", flush=True)
     bench_kernels.main(["--dtypes", "bf16", "--rounds", str(max(3, args.rounds + 2))])
+    bench_kernels.main_int8(rounds=max(3, args.rounds + 2))
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0

@@ -9,7 +9,7 @@ import torch
 from featurelens.kernels.int8_gemm import int8_linear, quantize_weight
 from featurelens.server.worker_quant import QuantRuntime
 from featurelens.v1 import featurelens_pb2 as pb
-from test_sparse_mode import D, N_LAYERS, gen, logprobs_of
+from test_sparse_mode import N_LAYERS, D, gen, logprobs_of
 from test_sparse_mode import fake as fake  # noqa: F401 - the fixture: model folder, layers, sparse runtime
 from tests_support import pair_in_one_batch
 
@@ -145,7 +145,8 @@ async def test_features_and_risk_read_the_quantized_residual_stream(served, stub
     assert [t.token_id for t in quant.tokens] == [t.token_id for t in dense.tokens]
     assert codes(quant) != codes(dense)
     # Same model, 8-bit projections: the top features overlap heavily without being identical.
-    overlap = [len({f for f, _ in a} & {f for f, _ in b}) / max(1, len(a)) for a, b in zip(codes(quant), codes(dense))]
+    overlap = [len({f for f, _ in a} & {f for f, _ in b}) / max(1, len(a))
+               for a, b in zip(codes(quant), codes(dense), strict=True)]
     assert sum(overlap) / len(overlap) > 0.5, overlap
     request = pb.ScoreHallucinationRequest(text="What is the capital of Australia?", response="Canberra.")
     risk_dense = await stub.ScoreHallucination(request)
