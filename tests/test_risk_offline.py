@@ -281,3 +281,26 @@ def test_answers_cut_off_before_the_answer_are_not_labelled_wrong():
     assert rp.label_is_certain({**base, "fictional": True, "verdict": "confabulated", "label": 1})
     assert not rp.label_is_certain({k: v for k, v in cut_wrong.items() if k != "max_new_tokens"})  # old default 24
     assert rp.usable([cut_wrong, {**cut_wrong, "token_ids": [1] * 5}]) == [{**cut_wrong, "token_ids": [1] * 5}]
+
+
+def test_risk_score_cli_reports_the_shipped_probe_per_file(synthetic_probe, tmp_path, capsys):
+    """`featurelens risk score` (dense vs quantized answers, side by side) on two files: the probe as it is."""
+    import json as _json
+
+    from featurelens.server.interp import risk_cli
+
+    probe, _, test = synthetic_probe
+    rp.save_probe(probe, tmp_path / "probe.json")
+    files = []
+    for name, records in (("a", test[:600]), ("b", test[600:1200])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(_json.dumps(r | {"split": "test", "verdict": "wrong" if r["label"] else "correct"})
+                                + "\n" for r in records))
+        files.append(str(path))
+    assert risk_cli.main(["score", "--probe", str(tmp_path / "probe.json"), "--data", files[0], "--data", files[1]]) == 0
+    report = _json.loads(capsys.readouterr().out)
+    for path, records in zip(files, (test[:600], test[600:1200]), strict=True):
+        y = np.asarray([r["label"] for r in records])
+        assert report[path]["n"] == 600
+        assert report[path]["correct_answers"] == int((y == 0).sum())
+        assert report[path]["probe"]["auroc"] == ranking_metrics(rp.probe_logits(probe, records), y)["auroc"] > 0.9

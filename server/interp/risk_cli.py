@@ -45,10 +45,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if not saes:
         print("no SAEs: pass --sae LAYER=PATH or ship some under server/assets/saes/", file=sys.stderr)
         return 2
+    from featurelens.server.interp.risk_data import entity_split
+
     questions = build_questions(seed=args.seed)
-    print(f"{len(questions)} questions; SAEs {saes}", file=sys.stderr)
+    if args.split != "all":
+        questions = [q for q in questions if entity_split(q.entity) == args.split]
+    print(f"{len(questions)} questions ({args.split}); mode {args.mode}; SAEs {saes}", file=sys.stderr)
     asyncio.run(run_questions(questions, args.out, saes, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                              concurrency=args.concurrency, limit=args.limit))
+                              concurrency=args.concurrency, limit=args.limit, mode=args.mode))
     _summary(_read(args.out))
     return 0
 
@@ -109,6 +113,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    """The shipped probe as it is (no refit) on the usable records of each file: AUROC/AUPRC/ECE beside the
+    mean-logprob baseline — e.g. the same questions answered in dense and in quantized mode."""
+    import numpy as np
+    from featurelens.server.interp.risk_eval import baseline_scores, evaluate_scores
+    from featurelens.server.interp.risk_probe import calibrated, load_probe, probe_logits, usable
+
+    probe = load_probe(args.probe)
+    report = {}
+    for path in args.data:
+        records = [r for r in usable(_read(path)) if args.split == "all" or r["split"] == args.split]
+        y = np.asarray([r["label"] for r in records])
+        logits = probe_logits(probe, records)
+        row = evaluate_scores("sae_sparse_probe", logits, y, calibrated(probe, logits))
+        base = evaluate_scores("neg_mean_logprob", baseline_scores(records)["neg_mean_logprob"], y, None)
+        report[path] = {"n": len(records), "positive_rate": round(float(y.mean()), 4) if len(y) else None,
+                        "correct_answers": int(sum(r["verdict"] == "correct" for r in records)),
+                        "probe": row, "neg_mean_logprob": base}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurelens risk", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -121,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=32, help="SAE features kept per token and layer")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--mode", default="dense", choices=("dense", "quantized"), help="inference mode to ask in")
+    p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
+                   help="only questions whose entity falls in this split")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("featurize", help="re-capture features of existing answers with (new) SAEs, teacher-forced")
@@ -145,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-domains", action="store_true", help="skip the leave-one-domain-out retraining")
     p.add_argument("--record", action="store_true", help="write the headline figures into the probe's metrics")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("score", help="the probe as shipped on one or more data files (e.g. dense vs quantized)")
+    p.add_argument("--data", required=True, action="append", help="JSONL from build-data (repeatable)")
+    p.add_argument("--probe", required=True)
+    p.add_argument("--split", default="test", choices=("all", "train", "val", "test"))
+    p.set_defaults(func=_cmd_score)
     return parser
 
 

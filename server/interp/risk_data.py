@@ -412,11 +412,20 @@ def _selections(sae_specs: list[str], top_k: int):
     return [pb.FeatureSelection(layer=layer, top_k=top_k) for layer in layers]
 
 
+MODES = ("dense", "quantized")
+
+
 async def run_questions(questions: list[Question], out_path: str, sae_specs: list[str], *, top_k: int = 32,
-                        max_new_tokens: int = 24, concurrency: int = 32, limit: int | None = None) -> int:
+                        max_new_tokens: int = 24, concurrency: int = 32, limit: int | None = None,
+                        mode: str = "dense") -> int:
     """Asks every question not yet in `out_path` through a real in-process featurelens server and appends one
-    record per answer (resumable: rerun after an interruption and it picks up where it stopped)."""
+    record per answer (resumable: rerun after an interruption and it picks up where it stopped). `mode`
+    "quantized" asks the int8 model (INFERENCE_MODE_QUANTIZED): its answers, logprobs and SAE features."""
     from featurelens.client import pb
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    request_mode = pb.INFERENCE_MODE_QUANTIZED if mode == "quantized" else pb.INFERENCE_MODE_DENSE
 
     done = _done_ids(out_path)
     todo = [q for q in questions if q.qid not in done][: None if limit is None else max(0, limit - len(done))]
@@ -428,10 +437,12 @@ async def run_questions(questions: list[Question], out_path: str, sae_specs: lis
             sampling=pb.SamplingOptions(temperature=0),
             # One line holds the answer; the rambling after it costs CPU and adds label noise.
             stopping=pb.StoppingOptions(max_new_tokens=max_new_tokens, stop_sequences=["\n"]),
-            logprobs=pb.LogprobOptions(token_logprobs=True, top_logprobs=20), interpretability=interp)
+            logprobs=pb.LogprobOptions(token_logprobs=True, top_logprobs=20), interpretability=interp,
+            mode=request_mode)
         reply = await client.stub.Generate(req)
         record = reply_to_record(q, reply, set(running.engine.shape.eos_token_ids))
         record["max_new_tokens"] = max_new_tokens  # a response this long was cut off: see label_is_certain
+        record["mode"] = mode
         return record
 
     return await _serve_map(todo, out_path, sae_specs, concurrency, "risk data", ask)
