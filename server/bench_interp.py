@@ -1,6 +1,7 @@
 """`featurelens bench interp`: what interpretability costs, measured side by side in one run.
 
-* throughput at one concurrency: plain vs features on every request vs steering on every request vs both;
+* throughput at one concurrency: plain vs features on every request vs steering on every request vs both vs
+  hallucination-risk scoring on every request (the shipped probe), with the mean request latency of each;
 * bytes per token crossing worker → frontend vs a dense residual capture of the same layers;
 * the feature channel: ZMQ push socket vs collective_rpc polling (a second server start);
 * steering vs HF transformers + a forward hook doing the same nudge on the same model and prompts.
@@ -51,30 +52,36 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
     feature_sel = [pb.FeatureSelection(layer=layer, top_k=8) for layer in layers]
     steer = [pb.SteeringIntervention(layer=layers[0], feature_id=3, op=pb.STEERING_OP_NUDGE, strength=4.0)]
     throughput: dict[str, float] = {}
+    latency: dict[str, float] = {}
     receiver = running.engine.features
     bytes_per_token: dict[str, float] = {}
     try:
         async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
             for variant in variants:
-                interp = pb.InterpretabilityOptions(features=feature_sel if "features" in variant else [])
+                interp = pb.InterpretabilityOptions(features=feature_sel if "features" in variant else [],
+                                                    score_risk="risk" in variant)
                 steering = steer if "steering" in variant else []
                 queue = list(prompts)
                 tokens = 0
+                durations: list[float] = []
                 bytes_before, rows_before = receiver.bytes_received, receiver.rows_received
 
-                async def worker(queue: list[str], interp: Any, steering: list[Any]) -> None:
+                async def worker(queue: list[str], interp: Any, steering: list[Any], durations: list[float]) -> None:
                     nonlocal tokens
                     while queue:
                         request = pb.GenerateRequest(
                             text=queue.pop(), sampling=pb.SamplingOptions(temperature=0.0),
                             stopping=pb.StoppingOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
                             interpretability=interp, steering=steering)
+                        began = time.perf_counter()
                         reply = await client.stub.Generate(request)
+                        durations.append(time.perf_counter() - began)
                         tokens += len(reply.tokens)
 
                 started = time.perf_counter()
-                await asyncio.gather(*(worker(queue, interp, steering) for _ in range(concurrency)))
+                await asyncio.gather(*(worker(queue, interp, steering, durations) for _ in range(concurrency)))
                 throughput[variant] = tokens / (time.perf_counter() - started)
+                latency[variant] = sum(durations) / max(1, len(durations))
                 rows = receiver.rows_received - rows_before
                 if rows:
                     # rows count (layer, token) pairs; per token = bytes / (rows / layers)
@@ -82,6 +89,7 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
     finally:
         await running.stop(grace_s=1.0)
     bytes_per_token["dense_bf16"] = 576 * 2 * len(layers)
+    bytes_per_token["_latency"] = latency  # type: ignore[assignment]
     return throughput, bytes_per_token
 
 
@@ -120,14 +128,16 @@ def main(args: argparse.Namespace) -> int:
     saes = _saes_for_bench()
     print(f"bench interp: {len(prompts)} prompts × {args.max_new_tokens} tokens at concurrency {concurrency}; "
           f"SAEs: {', '.join(Path(s).name for s in saes)}")
-    variants = ["plain", "features", "steering", "features+steering"]
+    variants = ["plain", "features", "steering", "features+steering", "risk"]
     zmq_tp, zmq_bytes = asyncio.run(_run_variants(saes, "zmq", prompts, args.max_new_tokens, concurrency, variants))
     rpc_tp, _ = asyncio.run(_run_variants(saes, "rpc", prompts, args.max_new_tokens, concurrency, ["features"]))
     hf_tp = _hf_steering(prompts, args.max_new_tokens, concurrency, layer=12)
     plain = zmq_tp["plain"]
-    print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9}")
+    latency = zmq_bytes.pop("_latency")
+    print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9} {'mean latency s':>15} {'vs plain':>9}")
     for variant, value in zmq_tp.items():
-        print(f"{variant:<20} {value:>8.1f} {value / plain:>8.2f}x")
+        print(f"{variant:<20} {value:>8.1f} {value / plain:>8.2f}x {latency[variant]:>15.2f} "
+              f"{latency[variant] / latency['plain']:>8.2f}x")
     print(f"{'features (rpc poll)':<20} {rpc_tp['features']:>8.1f} {rpc_tp['features'] / plain:>8.2f}x"
           f"   ZMQ/rpc = {zmq_tp['features'] / rpc_tp['features']:.2f}x")
     dense = zmq_bytes.pop("dense_bf16")
