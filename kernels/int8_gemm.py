@@ -1,11 +1,15 @@
-"""W8A8 int8 linear layers for the quantized inference mode.
+"""int8-weight linear layers for the quantized inference mode.
 
     wq, sw = quantize_weight(linear.weight)     # int8 [out, in], float32 per-output-channel scales
-    y = int8_linear(x, wq, sw)                  # x [M, in] float -> [M, out] in x's dtype
+    y = int8_linear(x, wq, sw)                  # weight-only (W8A16): x [M, in] float -> [M, out], x's dtype
+    y = int8_linear(x, wq, sw, scheme="w8a8")   # also int8 activations (dynamic, per token)
 
-Scheme: symmetric per-channel int8 weights, symmetric dynamic per-token int8 activations, exact int32
-accumulation — the W8A8 "int-quantized" scheme of compressed-tensors and of vLLM's CPU oneDNN kernel, so the
-engine can use that kernel for large M and this one for decode sizes with the same integer arithmetic.
+Weights: symmetric per-output-channel int8 (round to nearest). Schemes:
+- "w8a16" (default, what the engine serves): activations stay float; fp32 accumulation. Held-out perplexity
+  of SmolLM2-135M x1.00 of dense (measured, docs/modes.md).
+- "w8a8": symmetric dynamic per-token int8 activations, exact int32 accumulation — the "int-quantized" W8A8
+  scheme of compressed-tensors and vLLM's CPU oneDNN kernel. Perplexity x1.03 on the same text: per-token
+  activation scales are too coarse for this model's outlier channels, hence not the default.
 
 Backends (`backend="auto"` picks native when it builds):
 - "native": C++/AVX2 torch extension (kernels/csrc/int8_gemm.cpp), built on first use like the sparse GEMV
@@ -29,6 +33,7 @@ from featurelens.kernels.sparse_gemv import _CFLAGS, _cpu_has_avx2, extension_bu
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "native", "torch"]
+Scheme = Literal["w8a16", "w8a8"]
 _SOURCE = Path(__file__).parent / "csrc" / "int8_gemm.cpp"
 _EXTENSION_NAME = "featurelens_int8_gemm"
 QMAX = 127.0
@@ -58,6 +63,11 @@ def int8_linear_torch(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> to
     xq, sx = quantize_activations(x)
     acc = xq.double() @ wq.double().t()
     return (acc.float() * sx.unsqueeze(1) * sw.unsqueeze(0)).to(x.dtype)
+
+
+def w8a16_linear_torch(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """Reference weight-only product: float activations times the dequantized weights, fp32."""
+    return ((x.float() @ wq.float().t()) * sw.unsqueeze(0)).to(x.dtype)
 
 
 def dequantize(wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
@@ -99,9 +109,13 @@ def _log_fallback_once(reason: str) -> None:
     log.warning("int8 GEMM: using the pure-torch fallback: %s", reason)
 
 
-def int8_linear(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
-    """y = dequant(quant(x) @ wq^T). x: [M, in] (or [in]) float32/bfloat16/float16; wq: int8 [out, in];
-    sw: float32 [out]. Returns x's dtype, [M, out] (or [out])."""
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, backend: Backend = "auto",
+                scheme: Scheme = "w8a16") -> torch.Tensor:
+    """y = x @ dequant(wq, sw)^T (w8a16) or dequant(quant(x)) @ dequant(wq, sw)^T (w8a8).
+    x: [M, in] (or [in]) float32/bfloat16/float16; wq: int8 [out, in]; sw: float32 [out].
+    Returns x's dtype, [M, out] (or [out])."""
+    if scheme not in ("w8a16", "w8a8"):
+        raise ValueError(f"scheme must be 'w8a16' or 'w8a8', got {scheme!r}")
     squeeze = x.dim() == 1
     if squeeze:
         x = x.unsqueeze(0)
@@ -112,7 +126,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, backend: Ba
         module, reason = _native_module()
         if module is None:
             raise RuntimeError(f"native int8 GEMM unavailable: {reason}")
-        y = module.int8_gemm(x, wq, sw)
+        y = (module.int8_gemm_w8a16 if scheme == "w8a16" else module.int8_gemm)(x, wq, sw)
     else:
-        y = int8_linear_torch(x, wq, sw)
+        y = (w8a16_linear_torch if scheme == "w8a16" else int8_linear_torch)(x, wq, sw)
     return y[0] if squeeze else y

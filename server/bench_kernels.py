@@ -140,14 +140,14 @@ INT8_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down
 
 
 def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
-    """int8 W8A8 GEMM (quantized mode) vs the bf16 and fp32 F.linear, SmolLM2-135M's four fused projections,
-    per decoder block; weights cold (a pool larger than the last-level cache), like decode."""
+    """int8-weight GEMMs (quantized mode: weight-only "int8", and "w8a8") vs the bf16 and fp32 F.linear, for
+    SmolLM2-135M's four fused projections, per decoder block; weights cold (a pool larger than the LLC)."""
     from featurelens.kernels import int8_gemm
 
     bw = copy_bandwidth()
     print(f"int8 GEMM backend: {int8_gemm.native_status()}; torch threads: {torch.get_num_threads()}")
-    print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} "
-          f"{'bound bf16->int8 us':>20} {'bound x':>7}   (one block: qkv + o + gate_up + down)")
+    print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} {'w8a8 us':>9} "
+          f"{'x bf16':>7} {'bound bf16->int8 us':>20} {'bound x':>7}   (one block: qkv + o + gate_up + down)")
     totals: dict[int, dict[str, float]] = {}
     for n_in, n_out in INT8_SHAPES.values():
         copies = max(2, 3 * last_level_cache_bytes() // (n_in * n_out * 2))
@@ -162,15 +162,17 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
                 "bf16": lambda j, x16=x16, w16=w16: F.linear(x16, w16[j % len(w16)]),
                 "fp32": lambda j, x32=x32, w32=w32: F.linear(x32, w32[j % len(w32)]),
                 "int8": lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)]),
+                "w8a8": lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)], scheme="w8a8"),
             }, max(copies, 20), rounds)
-            entry = totals.setdefault(m, {"bf16": 0.0, "fp32": 0.0, "int8": 0.0, "bytes": 0.0})
-            for k in ("bf16", "fp32", "int8"):
+            entry = totals.setdefault(m, dict.fromkeys(("bf16", "fp32", "int8", "w8a8", "bytes"), 0.0))
+            for k in ("bf16", "fp32", "int8", "w8a8"):
                 entry[k] += r[k]
             entry["bytes"] += n_in * n_out
     for m, t in totals.items():
         b16, b8 = 2 * t["bytes"] / bw * 1e6, t["bytes"] / bw * 1e6
         print(f"{m:>3} {t['bf16']:>9.0f} {t['fp32']:>9.0f} {t['int8']:>9.0f} {t['bf16'] / t['int8']:>6.2f}x "
-              f"{t['fp32'] / t['int8']:>6.2f}x {b16:>9.0f}->{b8:>6.0f} {2.0:>6.2f}x")
+              f"{t['fp32'] / t['int8']:>6.2f}x {t['w8a8']:>9.0f} {t['bf16'] / t['w8a8']:>6.2f}x "
+              f"{b16:>9.0f}->{b8:>6.0f} {2.0:>6.2f}x")
     print()
 
 

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     sparsity_thresholds: str = Field("default", description="WINA thresholds JSON for sparse mode; 'default' = "
                                                             "the shipped ones for the default model, 'none' disables")
     quantized_mode: str = Field("int8", description="INFERENCE_MODE_QUANTIZED: 'int8' builds "
-                                                                      "W8A8 copies of the decoder projections at start-up "
+                                                                      "int8 copies of the decoder projections at start-up "
                                                                       "(~1 byte per weight), 'none' disables the mode")
     sae: Annotated[list[str], NoDecode] = Field(default_factory=list, description="SAEs to load, 'LAYER=PATH' (repeatable)")
 
