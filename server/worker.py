@@ -8,7 +8,7 @@ their interpretability spec as plain data in `SamplingParams.extra_args["feature
      "steer":   [{"layer": 12, "op": "nudge", "feature": 7, "strength": 4.0, "positions": "all",
                   "norm": false, "cond": [feature, threshold]?, "vector": "id"?}],
      "sparse":  "40"?,                                              # WINA sparse mode at that level
-     "quant":   "int8"?}                                            # int8 (W8A8) quantized mode
+     "quant":   "int8"?}                                            # int8-weight quantized mode
 
 Each forward step: a pre-hook on the model builds a view of the flattened batch (which rows belong to which
 request, their token positions); a hook on every decoder layer edits/encodes only the rows of requests that
@@ -99,13 +99,14 @@ class FeatureLensWorkerExtension:
             self._fl_sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers),
                                             device)
             self._fl_sparse.install(layers)
-        self._fl_quant = None
+        self._fl_quant, self._fl_quant_head = None, False
         if config.get("quantized"):
             from featurelens.server.worker_quant import QuantRuntime
 
             try:
                 quant = QuantRuntime(self.model_runner.model_config.model)
                 quant.install(layers)  # after sparse mode: wraps the sparse wrapper
+                self._fl_quant_head = quant.install_lm_head(model)
                 self._fl_quant = quant
             except (OSError, KeyError, RuntimeError) as error:
                 # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
@@ -113,7 +114,8 @@ class FeatureLensWorkerExtension:
         return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
                 "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
                 "quantized": None if self._fl_quant is None else
-                {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes}}
+                {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,
+                 "lm_head": self._fl_quant_head}}
 
     def featurelens_quant_stats(self) -> dict[str, dict[str, Any]]:
         """Per quantized-mode request key (the most recent few thousand): rows computed in int8."""
@@ -168,7 +170,7 @@ class FeatureLensWorkerExtension:
             sparse.step = None
         quant = getattr(self, "_fl_quant", None)
         if quant is not None:
-            quant.rows = None
+            quant.rows, quant.logit_rows = None, None
         runner = self.model_runner
         batch = runner.input_batch
         num_reqs = batch.num_reqs
@@ -203,6 +205,7 @@ class FeatureLensWorkerExtension:
                          int(query_start[num_reqs]))
         if quant is not None:
             quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))
+            quant.begin_logits([i for i, _, spec in specs if spec.get("quant")], num_reqs)
 
     def _fl_layer_hook(self, layer: int) -> Any:
         from featurelens.server.interp.steering import steering_delta

@@ -79,6 +79,35 @@ def test_sparse_and_quantized_rows_share_a_step(quant):
     torch.testing.assert_close(out[2:], int8_reference(x[2:], weights[0], ("o_proj",)))
 
 
+def test_logits_of_quantized_requests_come_from_the_int8_unembedding(tmp_path):
+    from featurelens.server.worker_quant import _QuantLogits
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.randn(50, D, generator=g)
+    runtime = QuantRuntime.__new__(QuantRuntime)
+    runtime.linear, runtime.logit_rows, runtime.num_reqs, runtime.lm_head_rows = int8_linear, None, 0, 0
+    wq, sw = quantize_weight(head)
+    calls = []
+
+    def dense_apply(layer, x, bias=None):
+        calls.append(x.shape[0])
+        return x @ head.T
+
+    apply = _QuantLogits(runtime, dense_apply, wq, sw)
+    x = torch.randn(3, D, generator=g)
+    torch.testing.assert_close(apply(None, x), x @ head.T, rtol=0, atol=0)  # no quantized request
+    runtime.begin_logits([1], num_reqs=3)
+    out = apply(None, x)
+    torch.testing.assert_close(out[[0, 2]], (x @ head.T)[[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], int8_linear(x[1:2], wq, sw)[0])
+    assert runtime.lm_head_rows == 1
+    calls.clear()
+    runtime.begin_logits([0, 1, 2], num_reqs=3)
+    torch.testing.assert_close(apply(None, x), int8_linear(x, wq, sw))
+    assert calls == []  # all rows quantized: the bf16 head is not read
+    torch.testing.assert_close(apply(None, x[:2]), x[:2] @ head.T)  # not vLLM's one-row-per-request layout: dense
+
+
 def test_quantized_requests_get_their_own_prefix_cache_namespace():
     from featurelens.server.api import _cache_salt
 
@@ -124,6 +153,7 @@ async def test_quantized_request_answers_and_is_counted(served, stub):
     stats = await served.engine.quant_stats()
     (key,) = [k for k in stats if k.startswith("quant-answer-")]
     assert stats[key]["rows"] >= 24 and stats[key]["backend"] == "native"
+    assert stats[key]["lm_head_rows_total"] >= 24 and served.engine.quantized["lm_head"] is True
     streamed = [t.token_id async for chunk in stub.GenerateStream(gen(24, Q, stream=True)) for t in chunk.tokens]
     assert streamed == [t.token_id for t in reply.tokens]
 
