@@ -33,9 +33,13 @@ LEVELS = (25, 40, 50)
 HELDOUT_TEXTS = 150  # sparsity_calibrate --texts of the shipped thresholds: same seed, same held-out split
 
 
+ALL_MODES = [("dense", 0)] + [(f"sparse-{lv}", lv) for lv in LEVELS] + [("int8", -1)]
+_SELECTED: list[str] = [name for name, _ in ALL_MODES]
+
+
 def _modes() -> list[tuple[str, int]]:
-    """(name, level): level 0 dense, > 0 a sparse level, -1 int8."""
-    return [("dense", 0)] + [(f"sparse-{lv}", lv) for lv in LEVELS] + [("int8", -1)]
+    """(name, level) of the modes this run measures: level 0 dense, > 0 a sparse level, -1 int8."""
+    return [(name, level) for name, level in ALL_MODES if name in _SELECTED]
 
 
 def _request(prompt: Any, level: int, max_new_tokens: int, stream: bool = True) -> Any:
@@ -132,9 +136,13 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
         dense_full = cal.dense_continuations(model, prompts, new_tokens)
     out = {"dense": {"ppl": cal.perplexity(model, tok, held), "tf_agreement": 1.0}}
     for level in LEVELS:
+        if f"sparse-{level}" not in _SELECTED:
+            continue
         with cal.wina_masking(model, load_thresholds(level)):
             out[f"sparse-{level}"] = {"ppl": cal.perplexity(model, tok, held),
                                       "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
+    if "int8" not in _SELECTED:
+        return out | {"_docs": {"heldout_documents": len(held)}}
     with int8_projections(model, cal.projections(model) | {"lm_head": model.lm_head}):  # as the engine does
         out["int8"] = {"ppl": cal.perplexity(model, tok, held),
                        "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
@@ -193,6 +201,12 @@ def main(args: argparse.Namespace) -> int:
     from featurelens.server.bench import PROMPTS
 
     started = time.perf_counter()
+    names = [name for name, _ in ALL_MODES]
+    unknown = set(args.modes or ()) - set(names)
+    if unknown:
+        print(f"unknown modes {sorted(unknown)}; choose from {names}")
+        return 2
+    _SELECTED[:] = ["dense", *[m for m in names if m in (args.modes or names) and m != "dense"]]
     # Capped so the default run (--num-prompts 64 --max-new-tokens 64 are the shared bench defaults) stays short.
     n_prompts, args.max_new_tokens = min(args.num_prompts, 32), min(args.max_new_tokens, 48)
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(n_prompts)]
@@ -222,7 +236,9 @@ def main(args: argparse.Namespace) -> int:
     if int8:
         print(f"int8 mode: {int8.get('weight_bytes', 0) / 1e6:.0f} MB of int8 projection weights + scales, held "
               f"beside the bf16 model ({int8.get('backend')} kernel)\n", flush=True)
-    bench_kernels.main(["--dtypes", "bf16", "--rounds", str(max(3, args.rounds + 2))])
-    bench_kernels.main_int8(rounds=max(3, args.rounds + 2))
+    if any(name.startswith("sparse") for name in _SELECTED):
+        bench_kernels.main(["--dtypes", "bf16", "--rounds", str(max(3, args.rounds + 2))])
+    if "int8" in _SELECTED:
+        bench_kernels.main_int8(rounds=max(3, args.rounds + 2))
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0
