@@ -14,7 +14,7 @@ Two layers are fuzzed:
   accepted by vLLM's own `SamplingParams` constructor.
 
 Examples per fuzz test (two per RPC, 18 tests): 25 by default, ~430 examples in CI; the soak run raises it to
-over 10,000 requests through the handlers with `FEATURELENS_FUZZ_EXAMPLES=1000 .venv/bin/pytest
+over 10,000 requests through the handlers with `FEATURELENS_FUZZ_EXAMPLES=1200 .venv/bin/pytest
 tests/test_fuzz.py` (the last test prints the counts; mutated bytes that do not parse never reach a handler).
 """
 
