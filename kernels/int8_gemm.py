@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
 import torch
-from featurelens.kernels.sparse_gemv import _CFLAGS, _cpu_has_avx2, extension_build_dir
+from featurelens.kernels.sparse_gemv import load_extension
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +75,7 @@ def dequantize(wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _native_module() -> tuple[ModuleType | None, str]:
-    if os.environ.get("FEATURELENS_INT8_NATIVE", "1") == "0":
-        return None, "disabled by FEATURELENS_INT8_NATIVE=0"
-    if not _cpu_has_avx2():
-        return None, "CPU lacks AVX2/FMA (or /proc/cpuinfo unreadable)"
-    try:
-        from torch.utils.cpp_extension import load
-
-        build_dir = extension_build_dir()
-        build_dir.mkdir(parents=True, exist_ok=True)
-        module = load(name=_EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                      extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
-    except Exception as exc:  # noqa: BLE001 - any build/import failure means "use the torch path"
-        return None, f"native build failed: {type(exc).__name__}: {str(exc).strip()[-500:]}"
-    return module, ""
+    return load_extension(_EXTENSION_NAME, _SOURCE, "FEATURELENS_INT8_NATIVE")
 
 
 def native_available() -> bool:

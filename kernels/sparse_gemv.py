@@ -52,11 +52,11 @@ def _cpu_has_avx2() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
-@functools.lru_cache(maxsize=1)
-def _native_module() -> tuple[ModuleType | None, str]:
-    """Build/import the extension once; (module, "") on success, (None, reason) otherwise."""
-    if os.environ.get("FEATURELENS_SPARSE_NATIVE", "1") == "0":
-        return None, "disabled by FEATURELENS_SPARSE_NATIVE=0"
+def load_extension(name: str, source: Path, disable_env: str) -> tuple[ModuleType | None, str]:
+    """Build/import one of our AVX2 torch extensions; (module, "") on success, (None, reason) otherwise.
+    Shared by every native kernel here (same flags, same cache folder, same fallback rules)."""
+    if os.environ.get(disable_env, "1") == "0":
+        return None, f"disabled by {disable_env}=0"
     if not _cpu_has_avx2():
         return None, "CPU lacks AVX2/FMA (or /proc/cpuinfo unreadable)"
     try:
@@ -64,13 +64,17 @@ def _native_module() -> tuple[ModuleType | None, str]:
 
         build_dir = extension_build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
-        module = load(
-            name=_EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir), verbose=False,
-        )
+        module = load(name=name, sources=[str(source)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                      build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build/import failure means "use the torch path"
         return None, f"native build failed: {type(exc).__name__}: {str(exc).strip()[-500:]}"
     return module, ""
+
+
+@functools.lru_cache(maxsize=1)
+def _native_module() -> tuple[ModuleType | None, str]:
+    """Build/import the extension once; (module, "") on success, (None, reason) otherwise."""
+    return load_extension(_EXTENSION_NAME, _SOURCE, "FEATURELENS_SPARSE_NATIVE")
 
 
 def native_status() -> str:

@@ -34,8 +34,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from featurelens.server.interp.sparsity import PROJECTIONS
-from featurelens.server.worker_sparsity import FUSED, _weight_files
+from featurelens.server.worker_sparsity import FUSED, _weight_files, projection_weight, read_tensor
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +59,6 @@ class QuantRuntime:
         self.stats: OrderedDict[str, int] = OrderedDict()  # request key -> rows computed in int8
         self.weight_bytes = 0
 
-    def _weight(self, layer: int, hf_proj: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        key = f"model.layers.{layer}.{PROJECTIONS[hf_proj]}.weight"
-        with safe_open(self._files[key], framework="pt") as f:
-            return f.get_tensor(key)
-
     def install(self, layers: Any) -> int:
         """Quantize and wrap the projection modules of every decoder layer; idempotent."""
         from featurelens.kernels.int8_gemm import quantize_weight
@@ -77,7 +69,7 @@ class QuantRuntime:
                 module = layer.get_submodule(path)
                 if getattr(module, "tp_size", 1) != 1:
                     raise RuntimeError("quantized mode supports tensor_parallel_size=1 only")
-                weight = torch.cat([self._weight(index, p) for p in parts])
+                weight = torch.cat([projection_weight(self._files, index, p) for p in parts])
                 expected = sum(getattr(module, "output_sizes", None) or [module.output_size])
                 if weight.shape[0] != expected:
                     raise RuntimeError(f"layer {index} {path}: checkpoint rows {weight.shape[0]} != {expected}")
@@ -101,10 +93,7 @@ class QuantRuntime:
         key = "lm_head.weight" if "lm_head.weight" in self._files else "model.embed_tokens.weight"
         if key not in self._files:
             return False
-        from safetensors import safe_open
-
-        with safe_open(self._files[key], framework="pt") as f:
-            weight = f.get_tensor(key)
+        weight = read_tensor(self._files, key)
         rows = getattr(head, "weight", None)
         if rows is None or rows.shape[0] != weight.shape[0] or getattr(head, "bias", None) is not None:
             return False

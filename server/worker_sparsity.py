@@ -83,11 +83,7 @@ class SparseRuntime:
     # -- weights -----------------------------------------------------------------------------------------
 
     def _weight(self, layer: int, proj: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        key = f"model.layers.{layer}.{PROJECTIONS[proj]}.weight"
-        with safe_open(self._files[key], framework="pt") as f:
-            return f.get_tensor(key)
+        return projection_weight(self._files, layer, proj)
 
     def transposed(self, layer: int, p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[in, out] contiguous weight of projection p, built once on the first fast-path call."""
@@ -239,6 +235,19 @@ def _native_gemv() -> Any:
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=0).contiguous()
+
+
+def read_tensor(files: dict[str, str], key: str) -> torch.Tensor:
+    """One tensor of a (possibly sharded) HF model folder, by name (`files` from `_weight_files`)."""
+    from safetensors import safe_open
+
+    with safe_open(files[key], framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def projection_weight(files: dict[str, str], layer: int, proj: str) -> torch.Tensor:
+    """[out, in] weight of HF projection `proj` (q_proj, ..., down_proj) of decoder layer `layer`."""
+    return read_tensor(files, f"model.layers.{layer}.{PROJECTIONS[proj]}.weight")
 
 
 def _weight_files(model_path: str) -> dict[str, str]:
