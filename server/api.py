@@ -25,6 +25,7 @@ from featurelens.server.interp.service import (
     plan_interpretability,
     prompt_features,
     risk_capture_k,
+    risk_codes,
     token_codes,
 )
 from featurelens.server.interp.steering import parse_vector
@@ -156,7 +157,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        extra = interp.extra_args(key) if interp.active else None
+        received = self.engine.features.opened(key) if interp.receives else None
+        extra = interp.extra_args(key, received.tag if received is not None else None) if interp.active else None
         if plan.sparsity_percent:
             extra = extra or {"featurelens": {"key": key}}
             extra["featurelens"]["sparse"] = str(plan.sparsity_percent)
@@ -187,7 +189,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         """One generation as stream chunks (features attached); the last carries finish reason and usage.
         The request is aborted in the engine if the consumer stops early."""
         engine_id = f"{plan.request_id}-{uuid.uuid4().hex[:8]}"
-        received = self.engine.features.open(engine_id) if interp.capture else None
+        received = self.engine.features.open(engine_id) if interp.receives else None
         running_risk = interp.risk.start() if interp.risk is not None else None
         n_prompt = len(plan.prompt_token_ids)
         mode = MODE_LABELS.get(plan.mode, "dense")
@@ -209,10 +211,12 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                             await prompt_features(received, interp, self.engine, plan.prompt_token_ids))
                     for token in tokens:
                         # The residual stream that predicted generated token g sits at position n_prompt + g - 1.
-                        codes = await token_codes(received, interp, n_prompt + generated - 1)
-                        token.features.extend(layer_features(codes, interp, self.engine))
+                        position = n_prompt + generated - 1
+                        if interp.returned:
+                            codes = await token_codes(received, interp, position)
+                            token.features.extend(layer_features(codes, interp, self.engine))
                         if running_risk is not None:
-                            token.risk = running_risk.add(codes)
+                            token.risk = running_risk.add(await risk_codes(received, interp, position))
                         generated += 1
                     for lf in (f for token in tokens for f in token.features):
                         self.metrics.count_features_returned(lf.layer, len(lf.activations))

@@ -64,7 +64,7 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
                 queue = list(prompts)
                 tokens = 0
                 durations: list[float] = []
-                bytes_before, rows_before = receiver.bytes_received, receiver.rows_received
+                bytes_before = receiver.bytes_received
 
                 async def worker(queue: list[str], interp: Any, steering: list[Any], durations: list[float]) -> None:
                     nonlocal tokens
@@ -82,10 +82,10 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
                 await asyncio.gather(*(worker(queue, interp, steering, durations) for _ in range(concurrency)))
                 throughput[variant] = tokens / (time.perf_counter() - started)
                 latency[variant] = sum(durations) / max(1, len(durations))
-                rows = receiver.rows_received - rows_before
-                if rows:
-                    # rows count (layer, token) pairs; per token = bytes / (rows / layers)
-                    bytes_per_token[variant] = (receiver.bytes_received - bytes_before) / (rows / len(layers))
+                sent = receiver.bytes_received - bytes_before
+                if sent:
+                    # Each generated token's codes come from the row that predicted it: one row per token.
+                    bytes_per_token[variant] = sent / max(1, tokens)
     finally:
         await running.stop(grace_s=1.0)
     bytes_per_token["dense_bf16"] = 576 * 2 * len(layers)

@@ -3,8 +3,9 @@
 The frontend reaches these methods with `collective_rpc("featurelens_<name>", args=...)`; requests carry
 their interpretability spec as plain data in `SamplingParams.extra_args["featurelens"]`:
 
-    {"key": "<engine request id>",
+    {"key": "<engine request id>", "tag": 17,                        # tag: what its records carry back
      "capture": [{"layer": 12, "k": 8, "prompt": false}],            # top-k SAE features per token
+     "risk":    [{"layer": 12, "k": 80}],                            # the probe's features among the top k
      "steer":   [{"layer": 12, "op": "nudge", "feature": 7, "strength": 4.0, "positions": "all",
                   "norm": false, "cond": [feature, threshold]?, "vector": "id"?}],
      "sparse":  "40"?,                                              # WINA sparse mode at that level
@@ -12,8 +13,14 @@ their interpretability spec as plain data in `SamplingParams.extra_args["feature
 
 Each forward step: a pre-hook on the model builds a view of the flattened batch (which rows belong to which
 request, their token positions); a hook on every decoder layer edits/encodes only the rows of requests that
-asked for that layer, so every other row stays bit-identical; a post-hook ships the step's sparse codes
-(feature index, activation) to the frontend over a ZMQ PUSH socket — never dense residuals. Sparse-mode
+asked for that layer (batched: one SAE encode per layer for all capturing rows, one edit per distinct steering
+list), so every other row stays bit-identical; a post-hook ships the step's sparse codes to the frontend over
+a ZMQ PUSH socket — never dense residuals. One msgpack message per step, one record per request:
+
+    [tag, first_position, count,
+     [[layer, k, wide, indices, values], ...],        # top-k codes: count×k, indices uint16 (int32 if wide)
+     [[layer, counts, wide, indices, values], ...]]   # risk probe features present: counts int16 per row
+                                                      # values float16 throughout Sparse-mode
 requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode requests by
 those of server/worker_quant.py, on their rows only.
 """
@@ -32,21 +39,44 @@ log = logging.getLogger(__name__)
 @dataclass
 class _RequestRows:
     key: str
+    tag: Any  # what the request's records carry back (a small int from the frontend; the key if none)
     start: int
     end: int
     positions: torch.Tensor
     num_prompt_tokens: int
     capture: dict[int, dict[str, Any]]
     steer: dict[int, list[dict[str, Any]]]
+    risk: dict[int, int] = field(default_factory=dict)  # layer → codes the risk probe reads there
+    prompt: bool = False  # capture every prompt position, not only those that predict a generated token
     sparse: str | None = None
     quant: str | None = None
+
+
+@dataclass
+class _StepRecord:
+    """What one request's rows send back from one step: its kept positions and, per layer, the top-k codes
+    it asked for and/or the risk probe's features among its codes."""
+
+    tag: Any
+    first: int
+    count: int
+    topk: list[list[Any]] = field(default_factory=list)
+    risk: list[list[Any]] = field(default_factory=list)
+
+    def as_list(self) -> list[Any]:
+        return [self.tag, self.first, self.count, self.topk, self.risk]
 
 
 @dataclass
 class _BatchView:
     requests: list[_RequestRows] = field(default_factory=list)
     layers: set[int] = field(default_factory=set)
-    records: list[tuple[Any, ...]] = field(default_factory=list)
+    # layer → [(steering list, row indices, prompt length per row)]: requests with the same list steer together
+    steer_groups: dict[int, list[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict)
+    capture_at: dict[int, list[_RequestRows]] = field(default_factory=dict)
+    kept: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # key → (first row, first position, count)
+    records: dict[str, _StepRecord] = field(default_factory=dict)
 
 
 _EMPTY = _BatchView()
@@ -75,6 +105,7 @@ class FeatureLensWorkerExtension:
             sae.sae_id = entry["sae_id"]
             self._fl_saes[layer] = sae
         self._fl_vectors: dict[str, torch.Tensor] = {}
+        self._fl_probe: dict[int, torch.Tensor] = {}
         self._fl_view = _EMPTY
         self._fl_harvest: Any = None
         self._fl_harvest_layers: set[int] = set()
@@ -116,6 +147,17 @@ class FeatureLensWorkerExtension:
                 "quantized": None if self._fl_quant is None else
                 {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,
                  "lm_head": self._fl_quant_head}}
+
+    def featurelens_set_probe(self, features: dict[int, list[int]]) -> int:
+        """The risk probe's features per layer: risk captures ship only these among a row's codes."""
+        probe = {}
+        for layer, ids in features.items():
+            sae = self._fl_saes[int(layer)]
+            mask = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+            mask[torch.tensor(ids, dtype=torch.long)] = True
+            probe[int(layer)] = mask
+        self._fl_probe = probe
+        return sum(int(m.sum()) for m in probe.values())
 
     def featurelens_quant_stats(self) -> dict[str, dict[str, Any]]:
         """Per quantized-mode request key (the most recent few thousand): rows computed in int8."""
@@ -186,19 +228,33 @@ class FeatureLensWorkerExtension:
         positions = self._fl_positions
         query_start = runner.query_start_loc.np
         view = _BatchView()
+        steering: dict[int, dict[str, tuple[list[dict[str, Any]], list[_RequestRows]]]] = {}
         for i, state, spec in specs:
             start, end = int(query_start[i]), int(query_start[i + 1])
             if end <= start:
                 continue
             rows = _RequestRows(
-                key=spec["key"], start=start, end=end, positions=positions[start:end].to(torch.long),
-                num_prompt_tokens=int(state.num_prompt_tokens),
-                capture={c["layer"]: c for c in spec.get("capture", ())}, steer={}, sparse=spec.get("sparse"),
+                key=spec["key"], tag=spec.get("tag", spec["key"]), start=start, end=end,
+                positions=positions[start:end], num_prompt_tokens=int(state.num_prompt_tokens),
+                capture={c["layer"]: c for c in spec.get("capture", ())}, steer={},
+                risk={r["layer"]: int(r["k"]) for r in spec.get("risk", ())}, sparse=spec.get("sparse"),
                 quant=spec.get("quant"))
+            rows.prompt = any(c.get("prompt") for c in rows.capture.values())
             for s in spec.get("steer", ()):
                 rows.steer.setdefault(s["layer"], []).append(s)
+            for layer, specs_here in rows.steer.items():
+                signature = _steer_signature(spec, layer, specs_here)
+                steering.setdefault(layer, {}).setdefault(signature, (specs_here, []))[1].append(rows)
+            for layer in rows.capture.keys() | rows.risk.keys():
+                view.capture_at.setdefault(layer, []).append(rows)
             view.requests.append(rows)
-            view.layers.update(rows.capture, rows.steer)
+            view.layers.update(rows.capture, rows.steer, rows.risk)
+        for layer, groups in steering.items():
+            view.steer_groups[layer] = [(specs_here, _row_index(members, positions.device),
+                                         _prompt_lengths(members, positions.device))
+                                        for specs_here, members in groups.values()]
+        if view.capture_at:
+            self._fl_keep_rows(view, positions)
         self._fl_view = view
         if sparse is not None:
             sparse.begin([(r.key, r.start, r.end, r.sparse) for r in view.requests if r.sparse],
@@ -206,6 +262,17 @@ class FeatureLensWorkerExtension:
         if quant is not None:
             quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))
             quant.begin_logits([i for i, _, spec in specs if spec.get("quant")], num_reqs)
+
+    def _fl_keep_rows(self, view: _BatchView, positions: torch.Tensor) -> None:
+        """Which rows of each capturing request send codes back: every row when it asked for prompt features,
+        else those that predict a generated token (the last prompt position and later). A request's rows in
+        one step are consecutive positions (vLLM schedules one contiguous chunk per request), so the kept
+        rows are a suffix, sent as (first position, count). One host copy of the positions per step."""
+        host = positions.cpu().numpy()
+        for rows in {id(r): r for members in view.capture_at.values() for r in members}.values():
+            first = int(host[rows.start])
+            skip = 0 if rows.prompt else max(0, min(rows.end - rows.start, rows.num_prompt_tokens - 1 - first))
+            view.kept[rows.key] = (rows.start + skip, first + skip, rows.end - rows.start - skip)
 
     def _fl_layer_hook(self, layer: int) -> Any:
         from featurelens.server.interp.steering import steering_delta
@@ -217,38 +284,53 @@ class FeatureLensWorkerExtension:
             view = self._fl_view
             if layer not in view.layers:
                 return
+            # vLLM defers the residual add: the residual stream after this block is hidden + residual.
             hidden, residual = output
             sae = self._fl_saes.get(layer)
-            for rows in view.requests:
-                steer, capture = rows.steer.get(layer), rows.capture.get(layer)
-                if not steer and not capture:
-                    continue
-                # vLLM defers the residual add: the residual stream after this block is hidden + residual.
-                stream = hidden[rows.start:rows.end] + residual[rows.start:rows.end]
-                if steer:
-                    delta = steering_delta(stream, rows.positions, rows.num_prompt_tokens, steer, sae,
-                                           self._fl_vectors)
-                    if delta is not None:
-                        hidden[rows.start:rows.end] += delta.to(hidden.dtype)
-                        stream = hidden[rows.start:rows.end] + residual[rows.start:rows.end]
-                if capture and sae is not None:
-                    self._fl_capture(view, rows, layer, sae, stream, capture)
+            # Rows of all requests with the same steering list at this layer are edited in one pass; rows of
+            # other requests are never written (index_add_ touches only the listed rows).
+            for specs, index, prompt_lengths in view.steer_groups.get(layer, ()):
+                stream = hidden.index_select(0, index) + residual.index_select(0, index)
+                delta = steering_delta(stream, self._fl_positions.index_select(0, index), prompt_lengths, specs, sae,
+                                       self._fl_vectors)
+                if delta is not None:
+                    hidden.index_add_(0, index, delta.to(hidden.dtype))
+            members = view.capture_at.get(layer)
+            if members and sae is not None:
+                self._fl_capture(view, layer, sae, hidden, residual, members)
 
         return hook
 
-    def _fl_capture(self, view: _BatchView, rows: _RequestRows, layer: int, sae: Any, stream: torch.Tensor,
-                    capture: dict[str, Any]) -> None:
-        positions = rows.positions
-        if not capture.get("prompt"):
-            # Only rows that predict a generated token: the last prompt position and every later one.
-            keep = positions >= rows.num_prompt_tokens - 1
-            if not bool(keep.any()):
-                return
-            stream, positions = stream[keep], positions[keep]
-        values, indices = sae.encode_topk(stream, int(capture["k"]))
-        view.records.append((rows.key, layer, positions.to(torch.int32).cpu().numpy().tobytes(),
-                             int(capture["k"]), indices.to(torch.int32).cpu().numpy().tobytes(),
-                             values.float().cpu().numpy().tobytes()))
+    def _fl_capture(self, view: _BatchView, layer: int, sae: Any, hidden: torch.Tensor, residual: torch.Tensor,
+                    members: list[_RequestRows]) -> None:
+        """One SAE encode for the kept rows of every capturing request at this layer; per request, the top-k
+        codes it asked for (indices uint16 when d_sae allows, values float16) and/or the risk probe's
+        features among its codes. Only these pairs leave the worker."""
+        spans = [(rows, *view.kept[rows.key]) for rows in members]
+        spans = [(rows, start, first, count) for rows, start, first, count in spans if count > 0]
+        if not spans:
+            return
+        index = torch.cat([torch.arange(start, start + count) for _, start, _, count in spans]).to(hidden.device)
+        stream = hidden.index_select(0, index) + residual.index_select(0, index)
+        k = max(max(rows.capture[layer]["k"] if layer in rows.capture else 0, rows.risk.get(layer, 0))
+                for rows, *_ in spans)
+        values, indices = sae.encode_topk(stream, k)
+        values = values.float().clamp(max=65504.0).to(torch.float16).cpu()
+        wide = sae.cfg.d_sae > 65536
+        indices = indices.to(torch.int32 if wide else torch.int64).cpu()
+        if not wide:
+            indices = indices.to(torch.uint16)
+        probe = self._fl_probe.get(layer)
+        offset = 0
+        for rows, _, first, count in spans:
+            vals, idx = values[offset:offset + count], indices[offset:offset + count]
+            offset += count
+            record = view.records.get(rows.key)
+            if record is None:
+                record = view.records[rows.key] = _StepRecord(rows.tag, first, count)
+            capture = rows.capture.get(layer)
+            pack_codes(record, layer, vals, idx, wide, top_k=int(capture["k"]) if capture is not None else None,
+                       risk_k=rows.risk.get(layer) if probe is not None else None, probe=probe)
 
     def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
         if getattr(self, "_fl_sparse", None) is not None:
@@ -257,13 +339,49 @@ class FeatureLensWorkerExtension:
             self._fl_quant.end()
         view = self._fl_view
         if view.records and self._fl_is_sender:
+            records = [record.as_list() for record in view.records.values()]
             if self._fl_socket is not None:
                 import msgspec
 
-                self._fl_socket.send(msgspec.msgpack.encode(view.records), copy=False)
+                self._fl_socket.send(msgspec.msgpack.encode(records), copy=False)
             else:
-                self._fl_buffer.append(view.records)
+                self._fl_buffer.append(records)
         self._fl_view = _EMPTY
+
+
+def pack_codes(record: _StepRecord, layer: int, values: torch.Tensor, indices: torch.Tensor, wide: bool, *,
+               top_k: int | None, risk_k: int | None, probe: torch.Tensor | None) -> None:
+    """Add one layer's entries to a request's step record. `values` [count, K] float16 and `indices`
+    [count, K] (uint16, or int32 when `wide`) are the rows' codes, strongest first, on the CPU. With `top_k`,
+    the first top_k codes per row; with `risk_k` and the probe's feature mask, the probe's features present
+    (value > 0) among the first risk_k codes, as per-row counts plus the pairs."""
+    if top_k is not None:
+        record.topk.append([layer, top_k, wide, indices[:, :top_k].contiguous().numpy().tobytes(),
+                            values[:, :top_k].contiguous().numpy().tobytes()])
+    if risk_k is not None and probe is not None:
+        idx, vals = indices[:, :risk_k], values[:, :risk_k]
+        keep = probe[idx.to(torch.int64)] & (vals > 0)
+        record.risk.append([layer, keep.sum(1).to(torch.int16).numpy().tobytes(), wide,
+                            idx[keep].numpy().tobytes(), vals[keep].numpy().tobytes()])
+
+
+def _steer_signature(spec: dict[str, Any], layer: int, specs: list[dict[str, Any]]) -> str:
+    """A request's steering list at one layer as a string, computed once per request (memoised in its spec,
+    the worker's own copy of extra_args), so requests with equal lists steer in one pass."""
+    memo = spec.setdefault("_signatures", {})
+    if layer not in memo:
+        import json
+
+        memo[layer] = json.dumps(specs, sort_keys=True)
+    return memo[layer]
+
+
+def _row_index(members: list[_RequestRows], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(r.start, r.end) for r in members]).to(device)
+
+
+def _prompt_lengths(members: list[_RequestRows], device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.full((r.end - r.start,), r.num_prompt_tokens) for r in members]).to(device)
 
 
 def _decoder_layers(model: Any) -> Any:

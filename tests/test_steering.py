@@ -178,3 +178,18 @@ def test_compiled_mode_refuses_interpretability():
         assert info.value.message.startswith("interpretability:")
     plain = plan_interpretability(pb.GenerateRequest(text="x"), engine, Settings())
     assert not plain.active
+
+
+def test_stacked_requests_steer_as_they_would_alone():
+    """The worker stacks the rows of every request with the same steering list and passes each row's prompt
+    length: each row's change must equal what its request alone would get."""
+    sae = make_sae()
+    specs = [spec("nudge", 1, 2.0, positions="generated"), spec("scale", 2, 0.5), spec("ablate", 3, cond=[4, 0.1])]
+    a, b = torch.randn(5, D_IN) * 3, torch.randn(2, D_IN) * 3
+    pos_a, pos_b = torch.arange(5), torch.tensor([9, 10])
+    alone = [steering_delta(a, pos_a, 3, specs, sae, {}), steering_delta(b, pos_b, 10, specs, sae, {})]
+    stacked = steering_delta(torch.cat([a, b]), torch.cat([pos_a, pos_b]), torch.tensor([3] * 5 + [10] * 2), specs,
+                             sae, {})
+    torch.testing.assert_close(stacked, torch.cat(alone))
+    assert stacked[:3, :].abs().sum() > 0  # prompt rows of a: only SCALE/ABLATE, NUDGE is generated-only
+    assert alone[1][0].abs().sum() > 0 and not torch.equal(alone[1][0], alone[1][1])

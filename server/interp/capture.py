@@ -1,8 +1,9 @@
 """Frontend end of the worker → frontend feature channel.
 
-The worker pushes one msgpack message per engine step over ZMQ (PUSH → PULL on an IPC socket): a list of
-records (request key, layer, positions, k, indices, values), only for requests that asked. This side files
-them per request so a handler can await the features of a given (layer, token position).
+The worker pushes one msgpack message per engine step over ZMQ (PUSH → PULL on an IPC socket): one record per
+request that asked (its small integer tag, first position, row count, top-k codes per layer, risk-probe
+features per layer; format in server/worker.py). This side files them per request so a handler can await the
+codes of a given (layer, token position).
 
 Why a side channel and not a `collective_rpc` per step: a utility RPC is served by the engine-core loop
 between steps, so polling it for every step would stall generation; a PUSH socket costs the worker one
@@ -25,30 +26,51 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RequestFeatures:
-    """Top-k features of one request, filed by (layer, position) as they arrive."""
+    """The codes of one request as they arrive: top-k codes filed by (layer, position), and the risk probe's
+    features present at (layer, position) (risk captures ship only those)."""
 
+    tag: int = 0
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    risk_rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def add(self, layer: int, positions: np.ndarray, k: int, indices: np.ndarray, values: np.ndarray) -> None:
-        indices, values = indices.reshape(-1, k), values.reshape(-1, k)
-        for row, position in enumerate(positions.tolist()):
-            self.rows[(layer, position)] = (indices[row], values[row])
+    def add(self, layer: int, first: int, count: int, k: int, indices: np.ndarray, values: np.ndarray) -> None:
+        indices, values = indices.reshape(count, k), values.reshape(count, k)
+        for row in range(count):
+            self.rows[(layer, first + row)] = (indices[row], values[row])
+        self.arrived.set()
+
+    def add_risk(self, layer: int, first: int, counts: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
+        ends = np.cumsum(counts)
+        for row, end in enumerate(ends.tolist()):
+            begin = end - int(counts[row])
+            self.risk_rows[(layer, first + row)] = (indices[begin:end], values[begin:end])
         self.arrived.set()
 
     async def get(self, layer: int, position: int, timeout_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+        return await self._wait(self.rows, (layer, position), timeout_s)
+
+    async def get_risk(self, layer: int, position: int, timeout_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+        return await self._wait(self.risk_rows, (layer, position), timeout_s)
+
+    async def _wait(self, table: dict[tuple[int, int], Any], where: tuple[int, int],
+                    timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while (layer, position) not in self.rows:
+        while where not in table:
             self.arrived.clear()
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TimeoutError(f"features for layer {layer} position {position} never arrived")
+                raise TimeoutError(f"codes for layer {where[0]} position {where[1]} never arrived")
             try:
                 await asyncio.wait_for(self.arrived.wait(), remaining)
             except asyncio.TimeoutError:
                 continue
-        return self.rows[(layer, position)]
+        return table[where]
+
+
+def _index_dtype(wide: bool) -> type:
+    return np.int32 if wide else np.uint16
 
 
 class FeatureReceiver:
@@ -63,10 +85,13 @@ class FeatureReceiver:
         self._dir = tempfile.mkdtemp(prefix="featurelens-")
         self.endpoint = f"ipc://{os.path.join(self._dir, 'features.sock')}" if transport == "zmq" else None
         self._open: dict[str, RequestFeatures] = {}
+        self._by_tag: dict[int, RequestFeatures] = {}
+        self._next_tag = 0
         self._task: asyncio.Task[None] | None = None
         self._socket = None
         self.bytes_received = 0
-        self.rows_received = 0
+        self.rows_received = 0  # (layer, token) rows of top-k codes
+        self.risk_rows_received = 0  # (layer, token) rows of risk-probe features
 
     def start(self) -> None:
         if self.transport == "rpc":
@@ -100,20 +125,33 @@ class FeatureReceiver:
         except msgspec.DecodeError:
             log.error("dropping an undecodable feature message (%d bytes)", len(payload))
             return
-        for key, layer, positions, k, indices, values in records:
-            target = self._open.get(key)
+        for tag, first, count, topk, risk in records:
+            target = self._by_tag.get(tag)
             if target is None:  # the request already finished or was cancelled
                 continue
-            pos = np.frombuffer(positions, dtype=np.int32)
-            self.rows_received += len(pos)
-            target.add(layer, pos, k, np.frombuffer(indices, dtype=np.int32), np.frombuffer(values, dtype=np.float32))
+            self.rows_received += count * len(topk)
+            for layer, k, wide, indices, values in topk:
+                target.add(layer, first, count, k, np.frombuffer(indices, dtype=_index_dtype(wide)),
+                           np.frombuffer(values, dtype=np.float16))
+            for layer, counts, wide, indices, values in risk:
+                self.risk_rows_received += count
+                target.add_risk(layer, first, np.frombuffer(counts, dtype=np.int16),
+                                np.frombuffer(indices, dtype=_index_dtype(wide)),
+                                np.frombuffer(values, dtype=np.float16))
 
     def open(self, key: str) -> RequestFeatures:
-        features = self._open[key] = RequestFeatures()
+        """Start filing codes for engine request `key`; its spec must carry `tag` (`features.tag`)."""
+        self._next_tag += 1
+        features = self._open[key] = self._by_tag[self._next_tag] = RequestFeatures(tag=self._next_tag)
         return features
 
+    def opened(self, key: str) -> RequestFeatures | None:
+        return self._open.get(key)
+
     def close(self, key: str) -> None:
-        self._open.pop(key, None)
+        features = self._open.pop(key, None)
+        if features is not None:
+            self._by_tag.pop(features.tag, None)
 
     async def stop(self) -> None:
         if self._task is not None:

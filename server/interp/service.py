@@ -26,17 +26,29 @@ class InterpPlan:
     include_prompt: bool = False
     steer: list[dict[str, Any]] = field(default_factory=list)
     risk: Any = None  # the RiskProbe when the request scores risk
+    # layer → codes the probe reads there; the worker ships only the probe's features among them
+    risk_capture: dict[int, int] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
-        return bool(self.capture or self.steer)
+        return bool(self.capture or self.steer or self.risk_capture)
 
-    def extra_args(self, key: str) -> dict[str, Any]:
-        return {"featurelens": {
+    @property
+    def receives(self) -> bool:
+        """Whether codes come back from the worker for this request."""
+        return bool(self.capture or self.risk_capture)
+
+    def extra_args(self, key: str, tag: int | None = None) -> dict[str, Any]:
+        spec: dict[str, Any] = {
             "key": key,
             "capture": [{"layer": layer, "k": k, "prompt": self.include_prompt} for layer, k in self.capture.items()],
             "steer": self.steer,
-        }}
+        }
+        if self.risk_capture:
+            spec["risk"] = [{"layer": layer, "k": k} for layer, k in self.risk_capture.items()]
+        if tag is not None:
+            spec["tag"] = tag
+        return {"featurelens": spec}
 
     def cache_salt(self) -> str | None:
         """Steered requests get their own prefix-cache namespace: the same steering may share, nothing else."""
@@ -83,8 +95,7 @@ def plan_interpretability(request: Any, engine: Any, settings: Any) -> InterpPla
                            "interpretability.score_risk: no risk probe is loaded on this server "
                            "(GetModelInfo.risk_available)")
         plan.risk = engine.risk_probe
-        for layer in plan.risk.layers:
-            plan.capture[layer] = max(plan.capture.get(layer, 0), risk_capture_k(engine.saes[layer], settings))
+        plan.risk_capture = {layer: risk_capture_k(engine.saes[layer], settings) for layer in plan.risk.layers}
     if interp.include_prompt_features and not plan.returned:
         raise invalid("interpretability.include_prompt_features", "needs at least one interpretability.features")
     plan.include_prompt = interp.include_prompt_features
@@ -109,6 +120,11 @@ def to_layer_features(layer: int, sae_id: str, indices: Any, values: Any, k: int
 
 async def token_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Any]:
     return {layer: await received.get(layer, position) for layer in plan.capture}
+
+
+async def risk_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Any]:
+    """The risk probe's features present in the codes at `position`, per probe layer."""
+    return {layer: await received.get_risk(layer, position) for layer in plan.risk_capture}
 
 
 def layer_features(codes: dict[int, Any], plan: InterpPlan, engine: Any) -> list[pb.LayerFeatures]:

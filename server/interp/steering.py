@@ -101,7 +101,9 @@ def parse_vector(vector_id: str, values: Any, hidden_size: int) -> torch.Tensor:
     return vector
 
 
-def row_mask(positions: torch.Tensor, num_prompt_tokens: int, where: str) -> torch.Tensor:
+def row_mask(positions: torch.Tensor, num_prompt_tokens: int | torch.Tensor, where: str) -> torch.Tensor:
+    """Rows at the chosen positions. `num_prompt_tokens` is one int, or one per row when the rows of several
+    requests are steered together."""
     if where == "prompt":
         return positions < num_prompt_tokens
     if where == "generated":
@@ -110,14 +112,17 @@ def row_mask(positions: torch.Tensor, num_prompt_tokens: int, where: str) -> tor
 
 
 @torch.no_grad()
-def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: int, specs: list[dict[str, Any]],
-                   sae: Any, vectors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The float32 change to the residual rows `x` [n, d] of one request at one layer, or None if no row is
-    touched. `positions` [n] are the rows' token positions; `sae` is this layer's SAE (or None)."""
+def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: int | torch.Tensor,
+                   specs: list[dict[str, Any]], sae: Any, vectors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The float32 change to residual rows `x` [n, d] that share one steering list at one layer, or None if
+    no row is touched. `positions` [n] are the rows' token positions and `num_prompt_tokens` their request's
+    prompt length (an int, or an [n] tensor when rows of several requests with the same list are stacked);
+    `sae` is this layer's SAE (or None). Each row's change depends on that row alone."""
     x32 = x.float()
     delta = torch.zeros_like(x32)
     codes = None
-    if sae is not None and any("feature" in s or "cond" in s for s in specs):
+    # Only PIN/SCALE/ABLATE and conditions read current activations; NUDGE and ADD skip the SAE encode.
+    if sae is not None and any(s["op"] in ("pin", "scale", "ablate") or "cond" in s for s in specs):
         codes = sae.encode(x).float()
     touched = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     keep_norm = torch.zeros_like(touched)
@@ -134,15 +139,14 @@ def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: 
         else:
             f = spec["feature"]
             direction = sae.W_dec[f].float()
-            a = codes[:, f:f + 1]
             if spec["op"] == "nudge":
                 change = (s / direction.norm().clamp_min(1e-12)) * direction.expand_as(x32)
             elif spec["op"] == "pin":
-                change = (s - a) * direction
+                change = (s - codes[:, f:f + 1]) * direction
             elif spec["op"] == "scale":
-                change = (s - 1.0) * a * direction
+                change = (s - 1.0) * codes[:, f:f + 1] * direction
             else:  # ablate
-                change = -a * direction
+                change = -codes[:, f:f + 1] * direction
         delta += change * mask[:, None]
         touched |= mask
         if spec["norm"]:
