@@ -13,12 +13,13 @@ from featurelens.server.interp.capture import FeatureReceiver
 from featurelens.server.worker import _StepRecord, pack_codes
 
 
-def codes(rows: int, k: int, d_sae: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def codes(rows: int, k: int, d_sae: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes as the worker holds them after its encode: float16 values strongest first, int64 indices."""
     g = torch.Generator().manual_seed(seed)
     values = torch.rand(rows, k, generator=g).sort(dim=1, descending=True).values * 10
     values[:, -2:] = 0.0  # fewer than k fired
     indices = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(rows)])
-    return values.to(torch.float16), indices
+    return values.to(torch.float16).numpy(), indices.numpy()
 
 
 def test_records_round_trip_to_the_open_request():
@@ -28,17 +29,17 @@ def test_records_round_trip_to_the_open_request():
         other = receiver.open("req-b")
         receiver.close("req-b")  # finished: its late records are dropped
         values, indices = codes(3, 12, 4096, seed=0)
-        probe = torch.zeros(4096, dtype=torch.bool)
+        probe = np.zeros(4096, dtype=bool)
         probe[indices[:, ::3].flatten()] = True  # some of the rows' features are probe features
         record = _StepRecord(received.tag, first=40, count=3)
-        pack_codes(record, 12, values, indices.to(torch.uint16), False, top_k=5, risk_k=12, probe=probe)
+        pack_codes(record, 12, values, indices.astype(np.uint16), False, top_k=5, risk_k=12, probe=probe)
         late = _StepRecord(other.tag, first=0, count=3)
-        pack_codes(late, 12, values, indices.to(torch.uint16), False, top_k=5, risk_k=None, probe=None)
+        pack_codes(late, 12, values, indices.astype(np.uint16), False, top_k=5, risk_k=None, probe=None)
         receiver._dispatch(msgspec.msgpack.encode([record.as_list(), late.as_list()]))
         for row in range(3):
             got_i, got_v = await received.get(12, 40 + row, timeout_s=1)
-            np.testing.assert_array_equal(got_i, indices[row, :5].numpy())
-            np.testing.assert_array_equal(got_v, values[row, :5].numpy())
+            np.testing.assert_array_equal(got_i, indices[row, :5])
+            np.testing.assert_array_equal(got_v, values[row, :5])
             risk_i, risk_v = await received.get_risk(12, 40 + row, timeout_s=1)
             wanted = [(int(i), float(v)) for i, v in zip(indices[row], values[row], strict=True) if probe[i] and v > 0]
             assert [(int(i), float(v)) for i, v in zip(risk_i, risk_v, strict=True)] == wanted
@@ -58,10 +59,10 @@ def test_wide_indices_for_large_dictionaries():
         received = receiver.open("wide")
         values, indices = codes(2, 4, 100_000, seed=1)
         record = _StepRecord(received.tag, first=7, count=2)
-        pack_codes(record, 3, values, indices.to(torch.int32), True, top_k=4, risk_k=None, probe=None)
+        pack_codes(record, 3, values, indices.astype(np.int32), True, top_k=4, risk_k=None, probe=None)
         receiver._dispatch(msgspec.msgpack.encode([record.as_list()]))
         got_i, _ = await received.get(3, 8, timeout_s=1)
-        np.testing.assert_array_equal(got_i, indices[1].numpy())
+        np.testing.assert_array_equal(got_i, indices[1])
         assert int(got_i.max()) >= 0 and indices.max() > 65535
 
     asyncio.run(run())
@@ -72,6 +73,6 @@ def test_codes_are_few_bytes_per_token():
     values, indices = codes(1, 8, 4096, seed=2)
     record = _StepRecord(123, first=1000, count=1)
     for layer in (12, 22):
-        pack_codes(record, layer, values, indices.to(torch.uint16), False, top_k=8, risk_k=None, probe=None)
+        pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=8, risk_k=None, probe=None)
     size = len(msgspec.msgpack.encode([record.as_list()]))
     assert size <= 100, size  # a dense bf16 capture of the same two layers is 2 x 576 x 2 = 2304 bytes
