@@ -153,12 +153,12 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                  quantized_available=self.engine.quantized is not None)
         return plan, plan_interpretability(request, self.engine, self.settings)
 
-    def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str) -> Any:
+    def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str, received: Any = None) -> Any:
+        """vLLM SamplingParams; `received` is the request's open RequestFeatures (its tag rides in the spec)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        received = self.engine.features.opened(key) if interp.receives else None
-        extra = interp.extra_args(key, received.tag if received is not None else None) if interp.active else None
+        extra = interp.extra_args(key, getattr(received, "tag", None)) if interp.active else None
         if plan.sparsity_percent:
             extra = extra or {"featurelens": {"key": key}}
             extra["featurelens"]["sparse"] = str(plan.sparsity_percent)
@@ -198,7 +198,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         started = last = time.perf_counter()
         generated = 0
         try:
-            params = self._sampling_params(plan, interp, engine_id)
+            params = self._sampling_params(plan, interp, engine_id, received)
             async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
                                                      _cache_salt(interp.cache_salt(), plan.sparsity_percent,
                                                                  plan.mode)):
@@ -304,7 +304,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         received = self.engine.features.open(engine_id)
         try:
-            async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id),
+            async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id, received),
                                                 _cache_salt(None, sparsity_percent, mode)):
                 pass
             layers = []

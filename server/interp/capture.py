@@ -145,9 +145,6 @@ class FeatureReceiver:
         features = self._open[key] = self._by_tag[self._next_tag] = RequestFeatures(tag=self._next_tag)
         return features
 
-    def opened(self, key: str) -> RequestFeatures | None:
-        return self._open.get(key)
-
     def close(self, key: str) -> None:
         features = self._open.pop(key, None)
         if features is not None:
