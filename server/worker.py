@@ -20,8 +20,9 @@ a ZMQ PUSH socket — never dense residuals. One msgpack message per step, one r
     [tag, first_position, count,
      [[layer, k, wide, indices, values], ...],        # top-k codes: count×k, indices uint16 (int32 if wide)
      [[layer, counts, wide, indices, values], ...]]   # risk probe features present: counts int16 per row
-                                                      # values float16 throughout Sparse-mode
-requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode requests by
+                                                      # values float16 throughout
+
+Sparse-mode requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode requests by
 those of server/worker_quant.py, on their rows only.
 """
 
