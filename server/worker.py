@@ -22,8 +22,8 @@ a ZMQ PUSH socket — never dense residuals. One msgpack message per step, one r
      [[layer, counts, wide, indices, values], ...]]   # risk probe features present: counts int16 per row
                                                       # values float16 throughout
 
-Sparse-mode requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode requests by
-those of server/worker_quant.py, on their rows only.
+Sparse-mode requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode
+requests by those of server/worker_quant.py, on their rows only.
 """
 
 from __future__ import annotations
