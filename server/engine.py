@@ -120,10 +120,7 @@ class Engine:
                      entry.cfg.architecture)
         self.risk_probe = self._load_probe()
         if self.risk_probe is not None:
-            features: dict[int, list[int]] = {}
-            for layer, feature in self.risk_probe.weights:
-                features.setdefault(layer, []).append(feature)
-            await self.llm.collective_rpc("featurelens_set_probe", args=(features,))
+            await self.llm.collective_rpc("featurelens_set_probe", args=(self.risk_probe.feature_ids,))
 
     def _is_default_model(self) -> bool:
         return self.settings.model.lower() in ("default", "smollm2", "")

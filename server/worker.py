@@ -44,7 +44,6 @@ class _RequestRows:
     tag: Any  # what the request's records carry back (a small int from the frontend; the key if none)
     start: int
     end: int
-    positions: torch.Tensor
     num_prompt_tokens: int
     capture: dict[int, dict[str, Any]]
     steer: dict[int, list[dict[str, Any]]]
@@ -100,13 +99,14 @@ class FeatureLensWorkerExtension:
         layers = _decoder_layers(model)
         hidden_size = int(self.model_runner.model_config.get_hidden_size())
         device = next(model.parameters()).device
+        sae_gemm = config.get("sae_gemm", "bfloat16")
         self._fl_saes: dict[int, Any] = {}
         for entry in config.get("saes", []):
             sae = load_sae(entry["path"], device=device, dtype=entry.get("dtype", "float32"))
             layer = validate_for_model(sae, hidden_size, len(layers))
             sae.sae_id = entry["sae_id"]
-            if config.get("sae_gemm", "bfloat16") != "torch":
-                sae.use_fast_gemm(config.get("sae_gemm", "bfloat16"))
+            if sae_gemm != "torch":
+                sae.use_fast_gemm(sae_gemm)
             self._fl_saes[layer] = sae
         self._fl_vectors: dict[str, torch.Tensor] = {}
         self._fl_probe: dict[int, np.ndarray] = {}
@@ -147,7 +147,7 @@ class FeatureLensWorkerExtension:
                 # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
                 log.warning("quantized mode unavailable: %s: %s", type(error).__name__, error)
         return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
-                "sae_gemm": (f"onednn-{config.get('sae_gemm', 'bfloat16')}"
+                "sae_gemm": (f"onednn-{sae_gemm}"
                              if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),
                 "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
                 "quantized": None if self._fl_quant is None else
@@ -241,7 +241,7 @@ class FeatureLensWorkerExtension:
                 continue
             rows = _RequestRows(
                 key=spec["key"], tag=spec.get("tag", spec["key"]), start=start, end=end,
-                positions=positions[start:end], num_prompt_tokens=int(state.num_prompt_tokens),
+                num_prompt_tokens=int(state.num_prompt_tokens),
                 capture={c["layer"]: c for c in spec.get("capture", ())}, steer={},
                 risk={r["layer"]: int(r["k"]) for r in spec.get("risk", ())}, sparse=spec.get("sparse"),
                 quant=spec.get("quant"))
@@ -275,7 +275,7 @@ class FeatureLensWorkerExtension:
         one step are consecutive positions (vLLM schedules one contiguous chunk per request), so the kept
         rows are a suffix, sent as (first position, count). One host copy of the positions per step."""
         host = positions.cpu().numpy()
-        for rows in {id(r): r for members in view.capture_at.values() for r in members}.values():
+        for rows in (r for r in view.requests if r.capture or r.risk):
             first = int(host[rows.start])
             skip = 0 if rows.prompt else max(0, min(rows.end - rows.start, rows.num_prompt_tokens - 1 - first))
             view.kept[rows.key] = (rows.start + skip, first + skip, rows.end - rows.start - skip)

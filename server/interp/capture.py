@@ -91,7 +91,6 @@ class FeatureReceiver:
         self._socket = None
         self.bytes_received = 0
         self.rows_received = 0  # (layer, token) rows of top-k codes
-        self.risk_rows_received = 0  # (layer, token) rows of risk-probe features
 
     def start(self) -> None:
         if self.transport == "rpc":
@@ -134,7 +133,6 @@ class FeatureReceiver:
                 target.add(layer, first, count, k, np.frombuffer(indices, dtype=_index_dtype(wide)),
                            np.frombuffer(values, dtype=np.float16))
             for layer, counts, wide, indices, values in risk:
-                self.risk_rows_received += count
                 target.add_risk(layer, first, np.frombuffer(counts, dtype=np.int16),
                                 np.frombuffer(indices, dtype=_index_dtype(wide)),
                                 np.frombuffer(values, dtype=np.float16))

@@ -45,15 +45,13 @@ class RiskProbe:
         # Column order = the probe file's feature order; per layer, a feature id → column table (-1: none).
         self.columns: list[tuple[int, int]] = [(f.layer, f.feature_id) for f in self.probe.features]
         self.vector = np.asarray([f.weight for f in self.probe.features], dtype=np.float64)
-        self.slots: dict[int, np.ndarray] = {}
+        self.feature_ids: dict[int, list[int]] = {}  # layer → the probe's feature ids there
+        for layer, feature in self.columns:
+            self.feature_ids.setdefault(layer, []).append(feature)
+        self.slots: dict[int, np.ndarray] = {layer: np.full(max(ids) + 1, -1, dtype=np.int64)
+                                             for layer, ids in self.feature_ids.items()}
         for column, (layer, feature) in enumerate(self.columns):
-            table = self.slots.get(layer)
-            if table is None or len(table) <= feature:
-                grown = np.full(feature + 1 if table is None else max(feature + 1, len(table)), -1, dtype=np.int64)
-                if table is not None:
-                    grown[:len(table)] = table
-                table = self.slots[layer] = grown
-            table[feature] = column
+            self.slots[layer][feature] = column
         self._layers = {f.layer: f.sae_id for f in self.probe.features}
 
     @classmethod
