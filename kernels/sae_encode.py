@@ -5,7 +5,8 @@ back, so this function is the one place where SAE encode cost lives.
 
 Numerics contract: on every device the torch path below runs *exactly* the ops of the dense reference
 (`Sae.encode`, itself a line-for-line copy of SAELens) in the same order, so `topk_encode` equals
-`torch.topk(sae.encode(x), k)` bit for bit — unless the caller passes a faster `gemm` (the serving worker
+`torch.topk(sae.encode(x), k)` bit for bit (the row-wise top-k is `kernels/topk.py`: native on CPU float32,
+the same values; only the order of exactly tied values may differ, which torch leaves unspecified too) — unless the caller passes a faster `gemm` (the serving worker
 uses oneDNN on CPU, `onednn_gemm`), which changes only the matmul's summation order. Input normalisation
 and the dtype cast happen in the caller (`Sae.encode_topk`) because they are per-SAE configuration, not
 kernel work.
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from featurelens.kernels.topk import topk_rows
 
 Architecture = Literal["standard", "topk", "jumprelu"]
 
@@ -96,10 +98,9 @@ def _encode_rows(
     # `@` then `+` rather than addmm: SAELens writes it this way and addmm may round differently.
     pre = (gemm(sae_in) if gemm is not None else sae_in @ W_enc) + b_enc
     if architecture == "topk":
-        top = torch.topk(pre, k, dim=-1)
-        return torch.relu(top.values), top.indices
-    top = torch.topk(_activate(pre, threshold, architecture), k, dim=-1)
-    return top.values, top.indices
+        values, indices = topk_rows(pre, k)
+        return torch.relu(values), indices
+    return topk_rows(_activate(pre, threshold, architecture), k)
 
 
 def topk_encode(

@@ -434,7 +434,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             if len(ids) >= limit:
                 raise invalid("response", f"prompt + response are {len(ids)} tokens; the context is {limit}")
             mode, sparsity_percent = self._request_mode(request)
-            capture = {layer: risk_capture_k(self.engine.saes[layer], self.settings) for layer in probe.layers}
+            capture = {layer: risk_capture_k(self.engine.saes[layer], self.settings, probe) for layer in probe.layers}
             codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
                                                      sparsity_percent)
             running = probe.start()

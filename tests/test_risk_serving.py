@@ -99,3 +99,24 @@ def test_unusable_probe_files_are_refused_clearly(tmp_path):
                                 "bias": 0.0, "pooling": "median"}))
     with pytest.raises(ValueError, match="not a usable probe file: pooling must be one of"):
         RiskProbe.load(path)
+
+
+def test_risk_reads_as_many_codes_as_the_probe_was_trained_on(probe):
+    from types import SimpleNamespace
+
+    from featurelens.server.interp.service import risk_capture_k
+
+    settings = SimpleNamespace(max_features_per_token=64)
+    topk80 = SimpleNamespace(cfg=SimpleNamespace(architecture="topk", k=80))
+    relu = SimpleNamespace(cfg=SimpleNamespace(architecture="standard", k=None))
+    assert risk_capture_k(topk80, settings, probe) == 80  # no feature_top_k recorded: the SAE's whole code
+    assert risk_capture_k(relu, settings, probe) == 64
+    probe.probe.metrics["feature_top_k"] = 32
+    assert risk_capture_k(topk80, settings, probe) == 32  # what the probe was fitted on
+    assert risk_capture_k(relu, settings, probe) == 32
+    probe.probe.metrics["feature_top_k"] = 200
+    assert risk_capture_k(topk80, settings, probe) == 80  # never more than the SAE fires
+    from featurelens.server.interp.risk import default_probe_path
+
+    shipped = RiskProbe.load(default_probe_path())
+    assert risk_capture_k(topk80, settings, shipped) == shipped.probe.metrics["feature_top_k"] == 32

@@ -95,7 +95,8 @@ def plan_interpretability(request: Any, engine: Any, settings: Any) -> InterpPla
                            "interpretability.score_risk: no risk probe is loaded on this server "
                            "(GetModelInfo.risk_available)")
         plan.risk = engine.risk_probe
-        plan.risk_capture = {layer: risk_capture_k(engine.saes[layer], settings) for layer in plan.risk.layers}
+        plan.risk_capture = {layer: risk_capture_k(engine.saes[layer], settings, plan.risk)
+                             for layer in plan.risk.layers}
     if interp.include_prompt_features and not plan.returned:
         raise invalid("interpretability.include_prompt_features", "needs at least one interpretability.features")
     plan.include_prompt = interp.include_prompt_features
@@ -105,9 +106,14 @@ def plan_interpretability(request: Any, engine: Any, settings: Any) -> InterpPla
     return plan
 
 
-def risk_capture_k(entry: Any, settings: Any) -> int:
-    """Codes the risk probe reads: a TopK SAE's whole code (its k), else the per-token limit."""
-    return int(entry.cfg.k) if entry.cfg.architecture == "topk" and entry.cfg.k else settings.max_features_per_token
+def risk_capture_k(entry: Any, settings: Any, probe: Any = None) -> int:
+    """Codes the risk probe reads per token: as many top features as it was trained on (`feature_top_k` in
+    the probe file: serving then sees exactly the inputs the probe was fitted and evaluated on, and the
+    top-k costs less), capped by what the SAE fires; a probe without that record reads a TopK SAE's whole
+    code (its k), else the per-token limit."""
+    whole = int(entry.cfg.k) if entry.cfg.architecture == "topk" and entry.cfg.k else settings.max_features_per_token
+    trained = int((probe.probe.metrics if probe is not None else {}).get("feature_top_k") or 0)
+    return min(trained, whole) if trained > 0 else whole
 
 
 def to_layer_features(layer: int, sae_id: str, indices: Any, values: Any, k: int) -> pb.LayerFeatures:
