@@ -215,7 +215,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                         if interp.returned:
                             codes = await token_codes(received, interp, position)
                             token.features.extend(layer_features(codes, interp, self.engine))
-                        if running_risk is not None:
+                        if running_risk is not None and running_risk.takes_scores:
+                            token.risk = running_risk.add_score(await received.get_risk_score(position))
+                        elif running_risk is not None:
                             token.risk = running_risk.add(await risk_codes(received, interp, position))
                         generated += 1
                     for lf in (f for token in tokens for f in token.features):
@@ -236,6 +238,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                     chunk.usage.completion_tokens = generated
                     self.metrics.observe_request(mode, now - started, n_prompt, generated)
                     if running_risk is not None and generated:
+                        if running_risk.scored:  # the explanation's pooled features, once
+                            running_risk.pool([await risk_codes(received, interp, p)
+                                               for p in range(n_prompt - 1, n_prompt - 1 + generated)])
                         chunk.risk.CopyFrom(self._response_risk(running_risk, mode))
                 yield chunk
         finally:

@@ -120,7 +120,9 @@ class Engine:
                      entry.cfg.architecture)
         self.risk_probe = self._load_probe()
         if self.risk_probe is not None:
-            await self.llm.collective_rpc("featurelens_set_probe", args=(self.risk_probe.feature_ids,))
+            probe = self.risk_probe
+            await self.llm.collective_rpc("featurelens_set_probe", args=(
+                probe.feature_ids, probe.feature_weights, probe.probe.input_transform))
 
     def _is_default_model(self) -> bool:
         return self.settings.model.lower() in ("default", "smollm2", "")

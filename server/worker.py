@@ -5,7 +5,7 @@ their interpretability spec as plain data in `SamplingParams.extra_args["feature
 
     {"key": "<engine request id>", "tag": 17,                        # tag: what its records carry back
      "capture": [{"layer": 12, "k": 8, "prompt": false}],            # top-k SAE features per token
-     "risk":    [{"layer": 12, "k": 80}],                            # the probe's features among the top k
+     "risk":    [{"layer": 12, "k": 32}],                            # the probe's features among the top k
      "steer":   [{"layer": 12, "op": "nudge", "feature": 7, "strength": 4.0, "positions": "all",
                   "norm": false, "cond": [feature, threshold]?, "vector": "id"?}],
      "sparse":  "40"?,                                              # WINA sparse mode at that level
@@ -19,8 +19,10 @@ a ZMQ PUSH socket — never dense residuals. One msgpack message per step, one r
 
     [tag, first_position, count,
      [[layer, k, wide, indices, values], ...],        # top-k codes: count×k, indices uint16 (int32 if wide)
-     [[layer, counts, wide, indices, values], ...]]   # risk probe features present: counts int16 per row
-                                                      # values float16 throughout
+     [[layer, counts, wide, indices, values, scores], ...]]  # risk probe features present: counts int16
+                                                      # per row; scores float32 per row: the probe's
+                                                      # linear term sum(w * f(x)) over them (f: its input
+                                                      # transform); values float16 throughout
 
 Sparse-mode requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode
 requests by those of server/worker_quant.py, on their rows only.
@@ -109,7 +111,7 @@ class FeatureLensWorkerExtension:
                 sae.use_fast_gemm(sae_gemm)
             self._fl_saes[layer] = sae
         self._fl_vectors: dict[str, torch.Tensor] = {}
-        self._fl_probe: dict[int, np.ndarray] = {}
+        self._fl_probe: dict[int, ProbeLayer] = {}
         self._fl_view = _EMPTY
         self._fl_harvest: Any = None
         self._fl_harvest_layers: set[int] = set()
@@ -154,16 +156,16 @@ class FeatureLensWorkerExtension:
                 {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,
                  "lm_head": self._fl_quant_head}}
 
-    def featurelens_set_probe(self, features: dict[int, list[int]]) -> int:
-        """The risk probe's features per layer: risk captures ship only these among a row's codes."""
+    def featurelens_set_probe(self, features: dict[int, list[int]], weights: dict[int, list[float]],
+                              transform: str = "identity") -> int:
+        """The risk probe per layer (its feature ids and their weights, and its input transform): risk
+        captures ship only these features among a row's codes, plus each row's linear term."""
         probe = {}
         for layer, ids in features.items():
             sae = self._fl_saes[int(layer)]
-            mask = np.zeros(sae.cfg.d_sae, dtype=bool)
-            mask[np.asarray(ids, dtype=np.int64)] = True
-            probe[int(layer)] = mask
+            probe[int(layer)] = ProbeLayer.build(sae.cfg.d_sae, ids, weights[layer], transform)
         self._fl_probe = probe
-        return sum(int(m.sum()) for m in probe.values())
+        return sum(int(p.mask.sum()) for p in probe.values())
 
     def featurelens_quant_stats(self) -> dict[str, dict[str, Any]]:
         """Per quantized-mode request key (the most recent few thousand): rows computed in int8."""
@@ -329,16 +331,25 @@ class FeatureLensWorkerExtension:
         if not wide:
             indices = indices.astype(np.uint16)
         probe = self._fl_probe.get(layer)
+        selected: dict[int, tuple[np.ndarray, ...]] = {}  # risk k → the probe's pairs for the whole batch
         offset = 0
         for rows, _, first, count in spans:
             vals, idx = values[offset:offset + count], indices[offset:offset + count]
-            offset += count
             record = view.records.get(rows.key)
             if record is None:
                 record = view.records[rows.key] = _StepRecord(rows.tag, first, count)
             capture = rows.capture.get(layer)
+            risk = None
+            risk_k = rows.risk.get(layer)
+            if risk_k and probe is not None:
+                if risk_k not in selected:
+                    selected[risk_k] = probe.select(values, indices, risk_k)
+                counts, pair_idx, pair_vals, starts, scores = selected[risk_k]
+                a, b = starts[offset], starts[offset + count]
+                risk = (counts[offset:offset + count], pair_idx[a:b], pair_vals[a:b], scores[offset:offset + count])
+            offset += count
             pack_codes(record, layer, vals, idx, wide, top_k=int(capture["k"]) if capture is not None else None,
-                       risk_k=rows.risk.get(layer) if probe is not None else None, probe=probe)
+                       risk=risk)
 
     def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
         if getattr(self, "_fl_sparse", None) is not None:
@@ -357,20 +368,52 @@ class FeatureLensWorkerExtension:
         self._fl_view = _EMPTY
 
 
+@dataclass
+class ProbeLayer:
+    """The risk probe at one layer, as the worker applies it to a batch's codes."""
+
+    mask: np.ndarray  # [d_sae] bool: the probe's features
+    weights: np.ndarray  # [d_sae] float32: their weights, zero elsewhere
+    log1p: bool  # the probe's input transform
+
+    @classmethod
+    def build(cls, d_sae: int, ids: list[int], weights: list[float], transform: str) -> ProbeLayer:
+        if transform not in ("identity", "log1p"):
+            raise ValueError(f"unknown probe input transform {transform!r}")
+        mask, dense = np.zeros(d_sae, dtype=bool), np.zeros(d_sae, dtype=np.float32)
+        at = np.asarray(ids, dtype=np.int64)
+        mask[at], dense[at] = True, np.asarray(weights, dtype=np.float32)
+        return cls(mask, dense, transform == "log1p")
+
+    def select(self, values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        """Over all rows at once: the probe's features present (value > 0) among each row's first k codes —
+        per-row counts (int16), the pairs (row-major, so one request's rows are one slice), each row's first
+        pair offset — and each row's linear term sum(w_j * f(x_j)) (float32), which is all a mean-pooled
+        probe needs per token."""
+        idx, vals = indices[:, :k], values[:, :k]
+        keep = self.mask[idx] & (vals > 0)
+        counts = keep.sum(axis=1)
+        starts = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        x = np.maximum(vals, 0).astype(np.float32)
+        if self.log1p:
+            np.log1p(x, out=x)
+        scores = (self.weights[idx] * x).sum(axis=1, dtype=np.float32)
+        return counts.astype(np.int16), idx[keep], vals[keep], starts, scores
+
+
 def pack_codes(record: _StepRecord, layer: int, values: np.ndarray, indices: np.ndarray, wide: bool, *,
-               top_k: int | None, risk_k: int | None, probe: np.ndarray | None) -> None:
+               top_k: int | None, risk: tuple[np.ndarray, ...] | None = None) -> None:
     """Add one layer's entries to a request's step record. `values` [count, K] float16 and `indices`
     [count, K] (uint16, or int32 when `wide`) are the rows' codes, strongest first. With `top_k`, the first
-    top_k codes per row; with `risk_k` and the probe's feature mask [d_sae] bool, the probe's features present
-    (value > 0) among the first risk_k codes, as per-row counts plus the pairs."""
+    top_k codes per row; with `risk` = (counts, indices, values, scores), these rows' slice of
+    `ProbeLayer.select`."""
     if top_k is not None:
         record.topk.append([layer, top_k, wide, np.ascontiguousarray(indices[:, :top_k]).tobytes(),
                             np.ascontiguousarray(values[:, :top_k]).tobytes()])
-    if risk_k is not None and probe is not None:
-        idx, vals = indices[:, :risk_k], values[:, :risk_k]
-        keep = probe[idx] & (vals > 0)
-        record.risk.append([layer, keep.sum(axis=1).astype(np.int16).tobytes(), wide, idx[keep].tobytes(),
-                            vals[keep].tobytes()])
+    if risk is not None:
+        counts, idx, vals, scores = risk
+        record.risk.append([layer, counts.tobytes(), wide, idx.tobytes(), vals.tobytes(), scores.tobytes()])
 
 
 def _steer_signature(spec: dict[str, Any], layer: int, specs: list[dict[str, Any]]) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from featurelens.server.interp.capture import FeatureReceiver
-from featurelens.server.worker import _StepRecord, pack_codes
+from featurelens.server.worker import ProbeLayer, _StepRecord, pack_codes
 
 
 def codes(rows: int, k: int, d_sae: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,26 +29,42 @@ def test_records_round_trip_to_the_open_request():
         other = receiver.open("req-b")
         receiver.close("req-b")  # finished: its late records are dropped
         values, indices = codes(3, 12, 4096, seed=0)
-        probe = np.zeros(4096, dtype=bool)
-        probe[indices[:, ::3].flatten()] = True  # some of the rows' features are probe features
+        ids = np.unique(indices[:, ::3].flatten())  # some of the rows' features are probe features
+        weights = np.linspace(-1.0, 2.0, len(ids))
+        probes = {layer: ProbeLayer.build(4096, ids.tolist(), (weights * layer).tolist(), "identity")
+                  for layer in (12, 22)}
         record = _StepRecord(received.tag, first=40, count=3)
-        pack_codes(record, 12, values, indices.astype(np.uint16), False, top_k=5, risk_k=12, probe=probe)
         late = _StepRecord(other.tag, first=0, count=3)
-        pack_codes(late, 12, values, indices.astype(np.uint16), False, top_k=5, risk_k=None, probe=None)
+        for layer, probe in probes.items():
+            # The worker selects over the whole batch (here: these 3 rows under another one) and slices.
+            batch_v, batch_i = np.concatenate([values[:1], values]), np.concatenate([indices[:1], indices])
+            counts, pair_i, pair_v, starts, scores = probe.select(batch_v, batch_i.astype(np.uint16), 12)
+            risk = (counts[1:], pair_i[starts[1]:starts[4]], pair_v[starts[1]:starts[4]], scores[1:])
+            pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=5 if layer == 12 else None,
+                       risk=risk)
+            pack_codes(late, layer, values, indices.astype(np.uint16), False, top_k=5)
         receiver._dispatch(msgspec.msgpack.encode([record.as_list(), late.as_list()]))
+        weight_of = dict(zip(ids.tolist(), weights.tolist(), strict=True))
         for row in range(3):
             got_i, got_v = await received.get(12, 40 + row, timeout_s=1)
             np.testing.assert_array_equal(got_i, indices[row, :5])
             np.testing.assert_array_equal(got_v, values[row, :5])
-            risk_i, risk_v = await received.get_risk(12, 40 + row, timeout_s=1)
-            wanted = [(int(i), float(v)) for i, v in zip(indices[row], values[row], strict=True) if probe[i] and v > 0]
-            assert [(int(i), float(v)) for i, v in zip(risk_i, risk_v, strict=True)] == wanted
+            wanted = [(int(i), float(v)) for i, v in zip(indices[row], values[row], strict=True)
+                      if int(i) in weight_of and v > 0]
             assert len(wanted) >= 1
+            for layer in (12, 22):
+                risk_i, risk_v = await received.get_risk(layer, 40 + row, timeout_s=1)
+                assert [(int(i), float(v)) for i, v in zip(risk_i, risk_v, strict=True)] == wanted
+            # The row's linear term, summed over both layers: sum over its probe features of w * x.
+            term = sum(weight_of[i] * layer * v for layer in (12, 22) for i, v in wanted)
+            assert await received.get_risk_score(40 + row, timeout_s=1) == pytest.approx(term, rel=1e-5)
         assert other.rows == {} and receiver.rows_received == 3
         with pytest.raises(TimeoutError):
             await received.get(12, 43, timeout_s=0.05)
         with pytest.raises(TimeoutError):
-            await received.get(22, 40, timeout_s=0.05)
+            await received.get(22, 40, timeout_s=0.05)  # layer 22 shipped risk codes only
+        with pytest.raises(TimeoutError, match="risk score of position 43"):
+            await received.get_risk_score(43, timeout_s=0.05)
 
     asyncio.run(run())
 
@@ -59,7 +75,7 @@ def test_wide_indices_for_large_dictionaries():
         received = receiver.open("wide")
         values, indices = codes(2, 4, 100_000, seed=1)
         record = _StepRecord(received.tag, first=7, count=2)
-        pack_codes(record, 3, values, indices.astype(np.int32), True, top_k=4, risk_k=None, probe=None)
+        pack_codes(record, 3, values, indices.astype(np.int32), True, top_k=4)
         receiver._dispatch(msgspec.msgpack.encode([record.as_list()]))
         got_i, _ = await received.get(3, 8, timeout_s=1)
         np.testing.assert_array_equal(got_i, indices[1])
@@ -73,6 +89,6 @@ def test_codes_are_few_bytes_per_token():
     values, indices = codes(1, 8, 4096, seed=2)
     record = _StepRecord(123, first=1000, count=1)
     for layer in (12, 22):
-        pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=8, risk_k=None, probe=None)
+        pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=8)
     size = len(msgspec.msgpack.encode([record.as_list()]))
     assert size <= 100, size  # a dense bf16 capture of the same two layers is 2 x 576 x 2 = 2304 bytes

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from featurelens.server.config import Settings
 from featurelens.server.interp.risk import RiskProbe
+from featurelens.server.worker import ProbeLayer
 from featurelens.v1 import featurelens_pb2 as pb
 from pydantic import ValidationError
 
@@ -79,18 +80,34 @@ def test_streaming_server_scores_equal_the_offline_reference(tmp_path, pooling, 
                                 "calibration": {"method": "platt", "a": 1.5, "b": -0.2},
                                 "thresholds": {"medium": 0.4, "high": 0.7}}))
     served, reference = RiskProbe.load(path), rp.load_probe(path)
-    running = served.start()
-    tokens = []
+    running, scored = served.start(), served.start()
+    # What the worker computes per row beside the codes: the probe's linear term at each layer.
+    workers = {layer: ProbeLayer.build(20, served.feature_ids[layer], served.feature_weights[layer], transform)
+               for layer in (3, 5)}
+    tokens, raw = [], []
     for _ in range(12):
         token = {}
         for layer in (3, 5):
             idx = rng.choice(20, 4, replace=False)
             val = np.where(rng.random(4) < 0.2, 0.0, rng.exponential(2.0, 4)).astype(np.float32)
             token[layer] = (idx.astype(np.int64), val)
+        raw.append(token)
         tokens.append({layer: [(int(i), float(v)) for i, v in zip(*token[layer], strict=True) if v > 0]
                        for layer in token})
         running.add(token)
-        assert running.risk() == pytest.approx(rp.running_risks(reference, tokens)[-1], rel=1e-6, abs=1e-9)
+        expected = rp.running_risks(reference, tokens)[-1]
+        assert running.risk() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        if scored.takes_scores:
+            term = sum(float(workers[layer].select(val[None], idx[None], 4)[4][0]) for layer, (idx, val) in token.items())
+            assert scored.add_score(term) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert scored.takes_scores == (pooling != "max")
+    if pooling == "max":
+        with pytest.raises(ValueError, match="needs the codes"):
+            scored.add_score(0.0)
+    # The explanation's pooled features, built at once, equal the incremental ones.
+    scored.pool(raw)
+    np.testing.assert_allclose(scored.state, running.state, rtol=1e-12, atol=1e-12)
+    assert scored.pooled().keys() == running.pooled().keys()
 
 
 def test_unusable_probe_files_are_refused_clearly(tmp_path):

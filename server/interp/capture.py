@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RequestFeatures:
-    """The codes of one request as they arrive: top-k codes filed by (layer, position), and the risk probe's
-    features present at (layer, position) (risk captures ship only those)."""
+    """The codes of one request as they arrive: top-k codes filed by (layer, position), the risk probe's
+    features present at (layer, position) (risk captures ship only those), and per position the probe's
+    linear term summed over its layers (the worker computes it per layer; a request's layers of one step
+    arrive in one record, so a position's sum is complete when a waiter sees it)."""
 
     tag: int = 0
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     risk_rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    risk_scores: dict[int, float] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, layer: int, first: int, count: int, k: int, indices: np.ndarray, values: np.ndarray) -> None:
@@ -40,28 +43,34 @@ class RequestFeatures:
             self.rows[(layer, first + row)] = (indices[row], values[row])
         self.arrived.set()
 
-    def add_risk(self, layer: int, first: int, counts: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
-        ends = np.cumsum(counts)
-        for row, end in enumerate(ends.tolist()):
-            begin = end - int(counts[row])
-            self.risk_rows[(layer, first + row)] = (indices[begin:end], values[begin:end])
+    def add_risk(self, layer: int, first: int, counts: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                 scores: np.ndarray) -> None:
+        begin = 0
+        for position, (count, score) in enumerate(zip(counts.tolist(), scores.tolist(), strict=True), first):
+            self.risk_rows[(layer, position)] = (indices[begin:begin + count], values[begin:begin + count])
+            self.risk_scores[position] = self.risk_scores.get(position, 0.0) + score
+            begin += count
         self.arrived.set()
 
     async def get(self, layer: int, position: int, timeout_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
-        return await self._wait(self.rows, (layer, position), timeout_s)
+        return await self._wait(self.rows, (layer, position), timeout_s, f"codes for layer {layer} position {position}")
 
     async def get_risk(self, layer: int, position: int, timeout_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
-        return await self._wait(self.risk_rows, (layer, position), timeout_s)
+        return await self._wait(self.risk_rows, (layer, position), timeout_s,
+                                f"risk codes for layer {layer} position {position}")
 
-    async def _wait(self, table: dict[tuple[int, int], Any], where: tuple[int, int],
-                    timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+    async def get_risk_score(self, position: int, timeout_s: float = 30.0) -> float:
+        """The risk probe's linear term at `position`, summed over its layers."""
+        return await self._wait(self.risk_scores, position, timeout_s, f"the risk score of position {position}")
+
+    async def _wait(self, table: dict[Any, Any], where: Any, timeout_s: float, what: str) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while where not in table:
             self.arrived.clear()
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TimeoutError(f"codes for layer {where[0]} position {where[1]} never arrived")
+                raise TimeoutError(f"{what} never arrived")
             try:
                 await asyncio.wait_for(self.arrived.wait(), remaining)
             except asyncio.TimeoutError:
@@ -132,10 +141,10 @@ class FeatureReceiver:
             for layer, k, wide, indices, values in topk:
                 target.add(layer, first, count, k, np.frombuffer(indices, dtype=_index_dtype(wide)),
                            np.frombuffer(values, dtype=np.float16))
-            for layer, counts, wide, indices, values in risk:
+            for layer, counts, wide, indices, values, scores in risk:
                 target.add_risk(layer, first, np.frombuffer(counts, dtype=np.int16),
                                 np.frombuffer(indices, dtype=_index_dtype(wide)),
-                                np.frombuffer(values, dtype=np.float16))
+                                np.frombuffer(values, dtype=np.float16), np.frombuffer(scores, dtype=np.float32))
 
     def open(self, key: str) -> RequestFeatures:
         """Start filing codes for engine request `key`; its spec must carry `tag` (`features.tag`)."""

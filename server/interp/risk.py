@@ -46,8 +46,10 @@ class RiskProbe:
         self.columns: list[tuple[int, int]] = [(f.layer, f.feature_id) for f in self.probe.features]
         self.vector = np.asarray([f.weight for f in self.probe.features], dtype=np.float64)
         self.feature_ids: dict[int, list[int]] = {}  # layer → the probe's feature ids there
-        for layer, feature in self.columns:
-            self.feature_ids.setdefault(layer, []).append(feature)
+        self.feature_weights: dict[int, list[float]] = {}  # layer → their weights, same order
+        for f in self.probe.features:
+            self.feature_ids.setdefault(f.layer, []).append(f.feature_id)
+            self.feature_weights.setdefault(f.layer, []).append(float(f.weight))
         self.slots: dict[int, np.ndarray] = {layer: np.full(max(ids) + 1, -1, dtype=np.int64)
                                              for layer, ids in self.feature_ids.items()}
         for column, (layer, feature) in enumerate(self.columns):
@@ -99,14 +101,63 @@ class RunningRisk:
     """The probe's pooled inputs over the scored tokens so far, updated one token at a time with the
     semantics of `risk_probe.running_risks` (the offline reference; a test checks both agree).
 
-    Vectorised over the probe's features (numpy, float64): one token costs a few array operations instead
-    of dictionary work over every pooled feature, which on a 2-core box competes with the engine's own
-    process for CPU (measured: ~65 µs → ~18 µs per token for the shipped 228-feature probe)."""
+    Two ways to feed it. `add(codes)`: the token's probe features, vectorised over the probe's columns
+    (numpy, float64; ~18 µs per token for the shipped 228-feature probe). `add_score(term)`: for mean and
+    last-prompt pooling, the token's linear term w · f(x_t) that the worker computed beside the codes — one
+    float per token, so a streamed token costs the frontend a few scalar operations (on a 2-core box the
+    frontend competes with vLLM's engine-core process for CPU); the pooled features for the explanation
+    are then built once at the end (`pool`)."""
 
     def __init__(self, probe: RiskProbe) -> None:
         self.probe = probe
         self.state = np.zeros(len(probe.columns))
         self.count = 0
+        self.linear = 0.0  # with `add_score`: the pooled linear term w · pooled(x)
+        self.scored = False
+
+    @property
+    def takes_scores(self) -> bool:
+        """Mean and last-prompt pooling are linear in each token's term w · f(x_t), which the worker computes
+        per row: such a probe is served from one float per token (`add_score`); max pooling needs the codes."""
+        return self.probe.probe.pooling in ("mean", "last_prompt")
+
+    def add_score(self, score: float) -> float:
+        """One token's linear term w · f(x_t) (summed over the probe's layers); returns risk after it. The
+        pooled features behind it, for the explanation, are set once at the end with `pool`."""
+        if not self.takes_scores:
+            raise ValueError(f"{self.probe.probe.pooling} pooling needs the codes (add), not scores")
+        self.count += 1
+        self.scored = True
+        if self.probe.probe.pooling == "mean":
+            self.linear += (score - self.linear) / self.count
+        elif self.count == 1:
+            self.linear = score
+        return self.risk()
+
+    def pool(self, tokens: list[dict[int, tuple[np.ndarray, np.ndarray]]]) -> None:
+        """The pooled inputs over `tokens` (each: layer → its codes, as `add` takes them) in a few array
+        operations — what `add` builds one token at a time; used for the explanation after `add_score`."""
+        pooling = self.probe.probe.pooling
+        use = tokens[:1] if pooling == "last_prompt" else tokens
+        state = np.zeros_like(self.state)
+        for layer, table in self.probe.slots.items():
+            if not use:
+                break
+            ids = np.concatenate([np.asarray(codes[layer][0], dtype=np.int64) for codes in use])
+            vals = np.concatenate([np.asarray(codes[layer][1], dtype=np.float64) for codes in use])
+            known = (ids < len(table)) & (vals > 0.0)
+            columns = table[ids[known]]
+            fired = columns >= 0
+            columns, x = columns[fired], vals[known][fired]
+            if self.probe.probe.input_transform == "log1p":
+                x = np.log1p(x)
+            if pooling == "max":
+                np.maximum.at(state, columns, x)
+            else:  # a feature appears at most once per token and layer
+                state += np.bincount(columns, weights=x, minlength=len(state))
+        if pooling == "mean" and use:
+            state /= len(use)
+        self.state = state
 
     def add(self, codes: dict[int, tuple[np.ndarray, np.ndarray]]) -> float:
         """`codes`: layer → (indices, values) of one token: its top-k codes, or only the probe's features
@@ -136,7 +187,8 @@ class RunningRisk:
         return {key: float(v) for key, v in zip(self.probe.columns, self.state.tolist(), strict=True) if v != 0.0}
 
     def risk(self) -> float:
-        return calibrate(self.probe.probe, self.probe.probe.bias + float(self.probe.vector @ self.state))
+        linear = self.linear if self.scored else float(self.probe.vector @ self.state)
+        return calibrate(self.probe.probe, self.probe.probe.bias + linear)
 
     def response_risk(self, explain: Any = None, top: int = 5) -> pb.ResponseRisk:
         value = self.risk()
