@@ -304,3 +304,32 @@ def test_risk_score_cli_reports_the_shipped_probe_per_file(synthetic_probe, tmp_
         assert report[path]["n"] == 600
         assert report[path]["correct_answers"] == int((y == 0).sum())
         assert report[path]["probe"]["auroc"] == ranking_metrics(rp.probe_logits(probe, records), y)["auroc"] > 0.9
+
+
+def test_auroc_standard_error_matches_hanley_mcneil():
+    # A = 0.5, 100 + 100: Q1 = 1/3, Q2 = 1/3, variance = (0.25 + 2 * 99 * (1/3 - 1/4)) / 10^4.
+    assert rp.auroc_standard_error(0.5, 100, 100) == pytest.approx(math.sqrt((0.25 + 198 / 12) / 1e4))
+    assert rp.auroc_standard_error(0.9, 460, 154) == pytest.approx(0.0124, abs=0.001)
+    assert rp.auroc_standard_error(0.9, 4600, 1540) < rp.auroc_standard_error(0.9, 460, 154) / 3
+
+
+def test_one_se_rule_prefers_fewer_layers_when_the_extra_layer_is_noise():
+    """All the signal is at layer 12: the two-layer probe can only match it (or beat it by noise). The
+    one-standard-error rule picks the one-layer probe (half the serving cost); "best" takes the maximum."""
+    def only_layer_12(records, seed):
+        # Layer 24's codes are shuffled across records: whatever they hold no longer relates to the label.
+        shuffled = [r["features"]["24"] for r in records]
+        random.Random(seed).shuffle(shuffled)
+        return [{**r, "features": {"12": r["features"]["12"], "24": other}}
+                for r, other in zip(records, shuffled, strict=True)]
+
+    train, val = only_layer_12(_synthetic(800, 4), 0), only_layer_12(_synthetic(500, 5), 1)
+    quiet = {"poolings": ["mean"], "transforms": ["identity"], "log": lambda _m: None}
+    chosen, table = rp.train_probe(train, val, "one-se", **quiet)
+    assert {f.layer for f in chosen.features} == {12}
+    assert chosen.metrics["selection_rule"] == "one-se"
+    assert chosen.metrics["val_auroc"] >= chosen.metrics["best_val_auroc"] - chosen.metrics["val_auroc_se"]
+    best, _ = rp.train_probe(train, val, "best", selection="best", **quiet)
+    assert best.metrics["val_auroc"] == max(row["val_auroc"] for row in table)
+    with pytest.raises(ValueError, match="selection"):
+        rp.train_probe(train, val, "x", selection="cheapest", **quiet)

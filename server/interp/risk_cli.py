@@ -82,7 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
     print(f"train {len(train)}, val {len(val)} (test held out for eval)", file=sys.stderr)
-    probe, table = train_probe(train, val, args.probe_id, penalty=args.penalty,
+    probe, table = train_probe(train, val, args.probe_id, penalty=args.penalty, selection=args.selection,
                                log=lambda m: print(m, file=sys.stderr))
     probe.metrics["selection"] = table
     probe.metrics["feature_top_k"] = len(train[0]["features"][next(iter(train[0]["features"]))]["idx"][0])
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-id", default="smollm2-risk-v1")
     p.add_argument("--out", default=None, help="default server/assets/probes/<probe-id>.json")
     p.add_argument("--penalty", default="l1", choices=("l1", "l2"))
+    p.add_argument("--selection", default="one-se", choices=("one-se", "best"),
+                   help="one-se: fewest layers within one standard error of the best validation AUROC "
+                        "(each layer costs an SAE encode per served token); best: the highest AUROC")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="AUROC/AUPRC/ECE on held-out entities and domains vs baselines; JSON + PNG")
