@@ -2,8 +2,8 @@
 
     featurelens risk build-data --out WORK/risk/answers.jsonl                 # default: the shipped SAEs
     featurelens risk featurize  --data WORK/risk/answers.jsonl --out WORK/risk/answers-new.jsonl --sae 12=DIR
-    featurelens risk train      --data WORK/risk/answers.jsonl --probe-id smollm2-risk-v1
-    featurelens risk eval       --data WORK/risk/answers.jsonl --probe server/assets/probes/smollm2-risk-v1.json \
+    featurelens risk train      --data WORK/risk/answers.jsonl --probe-id smollm2-risk-v2
+    featurelens risk eval       --data WORK/risk/answers.jsonl --probe server/assets/probes/smollm2-risk-v2.json \
                                 --out WORK/risk/eval
 
 build-data asks the served model (a real in-process featurelens server, so features come through the serving
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="choose layers/pooling/C on validation AUROC; Platt-calibrate; write the probe")
     p.add_argument("--data", required=True)
-    p.add_argument("--probe-id", default="smollm2-risk-v1")
+    p.add_argument("--probe-id", default="smollm2-risk-v2")
     p.add_argument("--out", default=None, help="default server/assets/probes/<probe-id>.json")
     p.add_argument("--penalty", default="l1", choices=("l1", "l2"))
     p.add_argument("--selection", default="one-se", choices=("one-se", "best"),
