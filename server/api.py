@@ -239,7 +239,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                     self.metrics.observe_request(mode, now - started, n_prompt, generated)
                     if running_risk is not None and generated:
                         if running_risk.scored:  # the explanation's pooled features, once
-                            running_risk.pool([await risk_codes(received, interp, p)
+                            running_risk.pool([received.risk_codes_arrived(interp.risk_capture, p)
                                                for p in range(n_prompt - 1, n_prompt - 1 + generated)])
                         chunk.risk.CopyFrom(self._response_risk(running_risk, mode))
                 yield chunk

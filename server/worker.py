@@ -241,22 +241,17 @@ class FeatureLensWorkerExtension:
             start, end = int(query_start[i]), int(query_start[i + 1])
             if end <= start:
                 continue
-            rows = _RequestRows(
-                key=spec["key"], tag=spec.get("tag", spec["key"]), start=start, end=end,
-                num_prompt_tokens=int(state.num_prompt_tokens),
-                capture={c["layer"]: c for c in spec.get("capture", ())}, steer={},
-                risk={r["layer"]: int(r["k"]) for r in spec.get("risk", ())}, sparse=spec.get("sparse"),
-                quant=spec.get("quant"))
-            rows.prompt = any(c.get("prompt") for c in rows.capture.values())
-            for s in spec.get("steer", ()):
-                rows.steer.setdefault(s["layer"], []).append(s)
-            for layer, specs_here in rows.steer.items():
+            capture, steer, risk, prompt, layers = _parsed(spec)
+            rows = _RequestRows(key=spec["key"], tag=spec.get("tag", spec["key"]), start=start, end=end,
+                                num_prompt_tokens=int(state.num_prompt_tokens), capture=capture, steer=steer,
+                                risk=risk, prompt=prompt, sparse=spec.get("sparse"), quant=spec.get("quant"))
+            for layer, specs_here in steer.items():
                 signature = _steer_signature(spec, layer, specs_here)
                 steering.setdefault(layer, {}).setdefault(signature, (specs_here, []))[1].append(rows)
-            for layer in rows.capture.keys() | rows.risk.keys():
+            for layer in capture.keys() | risk.keys():
                 view.capture_at.setdefault(layer, []).append(rows)
             view.requests.append(rows)
-            view.layers.update(rows.capture, rows.steer, rows.risk)
+            view.layers.update(layers)
         for layer, groups in steering.items():
             view.steer_groups[layer] = [(specs_here, _row_index(members, positions.device),
                                          _prompt_lengths(members, positions.device))
@@ -414,6 +409,22 @@ def pack_codes(record: _StepRecord, layer: int, values: np.ndarray, indices: np.
     if risk is not None:
         counts, idx, vals, scores = risk
         record.risk.append([layer, counts.tobytes(), wide, idx.tobytes(), vals.tobytes(), scores.tobytes()])
+
+
+def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, int],
+                                           bool, frozenset[int]]:
+    """A request's spec by layer — capture, steering lists, risk k, the prompt flag, every layer it touches —
+    parsed on its first step and memoised in the spec (the worker's own copy of extra_args)."""
+    parsed = spec.get("_parsed")
+    if parsed is None:
+        capture = {c["layer"]: c for c in spec.get("capture", ())}
+        steer: dict[int, list[dict[str, Any]]] = {}
+        for s in spec.get("steer", ()):
+            steer.setdefault(s["layer"], []).append(s)
+        risk = {r["layer"]: int(r["k"]) for r in spec.get("risk", ())}
+        parsed = spec["_parsed"] = (capture, steer, risk, any(c.get("prompt") for c in capture.values()),
+                                    frozenset(capture) | frozenset(steer) | frozenset(risk))
+    return parsed
 
 
 def _steer_signature(spec: dict[str, Any], layer: int, specs: list[dict[str, Any]]) -> str:

@@ -52,9 +52,11 @@ def test_records_round_trip_to_the_open_request():
             wanted = [(int(i), float(v)) for i, v in zip(indices[row], values[row], strict=True)
                       if int(i) in weight_of and v > 0]
             assert len(wanted) >= 1
+            arrived = received.risk_codes_arrived((12, 22), 40 + row)
             for layer in (12, 22):
                 risk_i, risk_v = await received.get_risk(layer, 40 + row, timeout_s=1)
                 assert [(int(i), float(v)) for i, v in zip(risk_i, risk_v, strict=True)] == wanted
+                assert arrived[layer][0] is risk_i and arrived[layer][1] is risk_v
             # The row's linear term, summed over both layers: sum over its probe features of w * x.
             term = sum(weight_of[i] * layer * v for layer in (12, 22) for i, v in wanted)
             assert await received.get_risk_score(40 + row, timeout_s=1) == pytest.approx(term, rel=1e-5)

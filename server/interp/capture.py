@@ -59,6 +59,10 @@ class RequestFeatures:
         return await self._wait(self.risk_rows, (layer, position), timeout_s,
                                 f"risk codes for layer {layer} position {position}")
 
+    def risk_codes_arrived(self, layers: Any, position: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """The risk codes of a position whose score has arrived (they travel in the same record)."""
+        return {layer: self.risk_rows[(layer, position)] for layer in layers}
+
     async def get_risk_score(self, position: int, timeout_s: float = 30.0) -> float:
         """The risk probe's linear term at `position`, summed over its layers."""
         return await self._wait(self.risk_scores, position, timeout_s, f"the risk score of position {position}")
