@@ -31,6 +31,7 @@ requests by those of server/worker_quant.py, on their rows only.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +120,7 @@ class FeatureLensWorkerExtension:
         self._fl_socket = None
         self._fl_buffer: list[Any] = []  # used when the frontend polls with featurelens_drain instead of ZMQ
         if self._fl_is_sender and config.get("endpoint"):
-            self._fl_socket = zmq.Context.instance().socket(zmq.PUSH)
+            self._fl_socket = _sender_context().socket(zmq.PUSH)
             self._fl_socket.setsockopt(zmq.SNDHWM, 100_000)
             self._fl_socket.connect(config["endpoint"])
         for handle in getattr(self, "_fl_handles", []):
@@ -409,6 +410,30 @@ def pack_codes(record: _StepRecord, layer: int, values: np.ndarray, indices: np.
     if risk is not None:
         counts, idx, vals, scores = risk
         record.risk.append([layer, counts.tobytes(), wide, idx.tobytes(), vals.tobytes(), scores.tobytes()])
+
+
+_SENDER_CONTEXT: Any = None
+
+
+def _sender_context() -> Any:
+    """Our own ZMQ context for the feature socket, its I/O thread kept off the worker's cores. vLLM's CPU
+    worker binds its process to its cores (2-core box: core 0; the other is left to the engine core and the
+    frontend), and every thread it starts inherits that: ZMQ's I/O thread, woken by every step's send, then
+    preempted the model's own thread. Measured on the 2-core box at batch 32: risk scoring's time outside
+    the forward pass per step +1.8 ms with the shared context, see docs/risk.md."""
+    import zmq
+
+    global _SENDER_CONTEXT
+    if _SENDER_CONTEXT is None:
+        context = zmq.Context()
+        try:
+            spare = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            spare = set()
+        for cpu in sorted(spare):
+            context.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)  # before the first socket starts the I/O thread
+        _SENDER_CONTEXT = context
+    return _SENDER_CONTEXT
 
 
 def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, int],

@@ -4,6 +4,10 @@ the receiver files per request (top-k codes by (layer, position), risk-probe fea
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 
 import msgspec
 import numpy as np
@@ -94,3 +98,26 @@ def test_codes_are_few_bytes_per_token():
         pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=8)
     size = len(msgspec.msgpack.encode([record.as_list()]))
     assert size <= 100, size  # a dense bf16 capture of the same two layers is 2 x 576 x 2 = 2304 bytes
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two usable CPUs")
+def test_feature_socket_io_thread_runs_off_the_workers_cores():
+    """vLLM binds its CPU worker to its cores; the feature socket's ZMQ I/O thread must not compete there."""
+    code = """
+import json, os, time
+first = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {first})                       # what vLLM does to its CPU worker
+from featurelens.server.worker import _sender_context
+import zmq
+socket = _sender_context().socket(zmq.PUSH)
+socket.connect("ipc:///tmp/featurelens-affinity-test.sock")
+time.sleep(0.2)
+threads = {open(f"/proc/self/task/{t}/comm").read().strip(): sorted(os.sched_getaffinity(int(t)))
+           for t in os.listdir("/proc/self/task")}
+print(json.dumps({"first": first, "threads": threads}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    io = [cpus for name, cpus in got["threads"].items() if name.startswith("ZMQbg/IO")]
+    assert io and all(got["first"] not in cpus for cpus in io), got
