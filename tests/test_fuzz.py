@@ -114,7 +114,8 @@ class StandInEngine(WordTokenizer):
         self.interpretability_available = True
         self.sparsity_levels = SPARSITY_LEVELS
         self.quantized = {"backend": "native", "weight_bytes": 0}
-        self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace)
+        self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
+                                          trained_top_k=None)
         self.tokenizer = WordTokenizer()
         self.features = SimpleNamespace(open=lambda key: None, close=lambda key: None)
         self.errored = False

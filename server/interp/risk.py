@@ -65,6 +65,12 @@ class RiskProbe:
         return cls(probe, float(probe.thresholds["medium"]), float(probe.thresholds["high"]))
 
     @property
+    def trained_top_k(self) -> int | None:
+        """Codes per token and layer the probe was trained on (`metrics.feature_top_k`), if recorded."""
+        value = self.probe.metrics.get("feature_top_k")
+        return int(value) if value else None
+
+    @property
     def probe_id(self) -> str:
         return self.probe.probe_id
 

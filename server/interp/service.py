@@ -112,8 +112,8 @@ def risk_capture_k(entry: Any, settings: Any, probe: Any = None) -> int:
     top-k costs less), capped by what the SAE fires; a probe without that record reads a TopK SAE's whole
     code (its k), else the per-token limit."""
     whole = int(entry.cfg.k) if entry.cfg.architecture == "topk" and entry.cfg.k else settings.max_features_per_token
-    trained = int((probe.probe.metrics if probe is not None else {}).get("feature_top_k") or 0)
-    return min(trained, whole) if trained > 0 else whole
+    trained = probe.trained_top_k if probe is not None else None
+    return min(trained, whole) if trained else whole
 
 
 def to_layer_features(layer: int, sae_id: str, indices: Any, values: Any, k: int) -> pb.LayerFeatures:
