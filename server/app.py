@@ -128,6 +128,8 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
 
     if engine.llm is None:
         await engine.start()
+    if engine.features is not None:
+        engine.features.on_step = metrics.observe_step_timing
     metrics.set_engine_info(engine.shape.model_id, [e.sae_id for e in engine.saes.values()], SERVER_VERSION)
     started = time.perf_counter()
     await engine.warmup()

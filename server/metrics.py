@@ -168,11 +168,11 @@ class Metrics:
         label = str(layer) if 0 <= layer < MAX_LAYER_LABEL else "other"
         self.features_returned.labels(layer=label).inc(n)
 
-    def observe_sae_encode(self, seconds: float) -> None:
-        self.sae_encode_seconds.observe(seconds)
-
-    def observe_risk(self, seconds: float) -> None:
-        self.risk_seconds.observe(seconds)
+    def observe_step_timing(self, encode_seconds: float, risk_seconds: float) -> None:
+        """One engine step's interpretability work, as the worker measured it (a step that sent codes)."""
+        self.sae_encode_seconds.observe(encode_seconds)
+        if risk_seconds > 0:
+            self.risk_seconds.observe(risk_seconds)
 
     def set_engine_info(self, model: str, saes: list[str] | str, version: str) -> None:
         saes_text = saes if isinstance(saes, str) else ",".join(saes)

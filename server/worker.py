@@ -15,7 +15,10 @@ Each forward step: a pre-hook on the model builds a view of the flattened batch 
 request, their token positions); a hook on every decoder layer edits/encodes only the rows of requests that
 asked for that layer (batched: one SAE encode per layer for all capturing rows, one edit per distinct steering
 list), so every other row stays bit-identical; a post-hook ships the step's sparse codes to the frontend over
-a ZMQ PUSH socket — never dense residuals. One msgpack message per step, one record per request:
+a ZMQ PUSH socket — never dense residuals. A message is a msgpack list of steps (over ZMQ one message per
+step; `featurelens_drain` returns every buffered step), each [records, [encode_seconds, risk_seconds]] — the
+step's time in SAE encodes and in the risk probe's selection, for the Prometheus histograms — with one
+record per request:
 
     [tag, first_position, count,
      [[layer, k, wide, indices, values], ...],        # top-k codes: count×k, indices uint16 (int32 if wide)
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +85,8 @@ class _BatchView:
     capture_at: dict[int, list[_RequestRows]] = field(default_factory=dict)
     kept: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # key → (first row, first position, count)
     records: dict[str, _StepRecord] = field(default_factory=dict)
+    encode_s: float = 0.0  # this step's time in SAE encodes (all layers, all requests)
+    risk_s: float = 0.0  # and in the risk probe's selection
 
 
 _EMPTY = _BatchView()
@@ -202,9 +208,8 @@ class FeatureLensWorkerExtension:
         collective_rpc; returns the buffered steps' records as one msgpack payload."""
         import msgspec
 
-        records = [record for step in self._fl_buffer for record in step]
-        self._fl_buffer = []
-        return msgspec.msgpack.encode(records)
+        steps, self._fl_buffer = self._fl_buffer, []
+        return msgspec.msgpack.encode(steps)
 
     def featurelens_active_requests(self) -> int:
         """Requests the model runner holds state for (running or preempted, not yet freed)."""
@@ -319,6 +324,7 @@ class FeatureLensWorkerExtension:
         stream = hidden.index_select(0, index) + residual.index_select(0, index)
         k = max(max(rows.capture[layer]["k"] if layer in rows.capture else 0, rows.risk.get(layer, 0))
                 for rows, *_ in spans)
+        began = time.perf_counter()
         values, indices = sae.encode_topk(stream, k)
         # To numpy once for the whole batch: slicing per request is then ~1 µs instead of a torch op each.
         values = values.float().clamp(max=65504.0).to(torch.float16).cpu().numpy()
@@ -326,6 +332,7 @@ class FeatureLensWorkerExtension:
         indices = indices.to(torch.int32).cpu().numpy()
         if not wide:
             indices = indices.astype(np.uint16)
+        view.encode_s += time.perf_counter() - began
         probe = self._fl_probe.get(layer)
         selected: dict[int, tuple[np.ndarray, ...]] = {}  # risk k → the probe's pairs for the whole batch
         offset = 0
@@ -339,7 +346,9 @@ class FeatureLensWorkerExtension:
             risk_k = rows.risk.get(layer)
             if risk_k and probe is not None:
                 if risk_k not in selected:
+                    began = time.perf_counter()
                     selected[risk_k] = probe.select(values, indices, risk_k)
+                    view.risk_s += time.perf_counter() - began
                 counts, pair_idx, pair_vals, starts, scores = selected[risk_k]
                 a, b = starts[offset], starts[offset + count]
                 risk = (counts[offset:offset + count], pair_idx[a:b], pair_vals[a:b], scores[offset:offset + count])
@@ -354,13 +363,13 @@ class FeatureLensWorkerExtension:
             self._fl_quant.end()
         view = self._fl_view
         if view.records and self._fl_is_sender:
-            records = [record.as_list() for record in view.records.values()]
+            step = [[record.as_list() for record in view.records.values()], [view.encode_s, view.risk_s]]
             if self._fl_socket is not None:
                 import msgspec
 
-                self._fl_socket.send(msgspec.msgpack.encode(records))  # copy: faster than zero-copy for small messages
+                self._fl_socket.send(msgspec.msgpack.encode([step]))  # copied: faster than zero-copy when small
             else:
-                self._fl_buffer.append(records)
+                self._fl_buffer.append(step)
         self._fl_view = _EMPTY
 
 

@@ -47,7 +47,10 @@ def test_records_round_trip_to_the_open_request():
             pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=5 if layer == 12 else None,
                        risk=risk)
             pack_codes(late, layer, values, indices.astype(np.uint16), False, top_k=5)
-        receiver._dispatch(msgspec.msgpack.encode([record.as_list(), late.as_list()]))
+        timings = []
+        receiver.on_step = lambda encode_s, risk_s: timings.append((encode_s, risk_s))
+        receiver._dispatch(msgspec.msgpack.encode([[[record.as_list(), late.as_list()], [0.004, 0.0005]]]))
+        assert timings == [(0.004, 0.0005)]
         weight_of = dict(zip(ids.tolist(), weights.tolist(), strict=True))
         for row in range(3):
             got_i, got_v = await received.get(12, 40 + row, timeout_s=1)
@@ -82,7 +85,7 @@ def test_wide_indices_for_large_dictionaries():
         values, indices = codes(2, 4, 100_000, seed=1)
         record = _StepRecord(received.tag, first=7, count=2)
         pack_codes(record, 3, values, indices.astype(np.int32), True, top_k=4)
-        receiver._dispatch(msgspec.msgpack.encode([record.as_list()]))
+        receiver._dispatch(msgspec.msgpack.encode([[[record.as_list()], [0.0, 0.0]]]))
         got_i, _ = await received.get(3, 8, timeout_s=1)
         np.testing.assert_array_equal(got_i, indices[1])
         assert int(got_i.max()) >= 0 and indices.max() > 65535

@@ -54,8 +54,7 @@ def _record_everything(m: Metrics) -> None:
     m.count_cache_lookup("redis", hit=True)
     m.count_cache_lookup("redis", hit=False)
     m.count_cache_error("redis", "timeout")
-    m.observe_sae_encode(0.002)
-    m.observe_risk(0.0003)
+    m.observe_step_timing(0.002, 0.0003)
     m.set_engine_info("smollm2-135m", ["res-l9", "res-l15"], "0.1.0")
 
 

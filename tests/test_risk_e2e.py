@@ -22,8 +22,8 @@ def risky(question: str, n: int = 24, stream: bool = False):
                interpretability=pb.InterpretabilityOptions(score_risk=True))
 
 
-def _risk_count(served) -> float:
-    return sum(s.value for m in served.metrics.registry.collect() if m.name == "featurelens_response_risk"
+def _risk_count(served, name: str = "featurelens_response_risk") -> float:
+    return sum(s.value for m in served.metrics.registry.collect() if m.name == name
                for s in m.samples if s.name.endswith("_count"))
 
 
@@ -55,10 +55,15 @@ async def test_score_hallucination_matches_generate(stub):
 
 async def test_risk_histogram_counts_scored_responses(served, stub):
     before = _risk_count(served)
+    steps_before = {name: _risk_count(served, name) for name in ("featurelens_sae_encode_seconds",
+                                                                 "featurelens_risk_seconds")}
     for question in ("What is 2 + 2?", "Who wrote Hamlet?"):
         await stub.Generate(risky(question, n=8))
     await stub.Generate(pb.GenerateRequest(text="not scored", stopping=pb.StoppingOptions(max_new_tokens=2)))
     assert _risk_count(served) - before == 2
+    # The worker's per-step timings reach the step histograms: at least one step per scored token.
+    for name, count in steps_before.items():
+        assert _risk_count(served, name) - count >= 8, name
 
 
 @pytest.mark.parametrize("request_kwargs, field", [

@@ -100,6 +100,7 @@ class FeatureReceiver:
         self._open: dict[str, RequestFeatures] = {}
         self._by_tag: dict[int, RequestFeatures] = {}
         self._next_tag = 0
+        self.on_step: Any = None  # called with (encode_seconds, risk_seconds) of every engine step that sent codes
         self._task: asyncio.Task[None] | None = None
         self._socket = None
         self.bytes_received = 0
@@ -133,10 +134,16 @@ class FeatureReceiver:
 
         self.bytes_received += len(payload)
         try:
-            records = msgspec.msgpack.decode(payload)
+            steps = msgspec.msgpack.decode(payload)
         except msgspec.DecodeError:
             log.error("dropping an undecodable feature message (%d bytes)", len(payload))
             return
+        for records, timings in steps:
+            if self.on_step is not None:
+                self.on_step(*timings)
+            self._file(records)
+
+    def _file(self, records: list[Any]) -> None:
         for tag, first, count, topk, risk in records:
             target = self._by_tag.get(tag)
             if target is None:  # the request already finished or was cancelled

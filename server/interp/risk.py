@@ -108,7 +108,7 @@ class RunningRisk:
     semantics of `risk_probe.running_risks` (the offline reference; a test checks both agree).
 
     Two ways to feed it. `add(codes)`: the token's probe features, vectorised over the probe's columns
-    (numpy, float64; ~18 µs per token for the shipped 228-feature probe). `add_score(term)`: for mean and
+    (numpy, float64; ~18 µs per token for a 228-feature probe). `add_score(term)`: for mean and
     last-prompt pooling, the token's linear term w · f(x_t) that the worker computed beside the codes — one
     float per token, so a streamed token costs the frontend a few scalar operations (on a 2-core box the
     frontend competes with vLLM's engine-core process for CPU); the pooled features for the explanation
