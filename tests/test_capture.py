@@ -124,3 +124,22 @@ print(json.dumps({"first": first, "threads": threads}))
     got = json.loads(out.stdout.strip().splitlines()[-1])
     io = [cpus for name, cpus in got["threads"].items() if name.startswith("ZMQbg/IO")]
     assert io and all(got["first"] not in cpus for cpus in io), got
+
+
+def test_cpu_attention_is_kept_off_the_amx_kernel(monkeypatch):
+    """vLLM's AMX bf16 attention gave wrong tokens on an AMX box; the worker module swaps it for "vec"."""
+    cpu_attn = pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
+    from featurelens.server import worker
+
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *a, **k: "amx")
+    monkeypatch.setenv("FEATURELENS_CPU_AMX_ATTENTION", "1")
+    worker._avoid_amx_attention()
+    assert cpu_attn._get_attn_isa() == "amx"  # allowed on request
+    monkeypatch.delenv("FEATURELENS_CPU_AMX_ATTENTION")
+    worker._avoid_amx_attention()
+    assert cpu_attn._get_attn_isa() == "vec"
+    worker._avoid_amx_attention()  # idempotent: wrapped once
+    assert cpu_attn._get_attn_isa.featurelens_wrapped
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *a, **k: "vec16")
+    worker._avoid_amx_attention()
+    assert cpu_attn._get_attn_isa() == "vec16"  # other kernels untouched
