@@ -104,8 +104,8 @@ class Engine:
         self.features = FeatureReceiver(self.settings.feature_transport, self.llm)
         self.features.start()
         config = {"endpoint": self.features.endpoint,
-                  "saes": [{"layer": e.layer, "path": e.path, "sae_id": e.sae_id} for e in self.saes.values()]}
-        config["sae_gemm"] = self.settings.sae_gemm_dtype
+                  "saes": [{"layer": e.layer, "path": e.path, "sae_id": e.sae_id} for e in self.saes.values()],
+                  "sae_gemm": self.settings.sae_gemm_dtype}
         thresholds = self._sparsity_thresholds()
         if thresholds:
             config["sparsity"] = {"path": thresholds}

@@ -280,13 +280,12 @@ class FeatureLensWorkerExtension:
             start, end = int(query_start[i]), int(query_start[i + 1])
             if end <= start:
                 continue
-            capture, steer, risk, prompt, layers = _parsed(spec)
+            capture, steer, signatures, risk, prompt, layers = _parsed(spec)
             rows = _RequestRows(key=spec["key"], tag=spec.get("tag", spec["key"]), start=start, end=end,
                                 num_prompt_tokens=int(state.num_prompt_tokens), capture=capture, steer=steer,
                                 risk=risk, prompt=prompt, sparse=spec.get("sparse"), quant=spec.get("quant"))
             for layer, specs_here in steer.items():
-                signature = _steer_signature(spec, layer, specs_here)
-                steering.setdefault(layer, {}).setdefault(signature, (specs_here, []))[1].append(rows)
+                steering.setdefault(layer, {}).setdefault(signatures[layer], (specs_here, []))[1].append(rows)
             for layer in capture.keys() | risk.keys():
                 view.capture_at.setdefault(layer, []).append(rows)
             view.requests.append(rows)
@@ -478,31 +477,24 @@ def _sender_context() -> Any:
     return _SENDER_CONTEXT
 
 
-def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, int],
-                                           bool, frozenset[int]]:
-    """A request's spec by layer — capture, steering lists, risk k, the prompt flag, every layer it touches —
-    parsed on its first step and memoised in the spec (the worker's own copy of extra_args)."""
+def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, str],
+                                           dict[int, int], bool, frozenset[int]]:
+    """A request's spec by layer — capture, steering lists and their signatures (a list as a string, so
+    requests with equal lists steer in one pass), risk k, the prompt flag, every layer it touches — parsed on
+    its first step and memoised in the spec (the worker's own copy of extra_args)."""
     parsed = spec.get("_parsed")
     if parsed is None:
+        import json
+
         capture = {c["layer"]: c for c in spec.get("capture", ())}
         steer: dict[int, list[dict[str, Any]]] = {}
         for s in spec.get("steer", ()):
             steer.setdefault(s["layer"], []).append(s)
+        signatures = {layer: json.dumps(specs, sort_keys=True) for layer, specs in steer.items()}
         risk = {r["layer"]: int(r["k"]) for r in spec.get("risk", ())}
-        parsed = spec["_parsed"] = (capture, steer, risk, any(c.get("prompt") for c in capture.values()),
+        parsed = spec["_parsed"] = (capture, steer, signatures, risk, any(c.get("prompt") for c in capture.values()),
                                     frozenset(capture) | frozenset(steer) | frozenset(risk))
     return parsed
-
-
-def _steer_signature(spec: dict[str, Any], layer: int, specs: list[dict[str, Any]]) -> str:
-    """A request's steering list at one layer as a string, computed once per request (memoised in its spec,
-    the worker's own copy of extra_args), so requests with equal lists steer in one pass."""
-    memo = spec.setdefault("_signatures", {})
-    if layer not in memo:
-        import json
-
-        memo[layer] = json.dumps(specs, sort_keys=True)
-    return memo[layer]
 
 
 def _row_index(members: list[_RequestRows], device: torch.device) -> torch.Tensor:

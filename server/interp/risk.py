@@ -149,12 +149,8 @@ class RunningRisk:
         for layer, table in self.probe.slots.items():
             if not use:
                 break
-            ids = np.concatenate([np.asarray(codes[layer][0], dtype=np.int64) for codes in use])
-            vals = np.concatenate([np.asarray(codes[layer][1], dtype=np.float64) for codes in use])
-            known = (ids < len(table)) & (vals > 0.0)
-            columns = table[ids[known]]
-            fired = columns >= 0
-            columns, x = columns[fired], vals[known][fired]
+            columns, x = _probe_columns(table, np.concatenate([codes[layer][0] for codes in use]),
+                                        np.concatenate([codes[layer][1] for codes in use]))
             if self.probe.probe.input_transform == "log1p":
                 x = np.log1p(x)
             if pooling == "max":
@@ -171,13 +167,8 @@ class RunningRisk:
         self.count += 1
         x = np.zeros_like(self.state)
         for layer, table in self.probe.slots.items():
-            indices, values = codes[layer]
-            ids = np.asarray(indices, dtype=np.int64)
-            vals = np.asarray(values, dtype=np.float64)
-            known = (ids < len(table)) & (vals > 0.0)
-            slots = table[ids[known]]
-            fired = slots >= 0
-            x[slots[fired]] = vals[known][fired]
+            columns, values = _probe_columns(table, *codes[layer])
+            x[columns] = values
         if self.probe.probe.input_transform == "log1p":
             x = np.log1p(x)
         pooling, t = self.probe.probe.pooling, self.count
@@ -206,6 +197,17 @@ class RunningRisk:
             out.top_features.add(layer=layer, feature_id=feature, activation=v, weight=weights[(layer, feature)],
                                  contribution=contribution, explanation=explain(layer, feature) if explain else "")
         return out
+
+
+def _probe_columns(table: np.ndarray, indices: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (feature ids, activations) at one layer → the probe's columns among them and their values
+    (float64); features the probe does not use and zero activations ("not fired") are dropped."""
+    ids = np.asarray(indices, dtype=np.int64)
+    vals = np.asarray(values, dtype=np.float64)
+    known = (ids < len(table)) & (vals > 0.0)
+    columns = table[ids[known]]
+    fired = columns >= 0
+    return columns[fired], vals[known][fired]
 
 
 def default_probe_path() -> Path | None:
