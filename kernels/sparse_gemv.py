@@ -17,6 +17,10 @@ Backends, picked once per process by `backend="auto"`:
   build fails (the reason is logged once) or FEATURELENS_SPARSE_NATIVE=0.
 On GPU use `featurelens.kernels.triton_sparse.sparse_gemv_triton` (same contract).
 
+`sparse_gemv_parts(x, w_ts, norms, thresholds, out)` is the engine's batch-1 entry for a fused projection module
+(q|k|v, gate|up): every part with its own threshold in one call, the result written into `out`, the number of
+zeroed inputs returned (one Python->C++ call per module and step instead of a handful of torch ops).
+
 Batch > 1 has no shared active set, so it is not this kernel's job: callers mask and use the dense matmul.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Literal
@@ -154,3 +159,26 @@ def sparse_gemv(
     else:
         y = sparse_gemv_torch(x, w_t, col_norms, threshold)
     return y.unsqueeze(0) if squeeze_batch else y
+
+
+def sparse_gemv_parts_torch(x: torch.Tensor, w_ts: list[torch.Tensor], norms: torch.Tensor, thresholds: list[float],
+                            out: torch.Tensor) -> int:
+    """Fallback and reference of the native `sparse_gemv_parts` (same contract): x [in]; w_ts one [in, out_p] per
+    part; norms [parts, in] float32; out [sum out_p] (any float dtype) receives the parts in order. Returns the
+    number of inputs zeroed over all parts (WINA score below the part's threshold, or x_i == 0)."""
+    offset, zeroed = 0, 0
+    flat = out.view(-1)
+    for w_t, col_norms, threshold in zip(w_ts, norms, thresholds, strict=True):
+        active = _active_mask(x, col_norms, threshold)
+        zeroed += x.numel() - int(active.sum())
+        flat[offset:offset + w_t.shape[1]] = sparse_gemv_torch(x, w_t, col_norms, threshold).to(out.dtype)
+        offset += w_t.shape[1]
+    return zeroed
+
+
+def parts_kernel() -> Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, list[float], torch.Tensor], int]:
+    """The native `sparse_gemv_parts` (called directly: a checking wrapper costs more than the GEMV at decode
+    sizes) when the extension builds, else `sparse_gemv_parts_torch`."""
+    if native_available():
+        return _native_module()[0].sparse_gemv_parts
+    return sparse_gemv_parts_torch

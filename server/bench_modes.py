@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import statistics
 import time
@@ -237,7 +238,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"int8 mode: {int8.get('weight_bytes', 0) / 1e6:.0f} MB of int8 projection weights + scales, held "
               f"beside the bf16 model ({int8.get('backend')} kernel)\n", flush=True)
     if any(name.startswith("sparse") for name in _SELECTED):
-        bench_kernels.main(["--dtypes", "bf16", "--rounds", str(max(3, args.rounds + 2))])
+        # As many torch threads as the engine's worker gets: vLLM binds its CPU worker to all cores but one
+        # (the one left for the frontend), so one thread on a 2-core box.
+        threads = max(1, len(os.sched_getaffinity(0)) - 1)
+        bench_kernels.main(["--dtypes", "bf16", "--threads", str(threads), "--rounds", str(max(3, args.rounds + 2))])
     if "int8" in _SELECTED:
         bench_kernels.main_int8(rounds=max(3, args.rounds + 2))
     print(f"total {time.perf_counter() - started:.0f} s")

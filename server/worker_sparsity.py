@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ class SparseStep:
     zeroed: torch.Tensor  # [n] float64: inputs zeroed so far this step
     inputs: int = 0  # inputs per row seen so far this step
     fast: bool = False  # the sparse GEMV ran (batch-1 step)
-    pending: list[torch.Tensor] = field(default_factory=list)  # fast path: zeroed counts, summed at the end
+    fast_zeroed: int = 0  # fast path: inputs zeroed (the kernel counts them), added to `zeroed` at the end
 
 
 class SparseRuntime:
@@ -75,7 +75,7 @@ class SparseRuntime:
         self.norms: list[list[torch.Tensor]] = [
             [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
-        self.gemv = _native_gemv()
+        self.gemv_parts = _parts_kernel()
         self.step: SparseStep | None = None
         self.stats: OrderedDict[str, list[float]] = OrderedDict()
         self.fast_path_calls = 0
@@ -134,8 +134,8 @@ class SparseRuntime:
         step, self.step = self.step, None
         if step is None or step.inputs == 0:
             return
-        if step.pending:
-            step.zeroed[0] += torch.stack(step.pending).sum()
+        if step.fast_zeroed:
+            step.zeroed[0] += step.fast_zeroed
         for key, start, end in step.segments:
             entry = self.stats.pop(key, None) or [0.0, 0.0, 0.0, 0.0]
             entry[0] += float(step.zeroed[start:end].sum())
@@ -166,10 +166,9 @@ class _SparseProjection:
         self.slices = [slice(bounds[i], bounds[i + 1]) for i in range(len(parts))]
         self.has_bias = getattr(module, "bias", None) is not None
         # Fast-path constants: batch-1 decode pays Python overhead per call, so nothing is rebuilt per step.
-        self.norm_list = [runtime.norms[layer][p] for p in self.parts]
-        self.norm_stack = torch.stack(self.norm_list)  # [parts, in]
+        self.norm_stack = torch.stack([runtime.norms[layer][p] for p in self.parts]).contiguous()  # [parts, in]
         self.thr_list = {lv: [runtime._thr[lv][layer][p] for p in self.parts] for lv in runtime.levels}
-        self.thr_col = {lv: torch.tensor(t, dtype=torch.float32).unsqueeze(1) for lv, t in self.thr_list.items()}
+        self.out_features = bounds[-1]
         self.w_t: list[torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> Any:
@@ -187,16 +186,14 @@ class _SparseProjection:
     def _gemv(self, x: torch.Tensor, step: SparseStep) -> torch.Tensor:
         if self.w_t is None:
             self.w_t = [self.runtime.transposed(self.layer, p, x.dtype, x.device) for p in self.parts]
-        x0 = x[0]
-        level = step.levels[0]
-        step.pending.append((x0.abs() * self.norm_stack < self.thr_col[level]).sum())
-        gemv = self.runtime.gemv
-        outs = [gemv(x0, w_t, norms, t) for w_t, norms, t in zip(self.w_t, self.norm_list, self.thr_list[level],
-                                                                  strict=True)]
+        out = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
+        # One native call computes every part with its own threshold, writes `out` and counts the zeroed inputs.
+        step.fast_zeroed += self.runtime.gemv_parts(x[0].contiguous(), self.w_t, self.norm_stack,
+                                                    self.thr_list[step.levels[0]], out)
         step.inputs += x.shape[1] * len(self.parts)
         step.fast = True
         self.runtime.fast_path_calls += 1
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.dtype).unsqueeze(0)
+        return out
 
     def _masked(self, x: torch.Tensor, step: SparseStep, full: bool) -> Any:
         xs = x if full else x.index_select(0, step.rows)
@@ -222,15 +219,12 @@ class _SparseProjection:
         return dense
 
 
-def _native_gemv() -> Any:
-    """The sparse GEMV with the WINA mask fused, (x [in], w_t [in, out], norms, threshold) -> float32 [out]:
-    the native kernel called directly (the checked wrapper costs more than the GEMV at this size), else the
-    torch fallback."""
-    from featurelens.kernels import sparse_gemv as sg
+def _parts_kernel() -> Any:
+    """(x [in], w_ts, norms [parts, in], thresholds, out) -> zeroed inputs: the native multi-part sparse GEMV with
+    the WINA mask fused, else its torch fallback (featurelens.kernels.sparse_gemv.parts_kernel)."""
+    from featurelens.kernels.sparse_gemv import parts_kernel
 
-    if sg.native_available():
-        return sg._native_module()[0].sparse_gemv
-    return lambda x, w_t, norms, threshold: sg.sparse_gemv_torch(x, w_t, norms, threshold).float()
+    return parts_kernel()
 
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:

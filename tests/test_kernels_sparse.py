@@ -147,3 +147,50 @@ def test_rejects_batches_and_mismatched_shapes() -> None:
         sg.sparse_gemv(torch.stack([x, x]), sg.transpose_weight(weight))
     with pytest.raises(ValueError, match="does not match"):
         sg.sparse_gemv(x, weight)  # not transposed
+
+
+def _parts_kernel(backend: str, request: pytest.FixtureRequest):  # noqa: ANN202 - the kernel callable
+    if backend == "native":
+        request.getfixturevalue("native")
+        return sg._native_module()[0].sparse_gemv_parts
+    return sg.sparse_gemv_parts_torch
+
+
+@pytest.mark.parametrize("out_dtype", ["x", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_parts_mask_each_part_by_its_own_threshold(backend: str, dtype: torch.dtype, out_dtype: str,
+                                                   request: pytest.FixtureRequest) -> None:
+    """The engine's entry for a fused module (q|k|v): each part is the dense matmul of the input masked by that
+    part's WINA threshold, written into its own columns of `out`; the count is the inputs zeroed over all parts.
+    One part is wider than a 2048-column pass and one is narrower than a SIMD vector."""
+    from featurelens.server.interp.sparsity import column_norms, wina_mask, wina_sparsify
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(IN, generator=g)
+    x[:9] = 0  # exact zeros are zeroed inputs too
+    x = x.to(dtype)
+    weights = [torch.randn(width, IN, generator=g).to(dtype) for width in (130, 2100, 5)]
+    norms = torch.stack([column_norms(w) for w in weights]).contiguous()
+    scores = x.float().abs() * norms
+    thresholds = [float(torch.quantile(s, q)) for s, q in zip(scores, (0.2, 0.5, 0.8), strict=True)]
+    out = torch.full((sum(w.shape[0] for w in weights),), float("nan"),
+                     dtype=dtype if out_dtype == "x" else torch.float32)
+    zeroed = _parts_kernel(backend, request)(x, [sg.transpose_weight(w) for w in weights], norms, thresholds, out)
+    expected = torch.cat([_dense(wina_sparsify(x.float(), n, t), w.float())
+                          for w, n, t in zip(weights, norms, thresholds, strict=True)])
+    tol = {"rtol": 1e-5, "atol": 1e-4} if out.dtype == torch.float32 and dtype == torch.float32 else \
+        {"rtol": 1e-2, "atol": 3e-2}
+    torch.testing.assert_close(out.double(), expected, **tol)
+    assert zeroed == sum(int((~wina_mask(x.float(), n, t) | (x == 0)).sum())
+                         for n, t in zip(norms, thresholds, strict=True))
+    assert 0.45 * 3 * IN < zeroed < 0.6 * 3 * IN  # 20% + 50% + 80% of the inputs (and the 9 zeros)
+
+
+def test_parts_reject_a_wrong_output_size(native: None) -> None:
+    x, weight = _case(0.5)
+    norms = torch.ones(1, IN)
+    with pytest.raises(RuntimeError, match="out has"):
+        sg._native_module()[0].sparse_gemv_parts(x, [sg.transpose_weight(weight)], norms, [0.1], torch.empty(OUT + 1))
+    with pytest.raises(RuntimeError, match="one threshold per weight"):
+        sg._native_module()[0].sparse_gemv_parts(x, [sg.transpose_weight(weight)], norms, [0.1, 0.2], torch.empty(OUT))
