@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     risk_high_threshold: float | None = Field(None, description="risk ≥ this is HIGH (default: the probe's own)")
     sparsity_thresholds: str = Field("default", description="WINA thresholds JSON for sparse mode; 'default' = "
                                                             "the shipped ones for the default model, 'none' disables")
+    sparse_prompt: bool = Field(False, description="sparse mode also zeroes inputs of prompt tokens (prefill); "
+                                                   "default: the prompt runs dense and generated tokens sparse")
     quantized_mode: str = Field("int8", description="INFERENCE_MODE_QUANTIZED: 'int8' builds "
                                                                       "int8 copies of the decoder projections at start-up "
                                                                       "(~1 byte per weight), 'none' disables the mode")

@@ -108,7 +108,7 @@ class Engine:
                   "sae_gemm": self.settings.sae_gemm_dtype}
         thresholds = self._sparsity_thresholds()
         if thresholds:
-            config["sparsity"] = {"path": thresholds}
+            config["sparsity"] = {"path": thresholds, "prompt": self.settings.sparse_prompt}
         # Quantized mode wraps Python forwards like sparse mode, so compiled mode cannot serve it either.
         config["quantized"] = self.settings.quantized_mode == "int8" and self.interpretability_available
         installed = await self.llm.collective_rpc("featurelens_setup", args=(config,))

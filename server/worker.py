@@ -174,7 +174,7 @@ class FeatureLensWorkerExtension:
             from featurelens.server.worker_sparsity import SparseRuntime
 
             self._fl_sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers),
-                                            device)
+                                            device, prompt=bool(sparsity.get("prompt", False)))
             self._fl_sparse.install(layers)
         self._fl_quant, self._fl_quant_head = None, False
         if config.get("quantized"):
@@ -298,7 +298,7 @@ class FeatureLensWorkerExtension:
             self._fl_keep_rows(view, positions)
         self._fl_view = view
         if sparse is not None:
-            sparse.begin([(r.key, r.start, r.end, r.sparse) for r in view.requests if r.sparse],
+            sparse.begin(sparse.rows_of([r for r in view.requests if r.sparse], positions),
                          int(query_start[num_reqs]))
         if quant is not None:
             quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))

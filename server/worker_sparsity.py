@@ -61,8 +61,10 @@ class SparseStep:
 class SparseRuntime:
     """Thresholds, column norms and the wrapped projections of one model."""
 
-    def __init__(self, model_path: str, thresholds_path: str, num_layers: int, device: torch.device) -> None:
+    def __init__(self, model_path: str, thresholds_path: str, num_layers: int, device: torch.device,
+                 prompt: bool = False) -> None:
         data = json.loads(Path(thresholds_path).read_text())
+        self.prompt = prompt  # also sparsify prompt tokens (default: they run dense)
         self.levels = sorted(data["levels"], key=int)
         self.num_layers = num_layers
         self._files = _weight_files(model_path)
@@ -112,6 +114,22 @@ class SparseRuntime:
         return count
 
     # -- per step ----------------------------------------------------------------------------------------
+
+    def rows_of(self, requests: list[Any], positions: torch.Tensor) -> list[tuple[str, int, int, str]]:
+        """(key, start, end, level) of the rows each sparse request runs sparse in this step: all its rows with
+        `prompt`, else those at generated-token positions (>= its prompt length). Prompt tokens run dense by
+        default: prefill is compute-bound, so skipping inputs saves no time there (the batched mask path even
+        costs ~2x), and a dense prompt's KV cache keeps quality closer to dense (measured in docs/modes.md).
+        A request's rows in one step are consecutive positions, so the sparse rows are a suffix."""
+        if self.prompt:
+            return [(r.key, r.start, r.end, r.sparse) for r in requests]
+        host = positions.cpu().numpy() if requests else None
+        out = []
+        for r in requests:
+            skip = max(0, min(r.end - r.start, r.num_prompt_tokens - int(host[r.start])))
+            if r.start + skip < r.end:
+                out.append((r.key, r.start + skip, r.end, r.sparse))
+        return out
 
     def begin(self, requests: list[tuple[str, int, int, str]], total_rows: int) -> None:
         """requests: (key, start, end, level) of the sparse-mode requests in this step's flattened batch."""

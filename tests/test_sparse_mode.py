@@ -122,6 +122,24 @@ def test_single_row_fast_path_uses_the_sparse_gemv_and_matches_masking(fake):
     assert runtime.report()["a"]["zeroed_fraction"] == pytest.approx(float((scores < levels["50"]).float().mean()))
 
 
+def test_prompt_rows_run_dense_unless_the_server_sparsifies_prompts(fake):
+    """Each request's rows in a step are consecutive positions; by default only positions >= its prompt length
+    (generated tokens) run sparse: a prefill chunk not at all, a decode row fully, and a chunk that re-computes
+    prompt + generated tokens (a resumed request) only from the prompt's end on."""
+    from types import SimpleNamespace as Req
+
+    runtime = fake[0]
+    reqs = [Req(key="prefill", start=0, end=4, sparse="25", num_prompt_tokens=10),  # positions 0..3
+            Req(key="decode", start=4, end=5, sparse="50", num_prompt_tokens=3),  # position 7
+            Req(key="resumed", start=5, end=10, sparse="25", num_prompt_tokens=8)]  # positions 6..10
+    positions = torch.tensor([0, 1, 2, 3, 7, 6, 7, 8, 9, 10])
+    assert runtime.rows_of(reqs, positions) == [("decode", 4, 5, "50"), ("resumed", 7, 10, "25")]
+    runtime.prompt = True
+    assert runtime.rows_of(reqs, positions) == [("prefill", 0, 4, "25"), ("decode", 4, 5, "50"),
+                                                ("resumed", 5, 10, "25")]
+    assert runtime.rows_of([], positions) == []
+
+
 def test_sparse_requests_get_their_own_prefix_cache_namespace():
     from featurelens.server.api import _cache_salt
 
@@ -188,7 +206,8 @@ async def test_sparse_request_zeroes_about_its_level_and_answers(served, stub):
         # The calibrated thresholds zero ~level% of every projection's inputs; chat text in bf16 sits
         # within a few points of the held-out corpus.
         assert abs(stats[key]["zeroed_fraction"] - level / 100) < 0.06, stats[key]
-        assert stats[key]["rows"] >= 24
+        # The prompt runs dense (the default): the sparse rows are the 23 decode steps after the first token.
+        assert stats[key]["rows"] == 23, stats[key]
         assert stats[key]["sparse_gemv_rows"] >= 20  # alone in the batch, decode steps take the GEMV path
     assert logprobs_of(replies[50]) != logprobs_of(dense)
 
