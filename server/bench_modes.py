@@ -139,9 +139,11 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
     for level in LEVELS:
         if f"sparse-{level}" not in _SELECTED:
             continue
-        with cal.wina_masking(model, load_thresholds(level)):
+        first = [0]
+        with cal.wina_masking(model, load_thresholds(level), first):
             out[f"sparse-{level}"] = {"ppl": cal.perplexity(model, tok, held),
-                                      "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
+                                      "tf_all": cal.greedy_agreement(model, prompts, dense_full),
+                                      "tf_agreement": cal.greedy_agreement(model, prompts, dense_full, first)}
     if "int8" not in _SELECTED:
         return out | {"_docs": {"heldout_documents": len(held)}}
     with int8_projections(model, cal.projections(model) | {"lm_head": model.lm_head}):  # as the engine does
@@ -221,16 +223,18 @@ def main(args: argparse.Namespace) -> int:
     bounds = decode_bounds()
     d = engine["dense"]
     cols = "".join(f" {'b' + str(b) + ' tok/s':>10} {'x':>5}" for b in batches)
-    print(f"{'mode':<10} {'ppl':>7} {'x':>5} {'tf agree':>8} {'agree':>6} {'prefix':>6}{cols} {'bound x':>7} "
+    print(f"{'mode':<10} {'ppl':>7} {'x':>5} {'tf agree':>8} {'tf all':>6} {'agree':>6} {'prefix':>6}{cols} {'bound x':>7} "
           f"{'prefill/s':>9} {'x':>5}")
     for name, _ in _modes():
         e, q = engine[name], quality[name]
         speeds = "".join(f" {e[f'decode_b{b}']:>10.1f} {e[f'decode_b{b}'] / d[f'decode_b{b}']:>4.2f}x" for b in batches)
+        tf_all = f"{q['tf_all']:>6.1%}" if "tf_all" in q else f"{'':>6}"
         print(f"{name:<10} {q['ppl']:>7.2f} {q['ppl'] / quality['dense']['ppl']:>4.2f}x {q['tf_agreement']:>8.1%} "
-              f"{e['agreement']:>6.1%} {e['same_prefix']:>6.1f}{speeds} {bounds[name]:>6.2f}x "
+              f"{tf_all} {e['agreement']:>6.1%} {e['same_prefix']:>6.1f}{speeds} {bounds[name]:>6.2f}x "
               f"{e['prefill']:>9.0f} {e['prefill'] / d['prefill']:>4.2f}x")
     print(f"\nppl: held-out perplexity ({quality['_docs']['heldout_documents']} documents, HF float32, every token "
-          f"masked); tf agree: teacher-forced top-1 agreement with dense greedy (HF); agree / prefix: engine "
+          f"masked); tf agree: teacher-forced top-1 agreement with dense greedy (HF; sparse: prompt tokens dense, "
+          f"as served); tf all: the same with every token masked (--sparse-prompt); agree / prefix: engine "
           f"free-running greedy tokens equal to dense, position by position / mean identical prefix length; "
           f"bound x: dense / sparse weight bytes per decoded token\n", flush=True)
     int8 = engine.get("_int8") or {}

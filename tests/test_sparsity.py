@@ -99,3 +99,33 @@ def test_shipped_thresholds_cover_every_projection_and_level() -> None:
         assert abs(held["mean"] - int(level) / 100) <= 0.02
     with pytest.raises(KeyError, match="available"):
         sp.load_thresholds("99")
+
+
+def test_offline_masking_can_leave_the_prompt_dense() -> None:
+    """The offline quality harness masks like the server: with a first position, earlier positions (the prompt)
+    run dense, so their logits equal the dense model's exactly (causal attention), and later ones are masked."""
+    from featurelens.server.interp.sparsity_calibrate import greedy_agreement, projections, wina_masking
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+    ids = torch.randint(64, (1, 10))
+    thresholds = {name: 0.5 for name in projections(model)}
+    with torch.inference_mode():
+        dense = model(ids).logits
+        first = [4]
+        with wina_masking(model, thresholds, first):
+            half = model(ids).logits
+            first[0] = 0
+            every = model(ids).logits
+    assert torch.equal(half[0, :4], dense[0, :4])
+    assert not torch.allclose(half[0, 4:], dense[0, 4:])
+    assert not torch.allclose(every[0, :4], dense[0, :4])
+    # greedy_agreement sets the cell to each prompt's length: the first continuation token is then predicted
+    # from dense positions only and always agrees, even when every later input is zeroed.
+    prompts = [ids[:, :6]]
+    full = torch.cat([ids[:, :6], dense[:, 5:6].argmax(-1), ids[:, 7:10]], dim=1)
+    with torch.inference_mode(), wina_masking(model, {n: 1e9 for n in projections(model)}, first):
+        assert greedy_agreement(model, prompts, [full], first) >= 0.25
+    assert first == [6]

@@ -105,14 +105,20 @@ def collect_scores(model: Any, tok: Any, texts: list[str], per_call: int = 2048,
 
 
 @contextmanager
-def wina_masking(model: Any, thresholds: dict[str, float]) -> Iterator[None]:
-    """Zero the inputs below threshold in every listed projection while the context is open."""
+def wina_masking(model: Any, thresholds: dict[str, float], first_position: list[int] | None = None) -> Iterator[None]:
+    """Zero the inputs below threshold in every listed projection while the context is open. With
+    `first_position` (a one-element list the caller may change between forwards) only sequence positions
+    >= first_position[0] are masked: the server's default, where a request's prompt runs dense."""
     mods = {n: m for n, m in projections(model).items() if n in thresholds}
     norms = {name: column_norms(m.weight) for name, m in mods.items()}
 
     def make_hook(name: str, _m: torch.nn.Module) -> Any:
         def hook(_mod: torch.nn.Module, args: tuple) -> tuple:
-            return (wina_sparsify(args[0], norms[name], thresholds[name]), *args[1:])
+            x, start = args[0], first_position[0] if first_position else 0
+            if start <= 0:
+                return (wina_sparsify(x, norms[name], thresholds[name]), *args[1:])
+            tail = wina_sparsify(x[..., start:, :], norms[name], thresholds[name])
+            return (torch.cat([x[..., :start, :], tail], dim=-2), *args[1:])
         return hook
 
     with hooks(mods, make_hook):
@@ -194,13 +200,17 @@ def dense_continuations(model: Any, prompts: list[torch.Tensor], new_tokens: int
 
 
 @torch.inference_mode()
-def greedy_agreement(model: Any, prompts: list[torch.Tensor], dense_full: list[torch.Tensor]) -> float:
-    """Teacher-forced: fraction of the dense greedy continuation's tokens the masked model also picks."""
+def greedy_agreement(model: Any, prompts: list[torch.Tensor], dense_full: list[torch.Tensor],
+                     first_position: list[int] | None = None) -> float:
+    """Teacher-forced: fraction of the dense greedy continuation's tokens the masked model also picks. With
+    `first_position` (the cell given to `wina_masking`), each prompt's tokens run dense, as the server does."""
     agree = total = 0
     for p, full in zip(prompts, dense_full, strict=True):
         n_new = full.shape[1] - p.shape[1]
         if n_new == 0:
             continue
+        if first_position is not None:
+            first_position[0] = p.shape[1]
         logits = model(full).logits[0, p.shape[1] - 1 : full.shape[1] - 1]
         agree += int((logits.argmax(-1) == full[0, p.shape[1]:]).sum())
         total += n_new
@@ -253,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate(name: str, table: dict[str, dict[str, float]]) -> None:
         for level, thr in table.items():
-            with wina_masking(model, thr):
+            first = [0]
+            with wina_masking(model, thr, first):
                 q = {"heldout_ppl": perplexity(model, tok, held),
-                     "greedy_agreement": greedy_agreement(model, prompts, dense_full)}
+                     "greedy_agreement": greedy_agreement(model, prompts, dense_full),
+                     "greedy_agreement_dense_prompt": greedy_agreement(model, prompts, dense_full, first)}
             q["ppl_ratio"] = q["heldout_ppl"] / quality["dense"]["heldout_ppl"]
             out["quality"][f"{name}-{level}"] = q
             print(name, level, {k: round(v, 4) for k, v in q.items()}, f"({time.time() - t0:.0f} s)", flush=True)
