@@ -10,8 +10,12 @@ wrapped (an instance attribute shadowing the class method) instead of pre-hooked
   input per sub-projection, stacked into ONE call of the module's own GEMM, and each sub-projection's output
   columns are taken from its copy. When every row is sparse the dense forward is skipped;
 - fast path: a step whose whole batch is one sparse row (batch-1 decode) runs the sparse GEMV
-  (featurelens.kernels.sparse_gemv) with the WINA mask fused, on transposed weights read once per projection
-  from the model's safetensors (vLLM repacks its weights for oneDNN and drops `weight`).
+  (featurelens.kernels.sparse_gemv, one `sparse_gemv_parts` call per module) with the WINA mask fused, on
+  transposed weights read once per projection from the model's safetensors (vLLM repacks its weights for
+  oneDNN and drops `weight`).
+
+Which rows are sparse: a sparse request's rows at generated-token positions; its prompt rows run dense unless
+the server sparsifies prompts too (`--sparse-prompt`), see `SparseRuntime.rows_of`.
 
 Column norms ||W[:, i]|| come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
 per-projection tables (server/interp/sparsity.py). Per request the worker counts the zeroed inputs (over all
