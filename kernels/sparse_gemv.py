@@ -115,9 +115,13 @@ def sparse_gemv_torch(
     x: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor | None = None, threshold: float = 0.0
 ) -> torch.Tensor:
     """Fallback and reference: gather the active rows, one fp32 matmul. x: [in] -> [out] in x's dtype."""
-    active = _active_mask(x, col_norms, threshold).nonzero().squeeze(1)
-    rows = w_t.index_select(0, active).float()
-    return (x.index_select(0, active).float() @ rows).to(x.dtype)
+    return _gather_matmul(x, w_t, _active_mask(x, col_norms, threshold)).to(x.dtype)
+
+
+def _gather_matmul(x: torch.Tensor, w_t: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """x[active] @ w_t[active] in float32 (the rows of inactive inputs are never read)."""
+    index = active.nonzero().squeeze(1)
+    return x.index_select(0, index).float() @ w_t.index_select(0, index).float()
 
 
 def sparse_gemv(
@@ -169,9 +173,9 @@ def sparse_gemv_parts_torch(x: torch.Tensor, w_ts: list[torch.Tensor], norms: to
     offset, zeroed = 0, 0
     flat = out.view(-1)
     for w_t, col_norms, threshold in zip(w_ts, norms, thresholds, strict=True):
-        active = _active_mask(x, col_norms, threshold)
+        active = _active_mask(x, col_norms, threshold)  # once per part: for the count and the product
         zeroed += x.numel() - int(active.sum())
-        flat[offset:offset + w_t.shape[1]] = sparse_gemv_torch(x, w_t, col_norms, threshold).to(out.dtype)
+        flat[offset:offset + w_t.shape[1]] = _gather_matmul(x, w_t, active).to(out.dtype)
         offset += w_t.shape[1]
     return zeroed
 

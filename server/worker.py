@@ -294,22 +294,23 @@ class FeatureLensWorkerExtension:
             view.steer_groups[layer] = [(specs_here, _row_index(members, positions.device),
                                          _prompt_lengths(members, positions.device))
                                         for specs_here, members in groups.values()]
+        sparse_rows = [r for r in view.requests if r.sparse] if sparse is not None else []
+        # Positions on the host, copied once per step for whoever needs them (capture and sparse mode).
+        host = positions.cpu().numpy() if view.capture_at or sparse_rows else None
         if view.capture_at:
-            self._fl_keep_rows(view, positions)
+            self._fl_keep_rows(view, host)
         self._fl_view = view
         if sparse is not None:
-            sparse.begin(sparse.rows_of([r for r in view.requests if r.sparse], positions),
-                         int(query_start[num_reqs]))
+            sparse.begin(sparse.rows_of(sparse_rows, host), int(query_start[num_reqs]))
         if quant is not None:
             quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))
             quant.begin_logits([i for i, _, spec in specs if spec.get("quant")], num_reqs)
 
-    def _fl_keep_rows(self, view: _BatchView, positions: torch.Tensor) -> None:
+    def _fl_keep_rows(self, view: _BatchView, host: np.ndarray) -> None:
         """Which rows of each capturing request send codes back: every row when it asked for prompt features,
         else those that predict a generated token (the last prompt position and later). A request's rows in
         one step are consecutive positions (vLLM schedules one contiguous chunk per request), so the kept
-        rows are a suffix, sent as (first position, count). One host copy of the positions per step."""
-        host = positions.cpu().numpy()
+        rows are a suffix, sent as (first position, count). `host`: the step's positions on the host."""
         for rows in (r for r in view.requests if r.capture or r.risk):
             first = int(host[rows.start])
             skip = 0 if rows.prompt else max(0, min(rows.end - rows.start, rows.num_prompt_tokens - 1 - first))

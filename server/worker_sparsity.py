@@ -81,7 +81,9 @@ class SparseRuntime:
         self.norms: list[list[torch.Tensor]] = [
             [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
-        self.gemv_parts = _parts_kernel()
+        from featurelens.kernels.sparse_gemv import parts_kernel
+
+        self.gemv_parts = parts_kernel()  # (x, w_ts, norms [parts, in], thresholds, out) -> zeroed inputs
         self.step: SparseStep | None = None
         self.stats: OrderedDict[str, list[float]] = OrderedDict()
         self.fast_path_calls = 0
@@ -119,18 +121,18 @@ class SparseRuntime:
 
     # -- per step ----------------------------------------------------------------------------------------
 
-    def rows_of(self, requests: list[Any], positions: torch.Tensor) -> list[tuple[str, int, int, str]]:
+    def rows_of(self, requests: list[Any], host_positions: Any) -> list[tuple[str, int, int, str]]:
         """(key, start, end, level) of the rows each sparse request runs sparse in this step: all its rows with
         `prompt`, else those at generated-token positions (>= its prompt length). Prompt tokens run dense by
         default: prefill is compute-bound, so skipping inputs saves no time there (the batched mask path even
         costs ~2x), and a dense prompt's KV cache keeps quality closer to dense (measured in docs/modes.md).
-        A request's rows in one step are consecutive positions, so the sparse rows are a suffix."""
+        A request's rows in one step are consecutive positions, so the sparse rows are a suffix.
+        `host_positions`: the step's positions on the host (numpy), None when there is no sparse request."""
         if self.prompt:
             return [(r.key, r.start, r.end, r.sparse) for r in requests]
-        host = positions.cpu().numpy() if requests else None
         out = []
         for r in requests:
-            skip = max(0, min(r.end - r.start, r.num_prompt_tokens - int(host[r.start])))
+            skip = max(0, min(r.end - r.start, r.num_prompt_tokens - int(host_positions[r.start])))
             if r.start + skip < r.end:
                 out.append((r.key, r.start + skip, r.end, r.sparse))
         return out
@@ -239,14 +241,6 @@ class _SparseProjection:
         out = dense[0] if isinstance(dense, tuple) else dense
         out.index_copy_(0, step.rows, sparse_out.to(out.dtype))
         return dense
-
-
-def _parts_kernel() -> Any:
-    """(x [in], w_ts, norms [parts, in], thresholds, out) -> zeroed inputs: the native multi-part sparse GEMV with
-    the WINA mask fused, else its torch fallback (featurelens.kernels.sparse_gemv.parts_kernel)."""
-    from featurelens.kernels.sparse_gemv import parts_kernel
-
-    return parts_kernel()
 
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:

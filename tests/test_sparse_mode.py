@@ -132,7 +132,7 @@ def test_prompt_rows_run_dense_unless_the_server_sparsifies_prompts(fake):
     reqs = [Req(key="prefill", start=0, end=4, sparse="25", num_prompt_tokens=10),  # positions 0..3
             Req(key="decode", start=4, end=5, sparse="50", num_prompt_tokens=3),  # position 7
             Req(key="resumed", start=5, end=10, sparse="25", num_prompt_tokens=8)]  # positions 6..10
-    positions = torch.tensor([0, 1, 2, 3, 7, 6, 7, 8, 9, 10])
+    positions = torch.tensor([0, 1, 2, 3, 7, 6, 7, 8, 9, 10]).numpy()  # the worker passes them on the host
     assert runtime.rows_of(reqs, positions) == [("decode", 4, 5, "50"), ("resumed", 7, 10, "25")]
     runtime.prompt = True
     assert runtime.rows_of(reqs, positions) == [("prefill", 0, 4, "25"), ("decode", 4, 5, "50"),
