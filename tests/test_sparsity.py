@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -82,6 +83,40 @@ def test_greedy_allocation_prefers_cheap_projections_and_hits_weighted_target() 
     weighted = sum(levels[n] * sizes[n] for n in sizes) / sum(sizes.values())
     assert weighted == pytest.approx(0.5, abs=1e-9)
     assert levels["a"] < levels["c"] < levels["b"]
+
+
+def test_sensitivity_at_follows_power_laws_between_grid_points() -> None:
+    grid = [0.2, 0.4, 0.6, 0.8]
+    curve = [3.0 * g ** 4 for g in grid]
+    for s in (0.05, 0.2, 0.33, 0.5, 0.71, 0.8):
+        assert sp.sensitivity_at(curve, grid, s) == pytest.approx(3.0 * s ** 4, rel=1e-9)
+    assert sp.sensitivity_at(curve, grid, 0.0) == 0.0
+    # A curve that is not one power law is still met exactly at its own points, and stays monotone between.
+    bent = [0.001, 0.004, 0.05, 0.06]
+    assert [sp.sensitivity_at(bent, grid, g) for g in grid] == pytest.approx(bent)
+    values = [sp.sensitivity_at(bent, grid, k / 100) for k in range(1, 81)]
+    assert all(b >= a for a, b in itertools.pairwise(values))
+
+
+def test_layerwise_allocation_is_the_best_split_of_convex_curves() -> None:
+    grid = [0.2, 0.4, 0.6, 0.8]
+    scale = {"0": 8.0, "1": 1.0, "2": 2.0}  # layer 0 is the sensitive one
+    curves = {n: [c * g ** 3 for g in grid] for n, c in scale.items()}
+    levels = sp.layerwise_allocation(curves, grid, 0.4, step=0.05)
+    assert sum(levels.values()) / 3 == pytest.approx(0.4, abs=1e-9)
+    assert levels["0"] < levels["2"] < levels["1"] <= 0.8
+    # Against every split on the 0.05 lattice with the same mean.
+    lattice = [k * 0.05 for k in range(17)]
+    best = min(sum(sp.sensitivity_at(curves[n], grid, s) for n, s in zip("012", split, strict=True))
+               for split in itertools.product(lattice, repeat=3) if abs(sum(split) - 1.2) < 1e-9)
+    assert sum(sp.sensitivity_at(curves[n], grid, s) for n, s in levels.items()) == pytest.approx(best, rel=1e-6)
+    # A level continues from the previous one and never lowers a layer; bad grids and curves are refused.
+    higher = sp.layerwise_allocation(curves, grid, 0.5, step=0.05, start=levels)
+    assert all(higher[n] >= levels[n] - 1e-12 for n in levels)
+    with pytest.raises(ValueError):
+        sp.layerwise_allocation(curves, [0.4, 0.2, 0.6, 0.8], 0.4)
+    with pytest.raises(ValueError):
+        sp.layerwise_allocation({"0": [1.0]}, grid, 0.4)
 
 
 def test_shipped_thresholds_cover_every_projection_and_level() -> None:

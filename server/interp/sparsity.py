@@ -7,10 +7,13 @@ a calibration corpus, the expected fraction of zeroed inputs is the target spars
 WINA's score instead of |x_i|).
 
 Thresholds ship as JSON (`load_thresholds`), keyed "<layer>.<proj>" with proj in PROJECTIONS, one table per
-sparsity level ("25", "40", "50"). Two ways to reach a level:
+sparsity level ("25", "40", "50"). Three ways to reach a level:
 - uniform (`calibrate_thresholds`): every projection at the target sparsity;
 - greedy (`greedy_allocation`, TEAL-style): per block, repeatedly raise the sparsity of the projection whose
-  increase hurts the block output least, until the parameter-weighted mean reaches the target.
+  increase hurts the block output least, until the parameter-weighted mean reaches the target;
+- layerwise (`layerwise_allocation`): across blocks, each block's projections at one sparsity, chosen from
+  per-block sensitivity curves (the model's output KL with only that block masked) so that the mean reaches
+  the target where it costs least.
 
 Masking is exact: an input is kept iff x_i != 0 and score_i >= threshold. The sparse GEMV kernels
 (featurelens.kernels.sparse_gemv) apply the same test, so masking then dense matmul == the sparse kernel.
@@ -18,8 +21,10 @@ Masking is exact: an input is kept iff x_i != 0 and score_i >= threshold. The sp
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -140,6 +145,50 @@ def greedy_allocation(
     return levels
 
 
+def sensitivity_at(curve: Sequence[float], grid: Sequence[float], sparsity: float) -> float:
+    """A layer's error at `sparsity` from its measured `curve` on `grid`: a power law between neighbouring grid
+    points (straight in log-log), the first segment's law below the first point, 0 at sparsity 0.
+
+    A power law, not a straight line, because measured errors grow ~s^3..s^5: straight segments make every
+    step inside a segment cost the same, and an allocation built on them snaps to grid points.
+    """
+    if sparsity <= 0.0:
+        return 0.0
+    logs = [math.log(float(g)) for g in grid]
+    logv = [math.log(max(float(v), 1e-12)) for v in curve]
+    x = math.log(sparsity)
+    j = next((k for k in range(1, len(logs)) if x <= logs[k]), len(logs) - 1) if len(logs) > 1 else 0
+    if j == 0:
+        return math.exp(logv[0])
+    slope = (logv[j] - logv[j - 1]) / (logs[j] - logs[j - 1])
+    return math.exp(logv[j] + slope * (x - logs[j]))
+
+
+def layerwise_allocation(
+    curves: Mapping[str, Sequence[float]],
+    grid: Sequence[float],
+    target_sparsity: float,
+    step: float = 0.05,
+    start: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Cross-layer sparsities from per-layer sensitivity curves, all layers weighing the same.
+
+    `curves[layer][j]` is the error measured with only that layer masked at sparsity `grid[j]`; between and
+    below grid points `sensitivity_at` interpolates, beyond the last point no layer goes. Treating the errors
+    as additive, `greedy_allocation` over layers then raises, step by step, the layer whose next step costs
+    least until the mean sparsity reaches the target: for convex curves that is the allocation with the
+    smallest summed error.
+    """
+    if not grid or any(b <= a for a, b in itertools.pairwise([0.0, *grid])):
+        raise ValueError(f"grid must be increasing and above 0, got {list(grid)}")
+    for layer, c in curves.items():
+        if len(c) != len(grid):
+            raise ValueError(f"curve of layer {layer} has {len(c)} points for a grid of {len(grid)}")
+    return greedy_allocation({layer: 1 for layer in curves},
+                             lambda lv: sum(sensitivity_at(curves[n], grid, s) for n, s in lv.items()),
+                             target_sparsity, step=step, max_sparsity=float(grid[-1]), start=start)
+
+
 def thresholds_for_sparsities(scores_by_proj: Mapping[str, torch.Tensor], sparsities: Mapping[str, float]) -> dict[str, float]:
     """Per-projection thresholds for per-projection target sparsities (the greedy allocation's output)."""
     return {name: quantile_threshold(scores_by_proj[name], sparsities[name]) for name in sparsities}
@@ -151,16 +200,20 @@ def _read(path: str) -> dict:
         return json.load(f)
 
 
-def load_thresholds(level: str | int, path: str | Path = DEFAULT_THRESHOLDS, allocation: str = "uniform") -> dict[str, float]:
+def load_thresholds(level: str | int, path: str | Path = DEFAULT_THRESHOLDS, allocation: str | None = None) -> dict[str, float]:
     """"<layer>.<proj>" -> threshold for a shipped level ("25" | "40" | "50"); KeyError names what exists.
 
-    allocation: "uniform" (the `levels` table) or "greedy" (`levels_greedy`, when the file has it).
+    allocation: None for the served table (`levels`, the one the engine loads; the file's "allocation" names
+    it), or "uniform" / "greedy" / "layerwise" for `levels_<name>` when the file has it.
     """
     data = _read(str(path))
-    table = data["levels"] if allocation == "uniform" else data.get("levels_greedy", {})
+    if allocation is None or (allocation == data.get("allocation", "uniform") and "levels" in data):
+        table = data["levels"]
+    else:
+        table = data.get(f"levels_{allocation}", {})
     key = str(level)
     if key not in table:
-        raise KeyError(f"no {allocation} sparsity level {key!r} in {path}; available: {sorted(table)}")
+        raise KeyError(f"no {allocation or 'served'} sparsity level {key!r} in {path}; available: {sorted(table)}")
     return dict(table[key])
 
 

@@ -33,6 +33,7 @@ from featurelens.server.interp.sparsity import (
     PROJECTIONS,
     column_norms,
     greedy_allocation,
+    layerwise_allocation,
     measured_sparsity,
     wina_scores,
     wina_sparsify,
@@ -175,6 +176,46 @@ def greedy_levels(model: Any, tok: Any, texts: list[str], sorted_scores: dict[st
 
 
 @torch.inference_mode()
+def layer_sensitivity(model: Any, prompts: list[torch.Tensor], dense_full: list[torch.Tensor],
+                      sorted_scores: dict[str, torch.Tensor], grid: list[float]) -> dict[str, list[float]]:
+    """"<layer>" -> [mean KL(dense || masked) of the next-token distribution at each grid sparsity], with only
+    that layer's projections masked (uniformly) and, as served, only the continuation's tokens: measured on
+    dense greedy continuations of calibration prompts."""
+    cells = [[p.shape[1]] for p in prompts]
+    dense_logp = [torch.log_softmax(model(full).logits[0, c[0] - 1 : full.shape[1] - 1], -1)
+                  for c, full in zip(cells, dense_full, strict=True)]
+    n_pos = sum(lp.shape[0] for lp in dense_logp)
+    curves: dict[str, list[float]] = {}
+    t0 = time.time()
+    for i in range(len(model.model.layers)):
+        curves[str(i)] = []
+        for s in grid:
+            thr = {f"{i}.{p}": _threshold_at(sorted_scores[f"{i}.{p}"], s) for p in PROJECTIONS}
+            first = [0]
+            kl = 0.0
+            with wina_masking(model, thr, first):
+                for c, full, ref in zip(cells, dense_full, dense_logp, strict=True):
+                    first[0] = c[0]
+                    lp = torch.log_softmax(model(full).logits[0, c[0] - 1 : full.shape[1] - 1], -1)
+                    kl += float((ref.exp() * (ref - lp)).sum())
+            curves[str(i)].append(kl / max(n_pos, 1))
+        print(f"  layer {i}: KL " + " ".join(f"{s:.2f}:{v:.4f}" for s, v in zip(grid, curves[str(i)], strict=True))
+              + f" ({time.time() - t0:.0f} s)", flush=True)
+    return curves
+
+
+def layerwise_levels(curves: dict[str, list[float]], grid: list[float], targets: list[float],
+                     step: float = 0.05) -> dict[float, dict[str, float]]:
+    """target -> "<layer>" -> sparsity, each level continuing from the previous one's allocation."""
+    out: dict[float, dict[str, float]] = {}
+    levels: dict[str, float] = {}
+    for t in sorted(targets):
+        levels = layerwise_allocation(curves, grid, t, step=step, start=levels)
+        out[t] = dict(levels)
+    return out
+
+
+@torch.inference_mode()
 def perplexity(model: Any, tok: Any, texts: list[str]) -> float:
     nll = n = 0.0
     for text in texts:
@@ -232,8 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--greedy", action="store_true", help="also compute TEAL-style greedy allocations")
+    ap.add_argument("--layerwise", action="store_true",
+                    help="also compute cross-layer allocations from per-layer sensitivity (KL to dense)")
+    ap.add_argument("--calib-prompts", type=int, default=16, help="chat prompts the layer sensitivity is measured on")
+    ap.add_argument("--serve", default="uniform", choices=("uniform", "greedy", "layerwise"),
+                    help="the allocation written as the served `levels` table")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: results do not depend on the box)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.serve != "uniform" and not getattr(args, args.serve):
+        ap.error(f"--serve {args.serve} needs --{args.serve}")
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
     model, tok = load_model(resolve_model("default"))
@@ -245,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina", "allocation": "uniform",
                            "calibration": {"texts": args.texts, "documents": len(calib), "heldout_documents": len(held),
-                                           "max_tokens_per_document": MAX_TOKENS, "seed": args.seed},
+                                           "max_tokens_per_document": MAX_TOKENS, "seed": args.seed,
+                                           "prompts": args.prompts, "torch_threads": args.threads},
                            "levels": {}, "heldout_sparsity": {}}
     for level in LEVELS:
         thr = {n: _threshold_at(s, int(level) / 100) for n, s in scores.items()}
         out["levels"][level] = thr
         out["heldout_sparsity"][level] = heldout_report(held_scores, thr)
+    out["levels_uniform"], out["heldout_sparsity_uniform"] = out["levels"], out["heldout_sparsity"]
     write = lambda: Path(args.out).write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write()  # thresholds first: quality checks below only add to the file
@@ -283,6 +335,29 @@ def main(argv: list[str] | None = None) -> int:
         write()
         print(f"greedy done ({time.time() - t0:.0f} s)", flush=True)
         evaluate("greedy", out["levels_greedy"])
+    if args.layerwise:
+        # Calibration prompts are drawn with their own seed; any that equals an evaluation prompt is dropped.
+        seen = {tuple(p[0].tolist()) for p in prompts}
+        cal_prompts = [p for p in chat_prompts(tok, 2 * args.calib_prompts, args.seed + 3)
+                       if tuple(p[0].tolist()) not in seen][: args.calib_prompts]
+        grid = [0.2, 0.4, 0.6, 0.8]
+        curves = layer_sensitivity(model, cal_prompts, dense_continuations(model, cal_prompts, args.new_tokens),
+                                   scores, grid)
+        per_layer = layerwise_levels(curves, grid, [int(lv) / 100 for lv in LEVELS])
+        out["layer_sensitivity"] = {"grid": grid, "prompts": len(cal_prompts), "new_tokens": args.new_tokens,
+                                    "kl": curves}
+        out["layer_sparsities"] = {lv: per_layer[int(lv) / 100] for lv in LEVELS}
+        out["levels_layerwise"] = {lv: {n: _threshold_at(sc, per_layer[int(lv) / 100][n.split(".")[0]])
+                                        for n, sc in scores.items()} for lv in LEVELS}
+        out["heldout_sparsity_layerwise"] = {lv: heldout_report(held_scores, t)
+                                             for lv, t in out["levels_layerwise"].items()}
+        write()
+        print(f"layerwise done ({time.time() - t0:.0f} s)", flush=True)
+        evaluate("layerwise", out["levels_layerwise"])
+    if args.serve != "uniform":
+        out["allocation"] = args.serve
+        out["levels"], out["heldout_sparsity"] = out[f"levels_{args.serve}"], out[f"heldout_sparsity_{args.serve}"]
+        write()
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
     return 0
 
