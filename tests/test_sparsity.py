@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,8 +133,19 @@ def test_shipped_thresholds_cover_every_projection_and_level() -> None:
         assert all(t >= 0 for t in table.values())
         held = data["heldout_sparsity"][level]
         assert abs(held["mean"] - int(level) / 100) <= 0.02
+        # The uniform table ships beside the served one; every projection of it hits the level on held-out text.
+        assert set(sp.load_thresholds(level, allocation="uniform")) == expected
+        uniform = data.get("heldout_sparsity_uniform", data["heldout_sparsity"])[level]["per_projection"]
+        assert all(abs(v - int(level) / 100) <= 0.05 for v in uniform.values())
+        if data["allocation"] == "layerwise":  # each projection near its block's planned sparsity
+            planned = data["layer_sparsities"][level]
+            assert sum(planned.values()) / len(planned) == pytest.approx(int(level) / 100, abs=1e-6)
+            assert all(abs(v - planned[n.split(".")[0]]) <= 0.03 for n, v in held["per_projection"].items())
+    assert data["allocation"] in ("uniform", "greedy", "layerwise")
     with pytest.raises(KeyError, match="available"):
         sp.load_thresholds("99")
+    with pytest.raises(KeyError, match="available"):
+        sp.load_thresholds("40", allocation="nonexistent")
 
 
 def test_offline_masking_can_leave_the_prompt_dense() -> None:
@@ -164,3 +176,36 @@ def test_offline_masking_can_leave_the_prompt_dense() -> None:
     with torch.inference_mode(), wina_masking(model, {n: 1e9 for n in projections(model)}, first):
         assert greedy_agreement(model, prompts, [full], first) >= 0.25
     assert first == [6]
+
+
+def test_layer_sensitivity_masks_one_block_at_a_time_on_the_continuation() -> None:
+    """Per-block KL curves on a tiny Llama: zero at sparsity 0, growing with sparsity, and only the continuation
+    counts (a prompt-only sequence has no positions, so masking can change nothing)."""
+    from featurelens.server.interp.sparsity_calibrate import (
+        _sorted_samples,
+        collect_scores,
+        layer_sensitivity,
+        layerwise_levels,
+    )
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tok(text: str, **_: object) -> SimpleNamespace:  # collect_scores tokenizes text; hand it fixed ids
+        return SimpleNamespace(input_ids=torch.randint(64, (1, 24), generator=torch.Generator().manual_seed(len(text))))
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+    scores = _sorted_samples(collect_scores(model, tok, ["a" * k for k in range(1, 9)]))
+    prompts = [torch.randint(64, (1, 6), generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    with torch.inference_mode():
+        full = [torch.cat([p, torch.randint(64, (1, 8))], dim=1) for p in prompts]
+    grid = [0.0001, 0.3, 0.6, 0.9]
+    curves = layer_sensitivity(model, prompts, full, scores, grid)
+    assert set(curves) == {"0", "1", "2"}
+    for c in curves.values():
+        assert c[0] == pytest.approx(0.0, abs=1e-6) and c[1] > 0
+        assert c[3] > c[1]
+    assert layer_sensitivity(model, prompts, prompts, scores, grid) == {n: [0.0] * 4 for n in curves}
+    levels = layerwise_levels(curves, grid, [0.25, 0.5])
+    assert sum(levels[0.5].values()) / 3 == pytest.approx(0.5, abs=1e-9)
+    assert all(levels[0.5][n] >= levels[0.25][n] for n in curves)

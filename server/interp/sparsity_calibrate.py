@@ -181,9 +181,9 @@ def layer_sensitivity(model: Any, prompts: list[torch.Tensor], dense_full: list[
     """"<layer>" -> [mean KL(dense || masked) of the next-token distribution at each grid sparsity], with only
     that layer's projections masked (uniformly) and, as served, only the continuation's tokens: measured on
     dense greedy continuations of calibration prompts."""
-    cells = [[p.shape[1]] for p in prompts]
-    dense_logp = [torch.log_softmax(model(full).logits[0, c[0] - 1 : full.shape[1] - 1], -1)
-                  for c, full in zip(cells, dense_full, strict=True)]
+    starts = [p.shape[1] for p in prompts]
+    dense_logp = [torch.log_softmax(model(full).logits[0, st - 1 : full.shape[1] - 1], -1)
+                  for st, full in zip(starts, dense_full, strict=True)]
     n_pos = sum(lp.shape[0] for lp in dense_logp)
     curves: dict[str, list[float]] = {}
     t0 = time.time()
@@ -194,9 +194,9 @@ def layer_sensitivity(model: Any, prompts: list[torch.Tensor], dense_full: list[
             first = [0]
             kl = 0.0
             with wina_masking(model, thr, first):
-                for c, full, ref in zip(cells, dense_full, dense_logp, strict=True):
-                    first[0] = c[0]
-                    lp = torch.log_softmax(model(full).logits[0, c[0] - 1 : full.shape[1] - 1], -1)
+                for st, full, ref in zip(starts, dense_full, dense_logp, strict=True):
+                    first[0] = st
+                    lp = torch.log_softmax(model(full).logits[0, st - 1 : full.shape[1] - 1], -1)
                     kl += float((ref.exp() * (ref - lp)).sum())
             curves[str(i)].append(kl / max(n_pos, 1))
         print(f"  layer {i}: KL " + " ".join(f"{s:.2f}:{v:.4f}" for s, v in zip(grid, curves[str(i)], strict=True))
