@@ -1,15 +1,18 @@
 """Offline WINA calibration and quality check for the default model (HF transformers, CPU, float32).
 
-    python -m featurelens.server.interp.sparsity_calibrate [--out PATH] [--greedy] [--texts 300]
+    python -m featurelens.server.interp.sparsity_calibrate --texts 150 --prompts 60 --layerwise --serve layerwise
 
 1. Text: the offline corpus sources (package docstrings/READMEs + entity fact paragraphs, see corpus.py),
    seeded, split into calibration and held-out documents before anything is measured.
 2. Scores: forward pre-hooks on every q/k/v/o/gate/up/down projection record a random sample of the WINA
-   scores |x_i| * ||W[:, i]|| of its input on calibration text; thresholds are per-projection quantiles
-   (uniform), optionally per-projection sparsities from a TEAL-style greedy search per block.
+   scores |x_i| * ||W[:, i]|| of its input on calibration text; thresholds are per-projection quantiles.
+   Allocations: uniform (every projection at the level); optionally `--greedy` (TEAL-style, per block) and
+   `--layerwise` (across blocks, from each block's output-KL sensitivity on separate calibration prompts);
+   `--serve` names the one written as the served `levels` table.
 3. Check: the same hooks on held-out text measure the sparsity the thresholds actually give; pre-hooks that
-   zero inputs measure perplexity on held-out text and greedy-token agreement with dense on chat prompts.
-Masks apply to every token (prefill and decode alike), which is the harsher setting for perplexity.
+   zero inputs measure perplexity on held-out text (every token masked, the harsher setting) and
+   teacher-forced greedy-token agreement with dense on chat prompts, both with every token masked and with
+   the prompt dense (as the server runs a sparse request).
 """
 
 from __future__ import annotations
