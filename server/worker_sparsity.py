@@ -24,7 +24,6 @@ projections, every row), readable with `featurelens_sparsity_stats`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from featurelens.server.interp.sparsity import PROJECTIONS
+from featurelens.server.interp.sparsity import PROJECTIONS, available_levels, load_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,13 @@ class SparseRuntime:
 
     def __init__(self, model_path: str, thresholds_path: str, num_layers: int, device: torch.device,
                  prompt: bool = False) -> None:
-        data = json.loads(Path(thresholds_path).read_text())
         self.prompt = prompt  # also sparsify prompt tokens (default: they run dense)
-        self.levels = sorted(data["levels"], key=int)
+        self.levels = available_levels(thresholds_path)  # the served allocation's levels
         self.num_layers = num_layers
         self._files = _weight_files(model_path)
         self._thr: dict[str, list[list[float]]] = {}
         for level in self.levels:
-            table = data["levels"][level]
+            table = load_thresholds(level, thresholds_path)
             self._thr[level] = [[float(table[f"{i}.{p}"]) for p in PROJ_NAMES] for i in range(num_layers)]
         self._thr_tensor = torch.tensor([self._thr[lv] for lv in self.levels], dtype=torch.float32, device=device)
         self._level_index = {lv: i for i, lv in enumerate(self.levels)}
