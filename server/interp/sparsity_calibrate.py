@@ -296,17 +296,27 @@ def main(argv: list[str] | None = None) -> int:
     held_scores = collect_scores(model, tok, held, seed=args.seed + 1)
     print(f"scores collected ({time.time() - t0:.0f} s)", flush=True)
 
-    out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina", "allocation": "uniform",
+    out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina",
                            "calibration": {"texts": args.texts, "documents": len(calib), "heldout_documents": len(held),
                                            "max_tokens_per_document": MAX_TOKENS, "seed": args.seed,
                                            "prompts": args.prompts, "torch_threads": args.threads},
-                           "levels": {}, "heldout_sparsity": {}}
+                           "levels_uniform": {}, "heldout_sparsity_uniform": {}}
     for level in LEVELS:
         thr = {n: _threshold_at(s, int(level) / 100) for n, s in scores.items()}
-        out["levels"][level] = thr
-        out["heldout_sparsity"][level] = heldout_report(held_scores, thr)
-    out["levels_uniform"], out["heldout_sparsity_uniform"] = out["levels"], out["heldout_sparsity"]
-    write = lambda: Path(args.out).write_text(json.dumps(out, indent=1) + "\n")  # noqa: E731
+        out["levels_uniform"][level] = thr
+        out["heldout_sparsity_uniform"][level] = heldout_report(held_scores, thr)
+
+    def write() -> None:
+        """The file as it stands: the --serve allocation once computed (uniform until then) is the served
+        `levels` table; every other allocation keeps its `levels_<name>` key."""
+        served = args.serve if f"levels_{args.serve}" in out else "uniform"
+        doc = {"model": out["model"], "criterion": out["criterion"], "allocation": served,
+               "calibration": out["calibration"], "levels": out[f"levels_{served}"],
+               "heldout_sparsity": out[f"heldout_sparsity_{served}"]}
+        doc.update((k, v) for k, v in out.items()
+                   if k not in doc and k not in (f"levels_{served}", f"heldout_sparsity_{served}"))
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write()  # thresholds first: quality checks below only add to the file
 
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print(name, level, {k: round(v, 4) for k, v in q.items()}, f"({time.time() - t0:.0f} s)", flush=True)
             write()
 
-    evaluate("uniform", out["levels"])
+    evaluate("uniform", out["levels_uniform"])
     if args.greedy:
         alloc = greedy_levels(model, tok, calib, scores, [int(lv) / 100 for lv in LEVELS])
         out["greedy_sparsities"] = {lv: alloc[int(lv) / 100] for lv in LEVELS}
@@ -357,10 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         write()
         print(f"layerwise done ({time.time() - t0:.0f} s)", flush=True)
         evaluate("layerwise", out["levels_layerwise"])
-    if args.serve != "uniform":
-        out["allocation"] = args.serve
-        out["levels"], out["heldout_sparsity"] = out[f"levels_{args.serve}"], out[f"heldout_sparsity_{args.serve}"]
-        write()
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
     return 0
 
