@@ -99,11 +99,11 @@ def test_sensitivity_at_follows_power_laws_between_grid_points() -> None:
     assert all(b >= a for a, b in itertools.pairwise(values))
 
 
-def test_layerwise_allocation_is_the_best_split_of_convex_curves() -> None:
+def test_curve_allocation_is_the_best_split_of_convex_curves() -> None:
     grid = [0.2, 0.4, 0.6, 0.8]
     scale = {"0": 8.0, "1": 1.0, "2": 2.0}  # layer 0 is the sensitive one
     curves = {n: [c * g ** 3 for g in grid] for n, c in scale.items()}
-    levels = sp.layerwise_allocation(curves, grid, 0.4, step=0.05)
+    levels = sp.curve_allocation(curves, grid, 0.4, step=0.05)
     assert sum(levels.values()) / 3 == pytest.approx(0.4, abs=1e-9)
     assert levels["0"] < levels["2"] < levels["1"] <= 0.8
     # Against every split on the 0.05 lattice with the same mean.
@@ -112,12 +112,44 @@ def test_layerwise_allocation_is_the_best_split_of_convex_curves() -> None:
                for split in itertools.product(lattice, repeat=3) if abs(sum(split) - 1.2) < 1e-9)
     assert sum(sp.sensitivity_at(curves[n], grid, s) for n, s in levels.items()) == pytest.approx(best, rel=1e-6)
     # A level continues from the previous one and never lowers a layer; bad grids and curves are refused.
-    higher = sp.layerwise_allocation(curves, grid, 0.5, step=0.05, start=levels)
+    higher = sp.curve_allocation(curves, grid, 0.5, step=0.05, start=levels)
     assert all(higher[n] >= levels[n] - 1e-12 for n in levels)
     with pytest.raises(ValueError):
-        sp.layerwise_allocation(curves, [0.4, 0.2, 0.6, 0.8], 0.4)
+        sp.curve_allocation(curves, [0.4, 0.2, 0.6, 0.8], 0.4)
     with pytest.raises(ValueError):
-        sp.layerwise_allocation({"0": [1.0]}, grid, 0.4)
+        sp.curve_allocation({"0": [1.0]}, grid, 0.4)
+    with pytest.raises(ValueError):
+        sp.curve_allocation(curves, grid, 0.9)
+
+
+def test_curve_allocation_weighs_units_by_size() -> None:
+    """Units of different sizes (projections): the size-weighted mean lands on the target, and the split is the
+    best one on the lattice with that weighted mean or better — a big unit skips more bytes per step, so at equal error
+    per step it is raised first."""
+    grid = [0.2, 0.4, 0.6, 0.8]
+    sizes = {"small": 1, "big": 3, "mid": 2}
+    scale = {"small": 1.0, "big": 4.0, "mid": 1.5}
+    curves = {n: [c * g ** 3 for g in grid] for n, c in scale.items()}
+    levels = sp.curve_allocation(curves, grid, 0.4, step=0.05, sizes=sizes)
+    assert sum(levels[n] * sizes[n] for n in sizes) / 6 == pytest.approx(0.4, abs=1e-9)
+    # No split on the 0.05 lattice with that weighted mean is better (the shrunk last step may leave it).
+    lattice = [k * 0.05 for k in range(17)]
+
+    def error(split: dict[str, float]) -> float:
+        return sum(sp.sensitivity_at(curves[n], grid, s) for n, s in split.items())
+
+    best = min(error(dict(zip(sizes, split, strict=True))) for split in itertools.product(lattice, repeat=3)
+               if abs(sum(s * sizes[n] for n, s in zip(sizes, split, strict=True)) - 2.4) < 1e-9)
+    assert error(levels) <= best * (1 + 1e-9)
+    # Equal curves per parameter: the unit whose step skips the most parameters goes furthest.
+    same = {n: [g ** 3 for g in grid] for n in sizes}
+    even = sp.curve_allocation(same, grid, 0.3, sizes=sizes)
+    assert even["big"] >= even["mid"] >= even["small"]
+
+
+# SmolLM2-135M's weight sizes per projection (in x out): what a projection's sparsity saves in bytes read.
+SMOLLM2_SIZES = {"q_proj": 576 * 576, "k_proj": 576 * 192, "v_proj": 576 * 192, "o_proj": 576 * 576,
+                 "gate_proj": 576 * 1536, "up_proj": 576 * 1536, "down_proj": 1536 * 576}
 
 
 def test_shipped_thresholds_cover_every_projection_and_level() -> None:
@@ -132,7 +164,11 @@ def test_shipped_thresholds_cover_every_projection_and_level() -> None:
         assert set(table) == expected
         assert all(t >= 0 for t in table.values())
         held = data["heldout_sparsity"][level]
-        assert abs(held["mean"] - int(level) / 100) <= 0.02
+        if data["allocation"] == "projection":  # the level is the mean weighted by weight size (bytes skipped)
+            weighted = sum(v * SMOLLM2_SIZES[n.split(".")[1]] for n, v in held["per_projection"].items())
+            assert abs(weighted / (30 * sum(SMOLLM2_SIZES.values())) - int(level) / 100) <= 0.02
+        else:
+            assert abs(held["mean"] - int(level) / 100) <= 0.02
         # The uniform table ships beside the served one; every projection of it hits the level on held-out text.
         assert set(sp.load_thresholds(level, allocation="uniform")) == expected
         uniform = data.get("heldout_sparsity_uniform", data["heldout_sparsity"])[level]["per_projection"]
@@ -141,7 +177,11 @@ def test_shipped_thresholds_cover_every_projection_and_level() -> None:
             planned = data["layer_sparsities"][level]
             assert sum(planned.values()) / len(planned) == pytest.approx(int(level) / 100, abs=1e-6)
             assert all(abs(v - planned[n.split(".")[0]]) <= 0.03 for n, v in held["per_projection"].items())
-    assert data["allocation"] in ("uniform", "greedy", "layerwise")
+        if data["allocation"] == "projection":  # each projection near its own planned sparsity
+            planned = data["projection_sparsities"][level]
+            assert set(planned) == expected
+            assert all(abs(v - planned[n]) <= 0.03 for n, v in held["per_projection"].items())
+    assert data["allocation"] in ("uniform", "greedy", "layerwise", "projection")
     with pytest.raises(KeyError, match="available"):
         sp.load_thresholds("99")
     with pytest.raises(KeyError, match="available"):
@@ -180,12 +220,15 @@ def test_offline_masking_can_leave_the_prompt_dense() -> None:
 
 def test_layer_sensitivity_masks_one_block_at_a_time_on_the_continuation() -> None:
     """Per-block KL curves on a tiny Llama: zero at sparsity 0, growing with sparsity, and only the continuation
-    counts (a prompt-only sequence has no positions, so masking can change nothing)."""
+    counts (a prompt-only sequence has no positions, so masking can change nothing). The Fisher estimate
+    (projection_sensitivity) agrees with them."""
     from featurelens.server.interp.sparsity_calibrate import (
         _sorted_samples,
         collect_scores,
+        curve_levels,
         layer_sensitivity,
-        layerwise_levels,
+        projection_sensitivity,
+        projections,
     )
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -206,6 +249,20 @@ def test_layer_sensitivity_masks_one_block_at_a_time_on_the_continuation() -> No
         assert c[0] == pytest.approx(0.0, abs=1e-6) and c[1] > 0
         assert c[3] > c[1]
     assert layer_sensitivity(model, prompts, prompts, scores, grid) == {n: [0.0] * 4 for n in curves}
-    levels = layerwise_levels(curves, grid, [0.25, 0.5])
+    levels = curve_levels(curves, grid, [0.25, 0.5])
     assert sum(levels[0.5].values()) / 3 == pytest.approx(0.5, abs=1e-9)
     assert all(levels[0.5][n] >= levels[0.25][n] for n in curves)
+
+    # The Fisher estimate of the same curves, all projections from a few backward passes: close to the measured
+    # KL of each block at moderate sparsity, non-decreasing, and per projection as well as per block.
+    proj_curves, block_curves = projection_sensitivity(model, prompts, full, scores, [0.1, 0.3, 0.6], samples=32)
+    assert set(proj_curves) == set(projections(model)) and set(block_curves) == set(curves)
+    for b, c in block_curves.items():
+        for est, measured in zip(c[1:], curves[b][1:3], strict=True):
+            assert 0.6 < est / measured < 1.6, (b, c, curves[b])
+    for c in proj_curves.values():
+        assert all(v > 0 for v in c) and c == sorted(c)
+    assert all(p.grad is None for p in model.parameters())
+    sizes = {n: m.weight.numel() for n, m in projections(model).items()}
+    per_proj = curve_levels(proj_curves, [0.1, 0.3, 0.6], [0.25, 0.4], sizes=sizes)
+    assert sum(per_proj[0.4][n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.4, abs=1e-9)
