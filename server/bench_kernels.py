@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: sparse (WINA) GEMV vs dense at batch 1, side by side in one run.
 
-    python -m featurelens.server.bench_kernels [--dtypes bf16 fp32] [--hot] [--threads N] [--rounds 9]
+    python -m featurelens.server.bench_kernels [--dtypes bf16 fp32] [--hot] [--threads N] [--rounds 9] [--allocations]
 
 For SmolLM2-135M's MLP shapes (gate/up 576->1536, down 1536->576) and sparsities 25/40/50/65%:
   dense      torch F.linear(x, W) with W [out, in] (what the engine runs today)
@@ -13,6 +13,8 @@ pool larger than the last-level cache, as decode does (the whole model never fit
 one copy. `bound` is the physical floor: weight bytes read per token / measured copy bandwidth, for dense
 (all rows) and sparse (active rows only); `bound x` = dense bound / sparse bound = 1 / (1 - sparsity).
 The MLP line sums gate + up + down (gate and up read the same sparse input), the issue's >= 1.5x goal at 50%.
+--allocations adds the whole decoder's projections per decoded token under each shipped allocation
+(`allocation_step_times`): what the choice of allocation does to the part of decode that sparsity speeds up.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hot", action="store_true", help="reuse one weight copy (cache-resident) instead of a pool")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--allocations", action="store_true",
+                    help="also time the decoder's projections per token under each shipped sparse allocation")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +137,89 @@ def main(argv: list[str] | None = None) -> int:
                   f"{mlp['dense'] / mlp['native']:>6.2f}x {'':>6} {mlp['gather']:>9.1f} {mlp['dense'] / mlp['gather']:>6.2f}x"
                   f"{'':>14} {1 / (1 - s):>6.2f}x")
         print()
+    if args.allocations:
+        main_allocations(rounds=args.rounds)
     return 0
+
+
+# The engine's four sparse modules per block and the projections fused in each (one sparse_gemv_parts call).
+MODULE_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                "down": ("down_proj",)}
+
+
+def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int = 6, tokens: int = 4,
+                          allocations: tuple[str, ...] = ("uniform", "layerwise", "projection")) -> dict[str, dict]:
+    """Microseconds per decoded token spent in the decoder's projections, dense vs each shipped allocation at
+    each level: every module of every block on real decode-token inputs (the last `tokens` positions of dense
+    greedy continuations of chat prompts), bf16, the engine's native `sparse_gemv_parts` call with the
+    allocation's thresholds vs bf16 F.linear on the fused weight. The whole decoder's weights (212 MB) pass
+    through the cache each token, as in decode. Allocations missing from the shipped file are skipped.
+    Returns level -> allocation ("dense" too) -> {"us": median, "zeroed": fraction of inputs zeroed}."""
+    from featurelens.kernels.sparse_gemv import parts_kernel
+    from featurelens.server.interp import sparsity_calibrate as cal
+    from featurelens.server.interp.sparsity import column_norms, load_thresholds
+    from featurelens.server.model_assets import resolve_model
+
+    model, tok = cal.load_model(resolve_model("default"))
+    mods = cal.projections(model)
+    layers = len(model.model.layers)
+    names = [f"{i}.{m}" for i in range(layers) for m in MODULE_PARTS]
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [mods[f"{n.split('.')[0]}.{MODULE_PARTS[n.split('.')[1]][0]}"].register_forward_pre_hook(
+        lambda _m, a, n=n: captured[n].append(a[0][0, -tokens:].to(torch.bfloat16))) for n in names]
+    try:
+        with torch.inference_mode():
+            for full in cal.dense_continuations(model, cal.chat_prompts(tok, prompts, 11), tokens):
+                model(full)
+    finally:
+        for h in handles:
+            h.remove()
+    xs = {n: torch.cat(v) for n, v in captured.items()}  # [prompts * tokens, in]
+    n_tok = xs[names[0]].shape[0]
+    weights = {n: [mods[f"{n.split('.')[0]}.{p}"].weight.detach() for p in MODULE_PARTS[n.split(".")[1]]]
+               for n in names}
+    w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in weights.items()}
+    norms = {n: torch.stack([column_norms(w).float() for w in ws]).contiguous() for n, ws in weights.items()}
+    dense_w = {n: torch.cat(ws).to(torch.bfloat16).contiguous() for n, ws in weights.items()}
+    outs = {n: torch.empty(dense_w[n].shape[0], dtype=torch.bfloat16) for n in names}
+    kernel = parts_kernel()
+    inputs = n_tok * sum(x.shape[1] * len(w_t[n]) for n, x in xs.items())
+    result: dict[str, dict] = {}
+    for level in levels:
+        thresholds: dict[str, dict[str, list[float]]] = {}
+        for a in allocations:
+            try:
+                table = load_thresholds(level, allocation=a)
+            except KeyError:
+                continue
+            thresholds[a] = {n: [table[f"{n.split('.')[0]}.{p}"] for p in MODULE_PARTS[n.split(".")[1]]]
+                             for n in names}
+        zeroed: dict[str, int] = {}
+
+        def step(a: str, thresholds: dict = thresholds, zeroed: dict = zeroed) -> None:
+            for t in range(n_tok):
+                for n in names:
+                    if a == "dense":
+                        F.linear(xs[n][t:t + 1], dense_w[n])
+                    else:
+                        zeroed[a] = zeroed.get(a, 0) + kernel(xs[n][t].contiguous(), w_t[n], norms[n],
+                                                              thresholds[a][n], outs[n])
+
+        times = _time_rounds({a: lambda _j, a=a: step(a) for a in ("dense", *thresholds)}, 1, rounds)
+        calls = rounds + 3  # _time_rounds' warm-up calls count too
+        result[level] = {a: {"us": us / n_tok, "zeroed": zeroed.get(a, 0) / (inputs * calls)}
+                         for a, us in times.items()}
+    return result
+
+
+def main_allocations(levels: tuple[str, ...] = ("25", "40", "50"), rounds: int = 7) -> None:
+    print("projections per decoded token by allocation (all 30 blocks, real decode inputs, bf16, native "
+          "sparse_gemv_parts vs F.linear; us/token, median of rounds)")
+    print(f"{'level':>5} {'allocation':<11} {'us/token':>9} {'x dense':>7} {'inputs zeroed':>13}")
+    for level, res in allocation_step_times(levels, rounds).items():
+        for a, r in res.items():
+            print(f"{level:>5} {a:<11} {r['us']:>9.0f} {res['dense']['us'] / r['us']:>6.2f}x {r['zeroed']:>12.1%}")
+    print()
 
 
 INT8_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}  # (in, out)

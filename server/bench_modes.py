@@ -248,7 +248,8 @@ def main(args: argparse.Namespace) -> int:
         # As many torch threads as the engine's worker gets: vLLM binds its CPU worker to all cores but one
         # (the one left for the frontend), so one thread on a 2-core box.
         threads = max(1, len(os.sched_getaffinity(0)) - 1)
-        bench_kernels.main(["--dtypes", "bf16", "--threads", str(threads), "--rounds", str(max(3, args.rounds + 2))])
+        bench_kernels.main(["--dtypes", "bf16", "--threads", str(threads), "--rounds", str(max(3, args.rounds + 2)),
+                            "--allocations"])
     if "int8" in _SELECTED:
         bench_kernels.main_int8(rounds=max(3, args.rounds + 2))
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -194,3 +195,21 @@ def test_parts_reject_a_wrong_output_size(native: None) -> None:
         sg._native_module()[0].sparse_gemv_parts(x, [sg.transpose_weight(weight)], norms, [0.1], torch.empty(OUT + 1))
     with pytest.raises(RuntimeError, match="one threshold per weight"):
         sg._native_module()[0].sparse_gemv_parts(x, [sg.transpose_weight(weight)], norms, [0.1, 0.2], torch.empty(OUT))
+
+
+def test_allocation_bench_times_every_shipped_allocation_on_real_decode_inputs() -> None:
+    """bench_kernels.allocation_step_times (what `bench modes` prints per allocation): dense and every shipped
+    allocation are timed, and the kernel calls really zero about the level's share of the inputs (the count
+    comes from the native call with each allocation's thresholds; dense zeroes none)."""
+    from featurelens.server.bench_kernels import allocation_step_times
+    from featurelens.server.interp.sparsity import DEFAULT_THRESHOLDS
+
+    data = json.loads(DEFAULT_THRESHOLDS.read_text())
+    res = allocation_step_times(("40",), rounds=1, prompts=2, tokens=2)["40"]
+    shipped = {"uniform", data["allocation"]} | {k[len("levels_"):] for k in data if k.startswith("levels_")}
+    assert set(res) == {"dense"} | (shipped & {"uniform", "layerwise", "projection"})
+    assert res["dense"]["zeroed"] == 0.0
+    for name, r in res.items():
+        assert r["us"] > 0
+        if name != "dense":
+            assert 0.3 < r["zeroed"] < 0.5, (name, r)
