@@ -142,11 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The engine's four sparse modules per block and the projections fused in each (one sparse_gemv_parts call).
-MODULE_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-                "down": ("down_proj",)}
-
-
 def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int = 6, tokens: int = 4,
                           allocations: tuple[str, ...] = ("uniform", "layerwise", "projection")) -> dict[str, dict]:
     """Microseconds per decoded token spent in the decoder's projections, dense vs each shipped allocation at
@@ -159,13 +154,16 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     from featurelens.server.interp import sparsity_calibrate as cal
     from featurelens.server.interp.sparsity import column_norms, load_thresholds
     from featurelens.server.model_assets import resolve_model
+    from featurelens.server.worker_sparsity import FUSED
 
     model, tok = cal.load_model(resolve_model("default"))
     mods = cal.projections(model)
     layers = len(model.model.layers)
-    names = [f"{i}.{m}" for i in range(layers) for m in MODULE_PARTS]
+    # The engine's four modules per block and the projections each fuses: "qkv_proj" -> (q, k, v).
+    parts_of = {path.split(".")[-1]: parts for path, parts in FUSED.items()}
+    names = [f"{i}.{m}" for i in range(layers) for m in parts_of]
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [mods[f"{n.split('.')[0]}.{MODULE_PARTS[n.split('.')[1]][0]}"].register_forward_pre_hook(
+    handles = [mods[f"{n.split('.')[0]}.{parts_of[n.split('.')[1]][0]}"].register_forward_pre_hook(
         lambda _m, a, n=n: captured[n].append(a[0][0, -tokens:].to(torch.bfloat16))) for n in names]
     try:
         with torch.inference_mode():
@@ -176,7 +174,7 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
             h.remove()
     xs = {n: torch.cat(v) for n, v in captured.items()}  # [prompts * tokens, in]
     n_tok = xs[names[0]].shape[0]
-    weights = {n: [mods[f"{n.split('.')[0]}.{p}"].weight.detach() for p in MODULE_PARTS[n.split(".")[1]]]
+    weights = {n: [mods[f"{n.split('.')[0]}.{p}"].weight.detach() for p in parts_of[n.split(".")[1]]]
                for n in names}
     w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in weights.items()}
     norms = {n: torch.stack([column_norms(w).float() for w in ws]).contiguous() for n, ws in weights.items()}
@@ -192,7 +190,7 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
                 table = load_thresholds(level, allocation=a)
             except KeyError:
                 continue
-            thresholds[a] = {n: [table[f"{n.split('.')[0]}.{p}"] for p in MODULE_PARTS[n.split(".")[1]]]
+            thresholds[a] = {n: [table[f"{n.split('.')[0]}.{p}"] for p in parts_of[n.split(".")[1]]]
                              for n in names}
         zeroed: dict[str, int] = {}
 

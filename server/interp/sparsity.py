@@ -7,7 +7,7 @@ a calibration corpus, the expected fraction of zeroed inputs is the target spars
 WINA's score instead of |x_i|).
 
 Thresholds ship as JSON (`load_thresholds`), keyed "<layer>.<proj>" with proj in PROJECTIONS, one table per
-sparsity level ("25", "40", "50"). Three ways to reach a level:
+sparsity level ("25", "40", "50"). Four ways to reach a level:
 - uniform (`calibrate_thresholds`): every projection at the target sparsity;
 - greedy (`greedy_allocation`, TEAL-style): per block, repeatedly raise the sparsity of the projection whose
   increase hurts the block output least, until the parameter-weighted mean reaches the target;
