@@ -163,15 +163,12 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     parts_of = {path.split(".")[-1]: parts for path, parts in FUSED.items()}
     names = [f"{i}.{m}" for i in range(layers) for m in parts_of]
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [mods[f"{n.split('.')[0]}.{parts_of[n.split('.')[1]][0]}"].register_forward_pre_hook(
-        lambda _m, a, n=n: captured[n].append(a[0][0, -tokens:].to(torch.bfloat16))) for n in names]
-    try:
-        with torch.inference_mode():
-            for full in cal.dense_continuations(model, cal.chat_prompts(tok, prompts, 11), tokens):
-                model(full)
-    finally:
-        for h in handles:
-            h.remove()
+    first_parts = {n: mods[f"{n.split('.')[0]}.{parts_of[n.split('.')[1]][0]}"] for n in names}  # same input
+    full_seqs = cal.dense_continuations(model, cal.chat_prompts(tok, prompts, 11), tokens)
+    with torch.inference_mode(), cal.hooks(first_parts, lambda n, _m: lambda _mod, a: captured[n].append(
+            a[0][0, -tokens:].to(torch.bfloat16))):
+        for full in full_seqs:
+            model(full)
     xs = {n: torch.cat(v) for n, v in captured.items()}  # [prompts * tokens, in]
     n_tok = xs[names[0]].shape[0]
     weights = {n: [mods[f"{n.split('.')[0]}.{p}"].weight.detach() for p in parts_of[n.split(".")[1]]]
@@ -193,8 +190,10 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
             thresholds[a] = {n: [table[f"{n.split('.')[0]}.{p}"] for p in parts_of[n.split(".")[1]]]
                              for n in names}
         zeroed: dict[str, int] = {}
+        steps: dict[str, int] = {}  # timed and warm-up calls alike: every call counts its zeroed inputs
 
-        def step(a: str, thresholds: dict = thresholds, zeroed: dict = zeroed) -> None:
+        def step(a: str, thresholds: dict = thresholds, zeroed: dict = zeroed, steps: dict = steps) -> None:
+            steps[a] = steps.get(a, 0) + 1
             for t in range(n_tok):
                 for n in names:
                     if a == "dense":
@@ -204,8 +203,7 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
                                                               thresholds[a][n], outs[n])
 
         times = _time_rounds({a: lambda _j, a=a: step(a) for a in ("dense", *thresholds)}, 1, rounds)
-        calls = rounds + 3  # _time_rounds' warm-up calls count too
-        result[level] = {a: {"us": us / n_tok, "zeroed": zeroed.get(a, 0) / (inputs * calls)}
+        result[level] = {a: {"us": us / n_tok, "zeroed": zeroed.get(a, 0) / (inputs * steps[a])}
                          for a, us in times.items()}
     return result
 

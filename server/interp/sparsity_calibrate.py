@@ -222,14 +222,14 @@ def curve_levels(curves: dict[str, list[float]], grid: list[float], targets: lis
 
 def _fisher_accumulate(logp: torch.Tensor, mods: dict[str, torch.nn.Module], norms: dict[str, torch.Tensor],
                        inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
-                       sorted_scores: dict[str, torch.Tensor], grid: list[float], samples: int,
-                       gen: torch.Generator, acc: dict[str, list[float]], blocks: dict[str, list[float]]) -> None:
+                       thresholds: dict[str, list[float]], samples: int, gen: torch.Generator,
+                       acc: dict[str, list[float]], blocks: dict[str, list[float]]) -> None:
     """One prompt's share of `projection_sensitivity`: (v . delta)^2 per projection and grid point, summed
     into `acc` (and per block into `blocks`), averaged over `samples` backward passes."""
     positions = logp.shape[0]
     with torch.no_grad():  # output change at every grid point: [grid, positions, out]
-        deltas = {n: torch.stack([(wina_sparsify(inputs[n], norms[n], _threshold_at(sorted_scores[n], s))
-                                   - inputs[n]) @ m.weight.detach().T for s in grid]) for n, m in mods.items()}
+        deltas = {n: torch.stack([(wina_sparsify(inputs[n], norms[n], t) - inputs[n]) @ m.weight.detach().T
+                                  for t in thresholds[n]]) for n, m in mods.items()}
         probs = logp.detach().exp()
     for k in range(samples):
         y = torch.multinomial(probs, 1, generator=gen)[:, 0]
@@ -247,7 +247,7 @@ def _fisher_accumulate(logp: torch.Tensor, mods: dict[str, torch.nn.Module], nor
                 b = n.split(".")[0]
                 per_block[b] = per_block.get(b, 0) + dots
             for b, dots in per_block.items():
-                cur = blocks.setdefault(b, [0.0] * len(grid))
+                cur = blocks.setdefault(b, [0.0] * len(dots))
                 for j, v in enumerate(dots.tolist()):
                     cur[j] += v * v / samples
 
@@ -274,6 +274,7 @@ def projection_sensitivity(model: Any, prompts: list[torch.Tensor], dense_full: 
     """
     mods = projections(model)
     norms = {n: column_norms(m.weight).detach() for n, m in mods.items()}
+    thresholds = {n: [_threshold_at(sorted_scores[n], s) for s in grid] for n in mods}
     acc = {n: [0.0] * len(grid) for n in mods}
     blocks: dict[str, list[float]] = {}
     gen = torch.Generator().manual_seed(seed)
@@ -298,7 +299,7 @@ def projection_sensitivity(model: Any, prompts: list[torch.Tensor], dense_full: 
                 with torch.enable_grad():
                     logp = torch.log_softmax(model(full.clone()).logits[0, st - 1 : length - 1], -1)
                 n_pos += length - st
-                _fisher_accumulate(logp, mods, norms, inputs, outputs, sorted_scores, grid, samples, gen, acc, blocks)
+                _fisher_accumulate(logp, mods, norms, inputs, outputs, thresholds, samples, gen, acc, blocks)
     finally:
         for h in handles:
             h.remove()
@@ -438,16 +439,20 @@ def main(argv: list[str] | None = None) -> int:
             print(name, level, {k: round(v, 4) for k, v in q.items()}, f"({time.time() - t0:.0f} s)", flush=True)
             write()
 
+    def add_allocation(name: str, sparsities: dict[str, dict[str, float]]) -> None:
+        """Thresholds, held-out sparsity and quality of an allocation (level -> projection -> sparsity)."""
+        out[f"levels_{name}"] = {lv: {n: _threshold_at(scores[n], sp) for n, sp in table.items()}
+                                 for lv, table in sparsities.items()}
+        out[f"heldout_sparsity_{name}"] = {lv: heldout_report(held_scores, t) for lv, t in out[f"levels_{name}"].items()}
+        write()
+        print(f"{name} done ({time.time() - t0:.0f} s)", flush=True)
+        evaluate(name, out[f"levels_{name}"])
+
     evaluate("uniform", out["levels_uniform"])
     if args.greedy:
         alloc = greedy_levels(model, tok, calib, scores, [int(lv) / 100 for lv in LEVELS])
         out["greedy_sparsities"] = {lv: alloc[int(lv) / 100] for lv in LEVELS}
-        out["levels_greedy"] = {lv: {n: _threshold_at(scores[n], s) for n, s in alloc[int(lv) / 100].items()}
-                                for lv in LEVELS}
-        out["heldout_sparsity_greedy"] = {lv: heldout_report(held_scores, t) for lv, t in out["levels_greedy"].items()}
-        write()
-        print(f"greedy done ({time.time() - t0:.0f} s)", flush=True)
-        evaluate("greedy", out["levels_greedy"])
+        add_allocation("greedy", out["greedy_sparsities"])
     if args.layerwise or args.projection:
         # Calibration prompts are drawn with their own seed; any that equals an evaluation prompt is dropped.
         seen = {tuple(p[0].tolist()) for p in prompts}
@@ -463,13 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         out["projection_sensitivity"] = {"grid": grid, "prompts": len(cal_prompts), "new_tokens": args.new_tokens,
                                          "samples": args.fisher_samples, "kl": curves, "block_kl": block_curves}
         out["projection_sparsities"] = {lv: per_proj[int(lv) / 100] for lv in LEVELS}
-        out["levels_projection"] = {lv: {n: _threshold_at(scores[n], s) for n, s in per_proj[int(lv) / 100].items()}
-                                    for lv in LEVELS}
-        out["heldout_sparsity_projection"] = {lv: heldout_report(held_scores, t)
-                                              for lv, t in out["levels_projection"].items()}
-        write()
-        print(f"projection done ({time.time() - t0:.0f} s)", flush=True)
-        evaluate("projection", out["levels_projection"])
+        add_allocation("projection", out["projection_sparsities"])
     if args.layerwise:
         grid = [0.2, 0.4, 0.6, 0.8]
         curves = layer_sensitivity(model, cal_prompts, cal_full, scores, grid)
@@ -477,13 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         out["layer_sensitivity"] = {"grid": grid, "prompts": len(cal_prompts), "new_tokens": args.new_tokens,
                                     "kl": curves}
         out["layer_sparsities"] = {lv: per_layer[int(lv) / 100] for lv in LEVELS}
-        out["levels_layerwise"] = {lv: {n: _threshold_at(sc, per_layer[int(lv) / 100][n.split(".")[0]])
-                                        for n, sc in scores.items()} for lv in LEVELS}
-        out["heldout_sparsity_layerwise"] = {lv: heldout_report(held_scores, t)
-                                             for lv, t in out["levels_layerwise"].items()}
-        write()
-        print(f"layerwise done ({time.time() - t0:.0f} s)", flush=True)
-        evaluate("layerwise", out["levels_layerwise"])
+        add_allocation("layerwise", {lv: {n: layers[n.split(".")[0]] for n in scores}
+                                     for lv, layers in out["layer_sparsities"].items()})
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
     return 0
 
