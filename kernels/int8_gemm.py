@@ -87,7 +87,16 @@ def native_available() -> bool:
 
 def native_status() -> str:
     module, reason = _native_module()
-    return "native" if module is not None else f"torch fallback ({reason})"
+    return f"native ({module.isa()})" if module is not None else f"torch fallback ({reason})"
+
+
+def set_native_isa(name: str) -> str:
+    """Force the native weight-only GEMM onto "avx2" or "avx512", or back to "auto" (the CPU's best); returns
+    the instruction set now in use. For benchmarks and tests that compare both on one machine."""
+    module, reason = _native_module()
+    if module is None:
+        raise RuntimeError(f"native int8 GEMM unavailable: {reason}")
+    return module.set_isa(name)
 
 
 @functools.lru_cache(maxsize=1)
