@@ -390,9 +390,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                        "no WINA thresholds calibrated for this model")
             quant = self.engine.quantized
             info.modes.add(mode=pb.INFERENCE_MODE_QUANTIZED, available=quant is not None,
-                           description=f"int8 decoder projection weights (per-channel scales, weight-only; "
-                                       f"{quant['backend']} kernel); embeddings, attention and lm_head stay "
-                                       f"full precision" if quant else
+                           description=f"int8 weights for the decoder projections"
+                                       f"{' and the unembedding' if quant.get('lm_head') else ''} (per-channel "
+                                       f"scales, weight-only; {quant['backend']} kernel); embeddings, norms, "
+                                       f"attention and the KV cache stay full precision" if quant else
                                        "disabled (--quantized-mode none, compiled mode or unreadable weights)")
             info.limits.CopyFrom(pb.Limits(
                 max_prompt_tokens=shape.max_model_len - 1, max_new_tokens=s.max_new_tokens,

@@ -223,13 +223,27 @@ INT8_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down
 
 def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
     """int8-weight GEMMs (quantized mode: weight-only "int8", and "w8a8") vs the bf16 and fp32 F.linear, for
-    SmolLM2-135M's four fused projections, per decoder block; weights cold (a pool larger than the LLC)."""
+    SmolLM2-135M's four fused projections, per decoder block; weights cold (a pool larger than the LLC). On an
+    AVX-512 CPU the weight-only kernel's portable AVX2 path is timed beside it ("avx2 us")."""
     from featurelens.kernels import int8_gemm
 
     bw = copy_bandwidth()
+    best = int8_gemm.set_native_isa("auto") if int8_gemm.native_available() else "torch"
+    both = best == "avx512"
+
+    def weight_only(isa: str) -> Callable[..., torch.Tensor]:
+        def run(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+            if both:
+                int8_gemm.set_native_isa(isa)
+            return int8_gemm.int8_linear(x, wq, sw)
+        return run
+
+    int8_best, int8_avx2 = weight_only(best), weight_only("avx2")
     print(f"int8 GEMM backend: {int8_gemm.native_status()}; torch threads: {torch.get_num_threads()}")
-    print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} {'w8a8 us':>9} "
-          f"{'x bf16':>7} {'bound bf16->int8 us':>20} {'bound x':>7}   (one block: qkv + o + gate_up + down)")
+    print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} "
+          + (f"{'avx2 us':>9} {'x avx2':>7} " if both else "")
+          + f"{'w8a8 us':>9} {'x bf16':>7} {'bound bf16->int8 us':>20} {'bound x':>7}   (one block: qkv + o + gate_up + down)")
+    names = ("bf16", "fp32", "int8", "avx2", "w8a8")
     totals: dict[int, dict[str, float]] = {}
     for n_in, n_out in INT8_SHAPES.values():
         copies = max(2, 3 * last_level_cache_bytes() // (n_in * n_out * 2))
@@ -240,21 +254,27 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
         for m in ms:
             x16 = torch.randn(m, n_in, generator=g).to(torch.bfloat16)
             x32 = x16.float()
-            r = _time_rounds({  # called at once: the loop variables are bound while they are current
+            variants = {  # called at once: the loop variables are bound while they are current
                 "bf16": lambda j, x16=x16, w16=w16: F.linear(x16, w16[j % len(w16)]),
                 "fp32": lambda j, x32=x32, w32=w32: F.linear(x32, w32[j % len(w32)]),
-                "int8": lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)]),
+                "int8": lambda j, x16=x16, wq=wq: int8_best(x16, *wq[j % len(wq)]),
                 "w8a8": lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)], scheme="w8a8"),
-            }, max(copies, 20), rounds)
-            entry = totals.setdefault(m, dict.fromkeys(("bf16", "fp32", "int8", "w8a8", "bytes"), 0.0))
-            for k in ("bf16", "fp32", "int8", "w8a8"):
+            }
+            if both:
+                variants["avx2"] = lambda j, x16=x16, wq=wq: int8_avx2(x16, *wq[j % len(wq)])
+            r = _time_rounds(variants, max(copies, 20), rounds)
+            entry = totals.setdefault(m, dict.fromkeys((*names, "bytes"), 0.0))
+            for k in r:
                 entry[k] += r[k]
             entry["bytes"] += n_in * n_out
+    if both:
+        int8_gemm.set_native_isa("auto")
     for m, t in totals.items():
         b16, b8 = 2 * t["bytes"] / bw * 1e6, t["bytes"] / bw * 1e6
         print(f"{m:>3} {t['bf16']:>9.0f} {t['fp32']:>9.0f} {t['int8']:>9.0f} {t['bf16'] / t['int8']:>6.2f}x "
-              f"{t['fp32'] / t['int8']:>6.2f}x {t['w8a8']:>9.0f} {t['bf16'] / t['w8a8']:>6.2f}x "
-              f"{b16:>9.0f}->{b8:>6.0f} {2.0:>6.2f}x")
+              f"{t['fp32'] / t['int8']:>6.2f}x "
+              + (f"{t['avx2']:>9.0f} {t['avx2'] / t['int8']:>6.2f}x " if both else "")
+              + f"{t['w8a8']:>9.0f} {t['bf16'] / t['w8a8']:>6.2f}x {b16:>9.0f}->{b8:>6.0f} {2.0:>6.2f}x")
     print()
 
 

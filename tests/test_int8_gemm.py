@@ -10,6 +10,23 @@ from featurelens.kernels import int8_gemm as q
 native = pytest.mark.skipif(not q.native_available(), reason=f"native int8 kernel: {q.native_status()}")
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
+@pytest.fixture(params=["avx2", pytest.param("avx512", marks=pytest.mark.skipif(
+    not _cpu_has_avx512(), reason="CPU lacks AVX-512 F/BW/VL/BF16"))])
+def isa(request):
+    """Each native weight-only test runs on both instruction sets the kernel dispatches between."""
+    assert q.set_native_isa(request.param) == request.param
+    yield request.param
+    q.set_native_isa("auto")
+
+
 def test_weight_quantization_is_symmetric_per_channel():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(7, 40, generator=g) * torch.arange(1, 8).unsqueeze(1)
@@ -39,9 +56,12 @@ def test_native_w8a8_kernel_equals_the_exact_reference(m, k, n, dtype):
 
 
 @native
-@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (2, 1536, 576), (17, 40, 33), (1, 7, 5), (5, 3, 4)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_weight_only_kernel_matches_the_reference(m, k, n, dtype):
+@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (2, 1536, 576), (17, 40, 33), (1, 7, 5), (5, 3, 4),
+                                     (3, 100, 37), (4, 576, 70), (8, 64, 9), (12, 1537, 20), (32, 576, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_weight_only_kernel_matches_the_reference(m, k, n, dtype, isa):
+    # (M, K) cover every AVX-512 path (M = 1, 2-3 fp32 rows, 4-8 and 9+ bf16 rows in passes of 8) and K tails
+    # of 1..31 inputs; float16 runs the fp32-row path at every M.
     g = torch.Generator().manual_seed(m * 7 + k)
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
     wq, sw = q.quantize_weight(torch.randn(n, k, generator=g) * 0.05)
@@ -52,6 +72,15 @@ def test_native_weight_only_kernel_matches_the_reference(m, k, n, dtype):
     torch.testing.assert_close(native_y, reference, rtol=1e-5 if dtype == torch.float32 else 8e-3,
                                atol=1e-5 if dtype == torch.float32 else 1e-3)
     torch.testing.assert_close(reference.float(), x.float() @ q.dequantize(wq, sw).t(), rtol=8e-3, atol=1e-3)
+
+
+@native
+def test_isa_choice_is_checked_and_reported():
+    with pytest.raises(RuntimeError, match="isa must be"):
+        q.set_native_isa("sse2")
+    best = q.set_native_isa("auto")
+    assert best == ("avx512" if _cpu_has_avx512() else "avx2")
+    assert q.native_status() == f"native ({best})"
 
 
 def test_unknown_scheme_is_refused():

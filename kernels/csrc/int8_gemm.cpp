@@ -172,18 +172,25 @@ void run_w8a16_avx2(const torch::Tensor& x, const torch::Tensor& wq, const torch
 }
 
 // ---- weight-only on AVX-512 (runtime-dispatched: the build stays portable, these functions alone are compiled
-// for AVX-512 and are only called when the CPU has it) ----
+// for AVX-512 and only called when the CPU has it) ----
 //
-// Measured on a 2-core AMD EPYC Zen 5 (AVX-512 + BF16, 1 thread, one SmolLM2 block, weights cold; see
-// docs/modes.md): the AVX2 path above widens 8 weights per 3 ops, so at M = 1 it runs ~1.8x above the memory
-// bound, and for M > 1 it re-reads the widened fp32 row once per activation row with 8-wide FMAs (0.2-0.6x of
-// oneDNN's bf16 GEMM). Here:
-//   M = 1 (batch-1 decode, any x dtype): 16 weights per 3 ops (vpmovsxbd, vcvtdq2ps, vfmadd), four weight
-//     rows share every activation load, fp32 accumulation — the same arithmetic as the AVX2 path;
-//   M > 1 with bf16 activations (the engine's dtype): four weight rows are dequantized once into an L1 buffer
-//     of bf16 (int8 is exact in bf16), then vdpbf16ps multiplies 32 pairs per op against four activation rows
-//     at a time (16 accumulators). bf16 x bf16 products are exact in fp32 and accumulate in fp32, so the
-//     result equals the fp32 reference up to summation order.
+// The AVX2 path widens 8 weights per 3 ops; for M > 1 it widens each row into an fp32 buffer and re-reads it
+// once per activation row with 8-wide FMAs. Here, per weight row, in registers (nothing is buffered):
+//   M <= 3, or activations not bf16: 16 weights per vpmovsxbd + vcvtdq2ps, then one FMA per activation row
+//     (fp32 activations, fp32 accumulation: the AVX2 path's arithmetic);
+//   M >= 4 with bf16 activations (the engine's dtype): 32 weights dequantized to bf16 (exact for int8), then
+//     one vdpbf16ps (32 products) per activation row, 8 rows per pass. bf16 x bf16 products are exact in fp32
+//     and accumulate in fp32, so both equal the fp32 reference up to summation order.
+// Measured against alternatives (1 thread, one SmolLM2 block = qkv + o + gate_up + down, weights cold, 2-core
+// Zen 5; copy-bandwidth bound 109 us at M = 1), us per block:
+//   M                                   1     2     4     8    16    32
+//   AVX2 path                         163   425   742  1532     -  5352
+//   fp32 FMA rows (used for M <= 3)   118   127   341   592  1119  2108
+//   bf16 dpbf16, 8 rows (M >= 4)        -   146   203   355   641  1170
+//   4 rows dequantized into an L1 bf16 buffer, 4x4 register tile      173   226   383   702  1089
+// and for M = 1: four weight rows sharing each activation load 198 us (four streams defeat the prefetcher);
+// prefetching 2/8/16 rows ahead or 2 lines within 2%. Masked loads on every chunk (not just the tail) made
+// the cold M = 2..4 runs 3-4x slower, so full chunks use plain loads.
 enum class Isa { kAvx2, kAvx512 };
 
 bool cpu_has_avx512() {
@@ -205,11 +212,11 @@ inline __m512 load16_w8_tail(const int8_t* w, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w)));
 }
 
-// y[o] = sw[o] * dot(wq[o, :], x) for o in [begin, end): one row at a time, 64 weights per step in four
-// accumulators, the first line of the row four ahead prefetched (rows start at arbitrary offsets). Measured
-// against alternatives (1 thread, one SmolLM2 block, weights cold, Zen 5; copy-bandwidth bound 109 us): this
-// 118 us; four rows sharing each activation load 198 us (four streams at once defeat the prefetcher); the
-// AVX2 path 163 us; prefetching 2/8/16 rows ahead or 2 lines: within 2%.
+inline void prefetch_row_ahead(const int8_t* w, int64_t o, int64_t end, int64_t k) {
+  if (o + 4 < end) _mm_prefetch(reinterpret_cast<const char*>(w + 4 * k), _MM_HINT_T0);
+}
+
+// M = 1: y[o] = sw[o] * dot(wq[o, :], x), 64 weights per step in four accumulators.
 template <typename T>
 void w8a16_m1_avx512(const int8_t* wp, const float* x, int64_t k, const float* swp, T* yp, int64_t begin,
                      int64_t end) {
@@ -217,7 +224,7 @@ void w8a16_m1_avx512(const int8_t* wp, const float* x, int64_t k, const float* s
   const __mmask16 tail = static_cast<__mmask16>((1u << (k - k16)) - 1u);
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* w = wp + o * k;
-    if (o + 4 < end) _mm_prefetch(reinterpret_cast<const char*>(w + 4 * k), _MM_HINT_T0);
+    prefetch_row_ahead(w, o, end, k);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i < k64; i += 64) {
@@ -232,90 +239,111 @@ void w8a16_m1_avx512(const int8_t* wp, const float* x, int64_t k, const float* s
   }
 }
 
+// MM (2..4) fp32 activation rows xf[j * k ...]: y[j * n + o], 16 weights widened once per MM FMAs.
+template <int MM, typename T>
+void w8a16_rows_f32(const int8_t* wp, const float* xf, int64_t k, int64_t n, const float* swp, T* yp,
+                    int64_t begin, int64_t end) {
+  const int64_t k16 = k & ~int64_t{15};
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - k16)) - 1u);
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* w = wp + o * k;
+    prefetch_row_ahead(w, o, end, k);
+    __m512 acc[MM];
+    for (int j = 0; j < MM; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k16; i += 16) {
+      const __m512 wv = load16_w8(w + i);
+      for (int j = 0; j < MM; ++j) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + j * k + i), acc[j]);
+    }
+    if (tail) {
+      const __m512 wv = load16_w8_tail(w + k16, tail);
+      for (int j = 0; j < MM; ++j) acc[j] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, xf + j * k + k16), acc[j]);
+    }
+    for (int j = 0; j < MM; ++j) yp[j * n + o] = static_cast<T>(_mm512_reduce_add_ps(acc[j]) * swp[o]);
+  }
+}
+
 // 32 int8 weights -> 32 bf16 (exact), lanes in order; `count` < 32 zero-fills the rest.
-inline __m512i dequant32_bf16(const int8_t* w, int64_t count) {
-  const __mmask32 mask = count >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1ull << count) - 1ull);
-  const __m256i b = _mm256_maskz_loadu_epi8(mask, w);
+inline __m512bh dequant32_bf16(const int8_t* w, int64_t count) {
+  const __m256i b = count >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))
+                                : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1ull << count) - 1ull), w);
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
   const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-constexpr int kRows = 4;  // weight rows per tile (dequantized once, reused by every activation row)
-
-// MM activation rows (1..4) against the kRows dequantized weight rows: acc[r][j] over kp (a multiple of 32).
+// MM (1..8) bf16 activation rows xs[j * kp ...], zero-padded to kp (a multiple of 32): y[j * n + o].
 template <int MM>
-inline void tile_dot_bf16(const at::BFloat16* wbuf, const at::BFloat16* xs, int64_t kp, float out[kRows][4]) {
-  __m512 acc[kRows][MM];
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < MM; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < kp; i += 32) {
-    __m512bh xv[MM];
-    for (int j = 0; j < MM; ++j) xv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + j * kp + i));
-    for (int r = 0; r < kRows; ++r) {
-      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wbuf + r * kp + i));
-      for (int j = 0; j < MM; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
+void w8a16_rows_bf16(const int8_t* wp, const at::BFloat16* xs, int64_t k, int64_t kp, int64_t n,
+                     const float* swp, at::BFloat16* yp, int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const int8_t* w = wp + o * k;
+    prefetch_row_ahead(w, o, end, k);
+    __m512 acc[MM];
+    for (int j = 0; j < MM; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kp; i += 32) {
+      const __m512bh wv = dequant32_bf16(w + i, k - i);
+      for (int j = 0; j < MM; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], wv, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + j * kp + i)));
     }
-  }
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < MM; ++j) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
-}
-
-// y[m, o] for o in [begin, end): xs is x in bf16, [m][kp] zero-padded to kp (a multiple of 32).
-void w8a16_bf16_avx512(const int8_t* wp, const at::BFloat16* xs, int64_t m, int64_t k, int64_t kp, int64_t n,
-                       const float* swp, at::BFloat16* yp, int64_t begin, int64_t end) {
-  thread_local std::vector<at::BFloat16> wbuf;
-  wbuf.resize(static_cast<size_t>(kRows * kp));
-  for (int64_t o = begin; o < end; o += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, end - o));
-    for (int r = 0; r < kRows; ++r) {
-      __m512i* dst = reinterpret_cast<__m512i*>(wbuf.data() + r * kp);
-      for (int64_t i = 0; i < kp; i += 32, ++dst)
-        _mm512_storeu_si512(dst, r < rows ? dequant32_bf16(wp + (o + r) * k + i, k - i) : _mm512_setzero_si512());
-    }
-    for (int64_t mb = 0; mb < m; mb += 4) {
-      float acc[kRows][4];
-      const at::BFloat16* xm = xs + mb * kp;
-      switch (std::min<int64_t>(4, m - mb)) {
-        case 1: tile_dot_bf16<1>(wbuf.data(), xm, kp, acc); break;
-        case 2: tile_dot_bf16<2>(wbuf.data(), xm, kp, acc); break;
-        case 3: tile_dot_bf16<3>(wbuf.data(), xm, kp, acc); break;
-        default: tile_dot_bf16<4>(wbuf.data(), xm, kp, acc); break;
-      }
-      for (int64_t j = 0; j < std::min<int64_t>(4, m - mb); ++j)
-        for (int r = 0; r < rows; ++r) yp[(mb + j) * n + o + r] = static_cast<at::BFloat16>(acc[r][j] * swp[o + r]);
-    }
+    for (int j = 0; j < MM; ++j) yp[j * n + o] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[j]) * swp[o]);
   }
 }
 
 #pragma GCC pop_options
 
-// The AVX-512 weight-only GEMM; false when this call is not one it serves (no AVX-512, or M > 1 with a
-// dtype other than bf16), and the AVX2 path runs instead.
+// Rows [r0, r0 + mm) of x against output rows [begin, end), mm <= 4 (fp32 rows) or <= 8 (bf16 rows).
+template <typename T>
+void rows_f32(int64_t mm, const int8_t* wp, const float* xf, int64_t k, int64_t n, const float* swp, T* yp,
+              int64_t begin, int64_t end) {
+  switch (mm) {
+    case 1: return w8a16_m1_avx512(wp, xf, k, swp, yp, begin, end);
+    case 2: return w8a16_rows_f32<2>(wp, xf, k, n, swp, yp, begin, end);
+    case 3: return w8a16_rows_f32<3>(wp, xf, k, n, swp, yp, begin, end);
+    default: return w8a16_rows_f32<4>(wp, xf, k, n, swp, yp, begin, end);
+  }
+}
+
+void rows_bf16(int64_t mm, const int8_t* wp, const at::BFloat16* xs, int64_t k, int64_t kp, int64_t n,
+               const float* swp, at::BFloat16* yp, int64_t begin, int64_t end) {
+  switch (mm) {
+    case 1: return w8a16_rows_bf16<1>(wp, xs, k, kp, n, swp, yp, begin, end);
+    case 2: return w8a16_rows_bf16<2>(wp, xs, k, kp, n, swp, yp, begin, end);
+    case 3: return w8a16_rows_bf16<3>(wp, xs, k, kp, n, swp, yp, begin, end);
+    case 4: return w8a16_rows_bf16<4>(wp, xs, k, kp, n, swp, yp, begin, end);
+    case 5: return w8a16_rows_bf16<5>(wp, xs, k, kp, n, swp, yp, begin, end);
+    case 6: return w8a16_rows_bf16<6>(wp, xs, k, kp, n, swp, yp, begin, end);
+    case 7: return w8a16_rows_bf16<7>(wp, xs, k, kp, n, swp, yp, begin, end);
+    default: return w8a16_rows_bf16<8>(wp, xs, k, kp, n, swp, yp, begin, end);
+  }
+}
+
+// The AVX-512 weight-only GEMM; false without AVX-512 (the AVX2 path runs instead).
 template <typename T>
 bool run_w8a16_avx512(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& sw, torch::Tensor& out) {
+  if (g_isa != Isa::kAvx512) return false;
   const int64_t m = x.size(0), k = x.size(1), n = wq.size(0);
-  if (g_isa != Isa::kAvx512 || (m > 1 && !std::is_same<T, at::BFloat16>::value)) return false;
   const int8_t* wp = wq.data_ptr<int8_t>();
   const float* swp = sw.data_ptr<float>();
   T* yp = out.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
-  if (m == 1) {
-    std::vector<float> xf(static_cast<size_t>(k));
-    for (int64_t i = 0; i < k; ++i) xf[i] = to_float(xp[i]);
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      w8a16_m1_avx512(wp, xf.data(), k, swp, yp, begin, end);
-    });
-    return true;
-  }
   if constexpr (std::is_same<T, at::BFloat16>::value) {
-    const int64_t kp = (k + 31) & ~int64_t{31};
-    std::vector<at::BFloat16> xs(static_cast<size_t>(m * kp), at::BFloat16(0.f));
-    for (int64_t r = 0; r < m; ++r) std::copy(xp + r * k, xp + (r + 1) * k, xs.begin() + r * kp);
-    at::parallel_for(0, (n + kRows - 1) / kRows, 4, [&](int64_t b0, int64_t b1) {
-      w8a16_bf16_avx512(wp, xs.data(), m, k, kp, n, swp, yp, b0 * kRows, std::min(n, b1 * kRows));
-    });
+    if (m >= 4) {
+      const int64_t kp = (k + 31) & ~int64_t{31};
+      std::vector<at::BFloat16> xs(static_cast<size_t>(m * kp), at::BFloat16(0.f));
+      for (int64_t r = 0; r < m; ++r) std::copy(xp + r * k, xp + (r + 1) * k, xs.begin() + r * kp);
+      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r0 = 0; r0 < m; r0 += 8)
+          rows_bf16(std::min<int64_t>(8, m - r0), wp, xs.data() + r0 * kp, k, kp, n, swp, yp + r0 * n, begin, end);
+      });
+      return true;
+    }
   }
+  std::vector<float> xf(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = to_float(xp[i]);
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < m; r0 += 4)
+      rows_f32(std::min<int64_t>(4, m - r0), wp, xf.data() + r0 * k, k, n, swp, yp + r0 * n, begin, end);
+  });
   return true;
 }
 
