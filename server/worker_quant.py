@@ -49,7 +49,7 @@ class QuantRuntime:
 
         self._files = _weight_files(model_path)
         self.backend = int8_gemm.native_status()
-        self.linear = int8_gemm.int8_linear
+        self.linear = int8_gemm.weight_only_kernel()  # x [M, in] -> [M, out], x's dtype
         self.rows: torch.Tensor | None = None  # the quantized rows of this step
         self.logit_rows: torch.Tensor | None = None  # their requests' indices in the batch (rows of the logits)
         self.num_reqs = 0
