@@ -20,6 +20,8 @@
 
 #include <immintrin.h>
 
+#include "isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -191,15 +193,8 @@ void run_w8a16_avx2(const torch::Tensor& x, const torch::Tensor& wq, const torch
 // and for M = 1: four weight rows sharing each activation load 198 us (four streams defeat the prefetcher);
 // prefetching 2/8/16 rows ahead or 2 lines within 2%. Masked loads on every chunk (not just the tail) made
 // the cold M = 2..4 runs 3-4x slower, so full chunks use plain loads.
-enum class Isa { kAvx2, kAvx512 };
-
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
-
-Isa g_isa = cpu_has_avx512() ? Isa::kAvx512 : Isa::kAvx2;
+using featurelens::Isa;
+Isa g_isa = featurelens::best_isa();
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
@@ -356,12 +351,10 @@ torch::Tensor run_w8a16(const torch::Tensor& x, const torch::Tensor& wq, const t
 
 // "avx512" or "avx2": the instruction set the weight-only GEMM uses; set_isa("avx2") forces the portable path
 // (benchmarks and tests compare both), set_isa("avx512") is refused on a CPU without it.
-std::string isa() { return g_isa == Isa::kAvx512 ? "avx512" : "avx2"; }
+std::string isa() { return featurelens::isa_name(g_isa); }
 
 std::string set_isa(const std::string& name) {
-  TORCH_CHECK(name == "avx2" || name == "avx512" || name == "auto", "isa must be 'avx2', 'avx512' or 'auto'");
-  TORCH_CHECK(name != "avx512" || cpu_has_avx512(), "this CPU lacks AVX-512 F/BW/VL/BF16");
-  g_isa = name == "avx2" ? Isa::kAvx2 : (cpu_has_avx512() ? Isa::kAvx512 : Isa::kAvx2);
+  g_isa = featurelens::parse_isa(name);
   return isa();
 }
 
