@@ -71,3 +71,25 @@ def test_settings_env_and_flags(monkeypatch):
     s = settings_from_args(parser.parse_args(["--max-new-tokens", "77", "--no-enforce-eager"]))
     assert (s.port, s.max_new_tokens, s.enforce_eager, s.sae) == (6000, 77, False, ["6=/a", "20=/b"])
     assert "max_new_tokens" in Settings().describe()
+
+
+def test_wheel_carries_the_kernel_sources_and_assets(tmp_path: Path):
+    """The native kernels compile from kernels/csrc on first use and the server reads server/assets, so an
+    installed (non-editable) wheel, as in the container images, must carry every one of those files."""
+    import zipfile
+
+    import shutil
+
+    # From a copy without build outputs: pip builds in the source tree, and a stale build/ would hide a gap.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("featurelens-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"featurelens/kernels/{p.relative_to(ROOT / 'kernels')}" for p in (ROOT / "kernels" / "csrc").iterdir()}
+    expected |= {f"featurelens/server/{p.relative_to(ROOT / 'server')}"
+                 for p in (ROOT / "server" / "assets").rglob("*") if p.is_file()}
+    assert any(n.endswith(".cpp") for n in expected) and any("assets/saes" in n for n in expected)
+    assert expected - names == set()
