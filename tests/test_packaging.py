@@ -76,9 +76,8 @@ def test_settings_env_and_flags(monkeypatch):
 def test_wheel_carries_the_kernel_sources_and_assets(tmp_path: Path):
     """The native kernels compile from kernels/csrc on first use and the server reads server/assets, so an
     installed (non-editable) wheel, as in the container images, must carry every one of those files."""
-    import zipfile
-
     import shutil
+    import zipfile
 
     # From a copy without build outputs: pip builds in the source tree, and a stale build/ would hide a gap.
     src = tmp_path / "src"
