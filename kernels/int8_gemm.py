@@ -91,6 +91,15 @@ def native_status() -> str:
     return f"native ({module.isa()})" if module is not None else f"torch fallback ({reason})"
 
 
+def cpu_has_avx512() -> bool:
+    """AVX-512 F/BW/VL/BF16, what the native kernel's AVX-512 paths need (it picks them at run time)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
 def set_native_isa(name: str) -> str:
     """Force the native weight-only GEMM onto "avx2" or "avx512", or back to "auto" (the CPU's best); returns
     the instruction set now in use. For benchmarks and tests that compare both on one machine."""

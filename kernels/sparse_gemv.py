@@ -8,11 +8,10 @@ channel's weights are one contiguous row and a skipped input costs no memory tra
 bfloat16 weights; accumulation is float32; the result has x's dtype.
 
 Backends, picked once per process by `backend="auto"`:
-- "native": C++ torch extension (kernels/csrc/sparse_gemv.cpp), built on first use with
+- "native": C++/AVX2 torch extension (kernels/csrc/sparse_gemv.cpp), built on first use with
   `torch.utils.cpp_extension.load` into ~/.cache/featurelens/torch_extensions (first build ~30-60 s on the
-  2-core dev box, then a cached import). Needs an x86-64 CPU with AVX2+FMA; the build is portable AVX2 and
-  an AVX-512 row walk (16 columns per FMA) is picked at run time where the CPU has AVX-512 F/BW/VL/BF16
-  (kernels/csrc/isa.h): 1.07-1.19x the AVX2 walk on a Zen 5 core (1 thread, weights cold, 0-50% sparsity).
+  2-core dev box, then a cached import). Needs an x86-64 CPU with AVX2+FMA; AVX-512 machines run the same
+  AVX2 code: the walk is memory-bound, and an AVX-512 variant measured the same on a Zen 5 core (0.98-1.12x).
 - "torch": `index_select` of the active rows + a matmul. Correct everywhere, but it copies the active rows
   before reading them, which made it slower than dense below ~65% sparsity here; it is the fallback when the
   build fails (the reason is logged once) or FEATURELENS_SPARSE_NATIVE=0.
@@ -50,22 +49,12 @@ def extension_build_dir() -> Path:
     return root / f"torch{torch.__version__.split('+')[0]}"
 
 
-def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
 def _cpu_has_avx2() -> bool:
-    flags = _cpu_flags()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
     return " avx2" in flags and " fma" in flags
-
-
-def cpu_has_avx512() -> bool:
-    """AVX-512 F/BW/VL/BF16: what the native kernels' AVX-512 paths need (they pick it at run time)."""
-    flags = _cpu_flags()
-    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
 
 
 def load_extension(name: str, source: Path, disable_env: str) -> tuple[ModuleType | None, str]:
@@ -94,18 +83,9 @@ def _native_module() -> tuple[ModuleType | None, str]:
 
 
 def native_status() -> str:
-    """"native (avx512|avx2)" or the reason the torch fallback is in use (for start-up logs and GetModelInfo)."""
+    """"native" or the reason the torch fallback is in use (for start-up logs and GetModelInfo)."""
     module, reason = _native_module()
-    return f"native ({module.isa()})" if module is not None else f"torch fallback ({reason})"
-
-
-def set_native_isa(name: str) -> str:
-    """Force the native kernel's row walk onto "avx2" or "avx512", or back to "auto" (the CPU's best); returns
-    the instruction set now in use. For benchmarks and tests that compare both on one machine."""
-    module, reason = _native_module()
-    if module is None:
-        raise RuntimeError(f"native sparse GEMV unavailable: {reason}")
-    return module.set_isa(name)
+    return "native" if module is not None else f"torch fallback ({reason})"
 
 
 def native_available() -> bool:

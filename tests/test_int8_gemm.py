@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from featurelens.kernels import int8_gemm as q
-from featurelens.kernels.sparse_gemv import cpu_has_avx512
 
 native = pytest.mark.skipif(not q.native_available(), reason=f"native int8 kernel: {q.native_status()}")
 
 
 @pytest.fixture(params=["avx2", pytest.param("avx512", marks=pytest.mark.skipif(
-    not cpu_has_avx512(), reason="CPU lacks AVX-512 F/BW/VL/BF16"))])
+    not q.cpu_has_avx512(), reason="CPU lacks AVX-512 F/BW/VL/BF16"))])
 def isa(request):
     """Each native weight-only test runs on both instruction sets the kernel dispatches between."""
     assert q.set_native_isa(request.param) == request.param
@@ -72,7 +71,7 @@ def test_isa_choice_is_checked_and_reported():
     with pytest.raises(RuntimeError, match="isa must be"):
         q.set_native_isa("sse2")
     best = q.set_native_isa("auto")
-    assert best == ("avx512" if cpu_has_avx512() else "avx2")
+    assert best == ("avx512" if q.cpu_has_avx512() else "avx2")
     assert q.native_status() == f"native ({best})"
 
 

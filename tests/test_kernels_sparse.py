@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
 from featurelens.kernels import sparse_gemv as sg
 
-IN, OUT = 200, 130  # odd sizes: exercise the 4-row, 8/16-column and 64-column-block tails
-# The native kernel runs on both instruction sets it picks between at run time.
-NATIVE = ["native-avx2", pytest.param("native-avx512", marks=pytest.mark.skipif(
-    not sg.cpu_has_avx512(), reason="CPU lacks AVX-512 F/BW/VL/BF16"))]
-
-
-@contextlib.contextmanager
-def _isa(backend: str) -> Iterator[None]:
-    """Inside: the native kernel on the backend's instruction set ("native-avx2" / "native-avx512")."""
-    name = backend.removeprefix("native-")
-    assert sg.set_native_isa(name) == name
-    try:
-        yield
-    finally:
-        sg.set_native_isa("auto")
+IN, OUT = 200, 130  # odd sizes: exercise the 4-row, 8-column and 64-column-block tails
 
 
 def _case(sparsity: float, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,15 +88,13 @@ def _run(backend: str, request: pytest.FixtureRequest, key: str, x: torch.Tensor
     """The backend's result: Triton's comes from the interpreted subprocess, computed on the same inputs."""
     if backend == "triton":
         return request.getfixturevalue("triton_results")[key]
-    if backend.startswith("native"):
+    if backend == "native":
         request.getfixturevalue("native")
-        with _isa(backend):
-            return sg.sparse_gemv(x, w_t, *extra, backend="native")
     return sg.sparse_gemv(x, w_t, *extra, backend=backend)
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("backend", [*NATIVE, "torch", "triton"])
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
 def test_fp32_equals_dense_matmul_of_masked_input(sparsity: float, backend: str, request: pytest.FixtureRequest) -> None:
     x, weight = _case(sparsity)
     y = _run(backend, request, f"masked{int(sparsity * 100)}", x, sg.transpose_weight(weight))
@@ -122,7 +104,7 @@ def test_fp32_equals_dense_matmul_of_masked_input(sparsity: float, backend: str,
         assert torch.count_nonzero(y) == 0
 
 
-@pytest.mark.parametrize("backend", [*NATIVE, "torch", "triton"])
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
 def test_fused_wina_threshold_equals_masking_first(backend: str, request: pytest.FixtureRequest) -> None:
     from featurelens.server.interp.sparsity import column_norms, wina_sparsify
 
@@ -133,11 +115,11 @@ def test_fused_wina_threshold_equals_masking_first(backend: str, request: pytest
     torch.testing.assert_close(y.double(), _dense(wina_sparsify(x, norms, threshold), weight), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", [*NATIVE, "torch"])
-def test_bf16_weights_and_activations(backend: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_bf16_weights_and_activations(backend: str, native: None) -> None:
     x, weight = _case(0.5, torch.bfloat16, seed=2)
     x = x.to(torch.bfloat16)
-    y = _run(backend, request, "", x[None], sg.transpose_weight(weight))  # [1, in] -> [1, out]
+    y = sg.sparse_gemv(x[None], sg.transpose_weight(weight), backend=backend)  # [1, in] -> [1, out]
     assert y.shape == (1, OUT) and y.dtype == torch.bfloat16
     # fp32 accumulation of exact bf16 products, then one rounding to bf16.
     torch.testing.assert_close(y[0].float(), _dense(x.float(), weight.float()).float(), rtol=1e-2, atol=2e-2)
@@ -168,17 +150,16 @@ def test_rejects_batches_and_mismatched_shapes() -> None:
         sg.sparse_gemv(x, weight)  # not transposed
 
 
-def _run_parts(backend: str, request: pytest.FixtureRequest, *args: object) -> int:
-    if backend.startswith("native"):
+def _parts_kernel(backend: str, request: pytest.FixtureRequest):  # noqa: ANN202 - the kernel callable
+    if backend == "native":
         request.getfixturevalue("native")
-        with _isa(backend):
-            return sg._native_module()[0].sparse_gemv_parts(*args)
-    return sg.sparse_gemv_parts_torch(*args)
+        return sg._native_module()[0].sparse_gemv_parts
+    return sg.sparse_gemv_parts_torch
 
 
 @pytest.mark.parametrize("out_dtype", ["x", "float32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", [*NATIVE, "torch"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
 def test_parts_mask_each_part_by_its_own_threshold(backend: str, dtype: torch.dtype, out_dtype: str,
                                                    request: pytest.FixtureRequest) -> None:
     """The engine's entry for a fused module (q|k|v): each part is the dense matmul of the input masked by that
@@ -196,7 +177,7 @@ def test_parts_mask_each_part_by_its_own_threshold(backend: str, dtype: torch.dt
     thresholds = [float(torch.quantile(s, q)) for s, q in zip(scores, (0.2, 0.5, 0.8), strict=True)]
     out = torch.full((sum(w.shape[0] for w in weights),), float("nan"),
                      dtype=dtype if out_dtype == "x" else torch.float32)
-    zeroed = _run_parts(backend, request, x, [sg.transpose_weight(w) for w in weights], norms, thresholds, out)
+    zeroed = _parts_kernel(backend, request)(x, [sg.transpose_weight(w) for w in weights], norms, thresholds, out)
     expected = torch.cat([_dense(wina_sparsify(x.float(), n, t), w.float())
                           for w, n, t in zip(weights, norms, thresholds, strict=True)])
     tol = {"rtol": 1e-5, "atol": 1e-4} if out.dtype == torch.float32 and dtype == torch.float32 else \

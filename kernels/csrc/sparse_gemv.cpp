@@ -25,8 +25,6 @@
 
 #include <immintrin.h>
 
-#include "isa.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,18 +34,27 @@ namespace {
 
 constexpr int64_t kColBlock = 64;      // parallel grain: 64 output columns = 4 (fp32) or 2 (bf16) cache lines
 constexpr int64_t kSubBlock = 2048;    // columns per pass over the active rows: y's slice (8 KiB) stays in L1
-constexpr int64_t kPrefetchAhead = 8;  // rows ahead whose first lines are software-prefetched
-constexpr int64_t kPrefetchLines = 4;  // lines prefetched per row; the hardware prefetcher streams the rest
+constexpr int64_t kRowsPerPass = 8;    // active rows accumulated per pass over y
+constexpr int64_t kPrefetchLines = 4;  // first lines of the first pass's rows prefetched before the walk
 // Measured 2026-12-01 (1 thread, as in the vLLM worker; bf16; weights cycled through an 85 MB pool so they
 // come from DRAM; median of 9), us per GEMV for gate (576->1536) / down (1536->576) at 0% / 50% sparsity:
 //   previous structure (256-column passes, whole row segments prefetched 8 ahead)  330 / 154   309 / 232
-//   this structure (full-range passes, 4 lines prefetched 8 ahead)                 205 / 111   262 / 177
+//   full-range passes, 4 lines of the rows 8 ahead prefetched                     205 / 111   262 / 177
 //   ... and 8 rows per pass over y instead of 4 (measured under load, relative)    -8% / -11%  -6% / -3%
 //   torch F.linear, dense bf16                                                     278 / -     243 / -
 // Prefetching whole rows 8/16/32 ahead, into L2 instead of L1, or 16-64 rows ahead: within noise or worse.
 // A panel layout ([out/64][in][64], every row split in 128-byte pieces) streamed fastest dense (157 us, the
 // best of all at 0%) but gained almost nothing from skipping rows (174 us at 50%): the pieces are too
 // short for a skip to save DRAM time, so rows stay whole.
+// Measured 2026-12-02 (2-core Zen 5, same method), gate / down at 0% / 40% / 50%:
+//   4 lines of the rows 8 ahead prefetched at the start of each pass   67.5 / 47.3 / 41.5   97.8 / 60.7 / 51.2
+//   this walk: while a pass reads its rows at column c, it prefetches the next pass's rows at column c,
+//   one line per row per line of columns                               61.2 / 34.4 / 27.2   53.5 / 35.9 / 30.8
+//   (the next pass's rows 32/64/128 columns further on: 2-10% slower; 4 rows per pass: down 1.3x slower).
+// The hardware prefetcher follows eight row streams at once poorly when each starts at an arbitrary offset;
+// walking the next eight alongside the current ones keeps a whole pass of requests in flight. With it the
+// walk is memory-bound: an AVX-512 version (16 columns per FMA) measured the same, 0.98-1.12x, so there is
+// none (the int8 GEMM, which is not memory-bound at M > 1, has one).
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
@@ -66,26 +73,37 @@ inline void prefetch_row(const T* row, int64_t c0, int64_t c1) {
   for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
 }
 
+// The rows of pass k (r) and of the pass after it (next: what to prefetch; a row of this pass past the end).
+template <typename T>
+inline void pass_rows(const T* W, int64_t ld, const int64_t* idx, int64_t nnz, int64_t k, const T* r[8],
+                      const T* next[8]) {
+  for (int j = 0; j < 8; ++j) {
+    r[j] = W + idx[k + j] * ld;
+    next[j] = k + 8 + j < nnz ? W + idx[k + 8 + j] * ld : r[j];
+  }
+}
+
+template <typename T>
+inline void prefetch_columns(const T* const next[8], int64_t c) {
+  for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + c), _MM_HINT_T0);
+}
+
 // y[c0:c1] = sum_k val[k] * W[idx[k], c0:c1]
 template <typename T>
 void accumulate_columns(const T* W, int64_t ld, const int64_t* idx, const float* val, int64_t nnz,
                         float* y, int64_t c0, int64_t c1) {
+  constexpr int64_t line = 64 / sizeof(T);  // columns per cache line of a row
   std::fill(y + c0, y + c1, 0.0f);
-  for (int64_t k = 0; k < std::min(kPrefetchAhead, nnz); ++k) prefetch_row(W + idx[k] * ld, c0, c1);
+  for (int64_t k = 0; k < std::min(kRowsPerPass, nnz); ++k) prefetch_row(W + idx[k] * ld, c0, c1);
   int64_t k = 0;
   for (; k + 8 <= nnz; k += 8) {
-    for (int64_t p = k + kPrefetchAhead; p < std::min(k + kPrefetchAhead + 8, nnz); ++p)
-      prefetch_row(W + idx[p] * ld, c0, c1);
-    const T* r[8];
+    const T *r[8], *next[8];
+    pass_rows(W, ld, idx, nnz, k, r, next);
     __m256 v[8];
-    for (int j = 0; j < 8; ++j) {
-      r[j] = W + idx[k + j] * ld;
-      v[j] = _mm256_set1_ps(val[k + j]);
-    }
-    int64_t c = c0;
-    for (; c + 8 <= c1; c += 8) {
-      // Eight rows per pass over y (one load/store of the accumulator per eight FMAs), in two independent
-      // FMA chains so the adds do not serialise on one register.
+    for (int j = 0; j < 8; ++j) v[j] = _mm256_set1_ps(val[k + j]);
+    // Eight rows per pass over y (one load/store of the accumulator per eight FMAs), in two independent
+    // FMA chains so the adds do not serialise on one register.
+    auto columns8 = [&](int64_t c) {
       __m256 a0 = _mm256_loadu_ps(y + c);
       __m256 a1 = _mm256_mul_ps(v[1], load8(r[1] + c));
       a0 = _mm256_fmadd_ps(v[0], load8(r[0] + c), a0);
@@ -96,7 +114,13 @@ void accumulate_columns(const T* W, int64_t ld, const int64_t* idx, const float*
       a1 = _mm256_fmadd_ps(v[7], load8(r[7] + c), a1);
       a0 = _mm256_fmadd_ps(v[6], load8(r[6] + c), a0);
       _mm256_storeu_ps(y + c, _mm256_add_ps(a0, a1));
+    };
+    int64_t c = c0;
+    for (; c + line <= c1; c += line) {
+      prefetch_columns(next, c);
+      for (int64_t cc = c; cc < c + line; cc += 8) columns8(cc);
     }
+    for (; c + 8 <= c1; c += 8) columns8(c);
     for (; c < c1; ++c) {
       float acc = y[c];
       for (int j = 0; j < 8; ++j) acc += val[k + j] * to_float(r[j][c]);
@@ -111,64 +135,6 @@ void accumulate_columns(const T* W, int64_t ld, const int64_t* idx, const float*
     for (; c < c1; ++c) y[c] += val[k] * to_float(r[c]);
   }
 }
-
-using featurelens::Isa;
-Isa g_isa = featurelens::best_isa();
-
-// The same walk on AVX-512: 16 columns per FMA instead of 8 (see the measurements in kernels/sparse_gemv.py).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-template <typename T>
-void accumulate_columns_avx512(const T* W, int64_t ld, const int64_t* idx, const float* val, int64_t nnz,
-                               float* y, int64_t c0, int64_t c1) {
-  std::fill(y + c0, y + c1, 0.0f);
-  for (int64_t k = 0; k < std::min(kPrefetchAhead, nnz); ++k) prefetch_row(W + idx[k] * ld, c0, c1);
-  const int64_t c16 = c0 + ((c1 - c0) & ~int64_t{15});
-  int64_t k = 0;
-  for (; k + 8 <= nnz; k += 8) {
-    for (int64_t p = k + kPrefetchAhead; p < std::min(k + kPrefetchAhead + 8, nnz); ++p)
-      prefetch_row(W + idx[p] * ld, c0, c1);
-    const T* r[8];
-    __m512 v[8];
-    for (int j = 0; j < 8; ++j) {
-      r[j] = W + idx[k + j] * ld;
-      v[j] = _mm512_set1_ps(val[k + j]);
-    }
-    for (int64_t c = c0; c < c16; c += 16) {
-      __m512 a0 = _mm512_loadu_ps(y + c);
-      __m512 a1 = _mm512_mul_ps(v[1], load16(r[1] + c));
-      a0 = _mm512_fmadd_ps(v[0], load16(r[0] + c), a0);
-      a1 = _mm512_fmadd_ps(v[3], load16(r[3] + c), a1);
-      a0 = _mm512_fmadd_ps(v[2], load16(r[2] + c), a0);
-      a1 = _mm512_fmadd_ps(v[5], load16(r[5] + c), a1);
-      a0 = _mm512_fmadd_ps(v[4], load16(r[4] + c), a0);
-      a1 = _mm512_fmadd_ps(v[7], load16(r[7] + c), a1);
-      a0 = _mm512_fmadd_ps(v[6], load16(r[6] + c), a0);
-      _mm512_storeu_ps(y + c, _mm512_add_ps(a0, a1));
-    }
-    for (int64_t c = c16; c < c1; ++c) {
-      float acc = y[c];
-      for (int j = 0; j < 8; ++j) acc += val[k + j] * to_float(r[j][c]);
-      y[c] = acc;
-    }
-  }
-  for (; k < nnz; ++k) {
-    const T* r = W + idx[k] * ld;
-    const __m512 v = _mm512_set1_ps(val[k]);
-    for (int64_t c = c0; c < c16; c += 16)
-      _mm512_storeu_ps(y + c, _mm512_fmadd_ps(v, load16(r + c), _mm512_loadu_ps(y + c)));
-    for (int64_t c = c16; c < c1; ++c) y[c] += val[k] * to_float(r[c]);
-  }
-}
-
-#pragma GCC pop_options
 
 // Active (index, value) pairs of x; with norms given, the WINA test decides, else x != 0 does.
 template <typename X>
@@ -204,12 +170,8 @@ int64_t gemv_into(const torch::Tensor& x, const torch::Tensor& w_t, const float*
     // at::parallel_for is OpenMP in torch's CPU build; each thread gets one contiguous range of blocks.
     at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t c1 = std::min(b1 * kColBlock, n_out);
-      for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock) {
-        if (g_isa == Isa::kAvx512)
-          accumulate_columns_avx512(W, n_out, idx, val, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
-        else
-          accumulate_columns(W, n_out, idx, val, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
-      }
+      for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock)
+        accumulate_columns(W, n_out, idx, val, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
     });
   };
   if (w_t.scalar_type() == at::kFloat) {
@@ -291,17 +253,7 @@ int64_t sparse_gemv_parts(torch::Tensor x, std::vector<torch::Tensor> w_ts, torc
   return zeroed;
 }
 
-// "avx512" or "avx2": the instruction set of the row walk; set_isa("avx2") forces the portable path.
-std::string isa() { return featurelens::isa_name(g_isa); }
-
-std::string set_isa(const std::string& name) {
-  g_isa = featurelens::parse_isa(name);
-  return isa();
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("isa", &isa, "the instruction set of the sparse row walk: avx512 or avx2");
-  m.def("set_isa", &set_isa, "force 'avx2', 'avx512' or 'auto' (the CPU's best); returns the one in use");
   m.def("sparse_gemv", &sparse_gemv, "y = x[active] @ w_t[active] (batch-1 sparse GEMV, fp32 accumulate)",
         pybind11::arg("x"), pybind11::arg("w_t"), pybind11::arg("norms"), pybind11::arg("threshold"));
   m.def("sparse_gemv_parts", &sparse_gemv_parts,
