@@ -12,8 +12,10 @@ Weights: symmetric per-output-channel int8 (round to nearest). Schemes:
   activation scales are too coarse for this model's outlier channels, hence not the default.
 
 Backends (`backend="auto"` picks native when it builds):
-- "native": C++/AVX2 torch extension (kernels/csrc/int8_gemm.cpp), built on first use like the sparse GEMV
-  (same cache folder, same flags). For small M (decode): each weight row is read once for all rows.
+- "native": C++ torch extension (kernels/csrc/int8_gemm.cpp), built on first use like the sparse GEMV
+  (same cache folder, same portable AVX2 flags). For small M (decode): each weight row is read once for all
+  rows. Where the CPU has AVX-512 F/BW/VL/BF16 the weight-only GEMM runs AVX-512 paths picked at run time
+  (1.2x the AVX2 path at M = 1, 3.5-3.9x at M = 4-32 on a Zen 5 core); `set_native_isa` forces either.
 - "torch": the reference — quantize in torch, integer products summed in float64 (exact), scaled. Slow;
   the fallback when the extension cannot build, and the oracle of the tests.
 """

@@ -15,6 +15,7 @@
 // gate_up projection at M = 1 on the 2-core AVX2 dev box, 7x slower than the bf16 F.linear it should beat
 // (see docs/modes.md). This kernel reads each weight row once for all M rows (it stays in L1 across them),
 // widens int8 -> int16 (vpmovsxbw) and multiplies-adds pairs into int32 (vpmaddwd): 16 weights per 3 ops.
+// The weight-only GEMM has AVX-512 paths too, picked at run time where the CPU has them (section below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -183,8 +184,8 @@ void run_w8a16_avx2(const torch::Tensor& x, const torch::Tensor& wq, const torch
 //   M >= 4 with bf16 activations (the engine's dtype): 32 weights dequantized to bf16 (exact for int8), then
 //     one vdpbf16ps (32 products) per activation row, 8 rows per pass. bf16 x bf16 products are exact in fp32
 //     and accumulate in fp32, so both equal the fp32 reference up to summation order.
-// Measured against alternatives (1 thread, one SmolLM2 block = qkv + o + gate_up + down, weights cold, 2-core
-// Zen 5; copy-bandwidth bound 109 us at M = 1), us per block:
+// Measured against alternatives in a standalone harness (1 thread, one SmolLM2 block = qkv + o + gate_up +
+// down, weights cold, 2-core Zen 5; copy-bandwidth bound ~109 us at M = 1), us per block:
 //   M                                   1     2     4     8    16    32
 //   AVX2 path                         163   425   742  1532     -  5352
 //   fp32 FMA rows (used for M <= 3)   118   127   341   592  1119  2108

@@ -1,4 +1,4 @@
-// Run-time choice between the AVX2 and AVX-512 paths of our CPU kernels. Every extension is compiled with
+// Run-time choice between the AVX2 and AVX-512 paths of a CPU kernel (the int8 GEMM). Extensions are compiled with
 // portable AVX2 flags (the build cache may be shared between machines); the AVX-512 functions alone are
 // compiled for AVX-512 (`#pragma GCC target`) and are only called when this CPU has it.
 #pragma once

@@ -46,7 +46,7 @@ constexpr int64_t kPrefetchLines = 4;  // first lines of the first pass's rows p
 // A panel layout ([out/64][in][64], every row split in 128-byte pieces) streamed fastest dense (157 us, the
 // best of all at 0%) but gained almost nothing from skipping rows (174 us at 50%): the pieces are too
 // short for a skip to save DRAM time, so rows stay whole.
-// Measured 2026-12-02 (2-core Zen 5, same method), gate / down at 0% / 40% / 50%:
+// Measured 2026-12-02 (2-core Zen 5, same method, standalone harness of the walk), gate / down at 0/40/50%:
 //   4 lines of the rows 8 ahead prefetched at the start of each pass   67.5 / 47.3 / 41.5   97.8 / 60.7 / 51.2
 //   this walk: while a pass reads its rows at column c, it prefetches the next pass's rows at column c,
 //   one line per row per line of columns                               61.2 / 34.4 / 27.2   53.5 / 35.9 / 30.8
