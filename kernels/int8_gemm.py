@@ -116,13 +116,87 @@ def _log_fallback_once(reason: str) -> None:
     log.warning("int8 GEMM: using the pure-torch fallback: %s", reason)
 
 
+def cpu_has_amx() -> bool:
+    """AMX bf16 tiles: oneDNN's bf16 GEMM (the engine's dense path, and `F.linear`) then runs on them."""
+    try:
+        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def default_dequant_rows() -> int:
+    """From how many rows `WeightOnlyGemm` dequantizes and calls the float GEMM instead of the native kernel.
+    `FEATURELENS_INT8_DEQUANT_ROWS` overrides it (0: never). Fixed per machine, not timed at start-up, so
+    a server's numerics do not depend on a measurement's noise. Measured crossovers (docs/modes.md): on the
+    2-core AMX box the native kernel costs ~95 us per row per SmolLM2 block and the dequantize + AMX GEMM
+    path ~1 ms from M = 1 to 32 (8-16 rows break even); on the Zen 5 box the native bf16 path is 2.8x
+    faster per row and oneDNN's bf16 GEMM is not AMX, so the break-even is later (~32)."""
+    import os
+
+    raw = os.environ.get("FEATURELENS_INT8_DEQUANT_ROWS", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"FEATURELENS_INT8_DEQUANT_ROWS must be an integer, got {raw!r}") from None
+        return value if value > 0 else 1 << 62
+    return 16 if cpu_has_amx() else 32
+
+
+class WeightOnlyGemm:
+    """The engine's weight-only GEMM f(x [M, in], wq, sw) -> [M, out] in x's dtype.
+
+    M < `dequant_rows` (decode): the native kernel, called directly (`int8_linear`'s checks and backend choice
+    cost about as much as the kernel's own call overhead, ~1 us, on each of the ~120 projection calls of a
+    decode step). M >= `dequant_rows` (prefill, large batches): the weight is dequantized (wq * sw, in x's
+    dtype, one rounding per weight) into a reused scratch buffer, at most `chunk_elements` at a time, and
+    multiplied with torch's float GEMM (oneDNN, AMX where present) — 3-10x faster there than the GEMV-style
+    kernel, which does M times the arithmetic for one weight read. The scratch costs `chunk_elements` * 2-4
+    bytes. Without the native extension: the torch reference for every M."""
+
+    def __init__(self, dequant_rows: int | None = None, chunk_elements: int = 1 << 21) -> None:
+        module, _ = _native_module()
+        self._module = module if native_available() else None
+        self.dequant_rows = default_dequant_rows() if dequant_rows is None else dequant_rows
+        self.chunk_elements = chunk_elements
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        self.dequant_calls = 0  # observability for tests and benchmarks
+
+    def __call__(self, x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+        module = self._module
+        if module is None:
+            return w8a16_linear_torch(x, wq, sw)
+        if x.shape[0] < self.dequant_rows:
+            return module.int8_gemm_w8a16(x, wq, sw)
+        return self.dequantized_gemm(x, wq, sw)
+
+    def dequantized_gemm(self, x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+        module = self._module
+        if module is None:
+            raise RuntimeError(f"native int8 GEMM unavailable: {native_status()}")
+        self.dequant_calls += 1
+        n, k = wq.shape
+        x = x.contiguous()
+        rows = max(1, min(n, self.chunk_elements // max(k, 1)))
+        scratch = self._scratch.get(x.dtype)
+        if scratch is None or scratch.numel() < rows * k:
+            scratch = self._scratch[x.dtype] = torch.empty(rows * k, dtype=x.dtype)
+        if rows == n:
+            buf = scratch[: n * k].view(n, k)
+            module.dequantize_rows(wq, sw, 0, buf)
+            return torch.mm(x, buf.t())
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            buf = scratch[: (r1 - r0) * k].view(r1 - r0, k)
+            module.dequantize_rows(wq, sw, r0, buf)
+            out[:, r0:r1] = torch.mm(x, buf.t())
+        return out
+
+
 def weight_only_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The engine's weight-only GEMM f(x [M, in], wq, sw) -> [M, out]: the native kernel called directly when it
-    builds (`int8_linear`'s checks and backend choice cost about as much as the kernel's own call overhead,
-    ~1 us, on each of the ~120 projection calls of a decode step), else the torch reference."""
-    if native_available():
-        return _native_module()[0].int8_gemm_w8a16
-    return w8a16_linear_torch
+    """The engine's weight-only GEMM (a `WeightOnlyGemm` with this machine's defaults)."""
+    return WeightOnlyGemm()
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, backend: Backend = "auto",

@@ -238,11 +238,14 @@ def main_allocations(levels: tuple[str, ...] = ("25", "40", "50"), rounds: int =
 INT8_SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}  # (in, out)
 
 
-def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
+def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 16, 32, 128, 512)) -> None:
     """int8-weight GEMMs (quantized mode: weight-only "int8", and "w8a8") vs the engine's dense bf16 and fp32
     linear (`engine_linear`), for
-    SmolLM2-135M's four fused projections, per decoder block; weights cold (a pool larger than the LLC). On an
-    AVX-512 CPU the weight-only kernel's portable AVX2 path is timed beside it ("avx2 us")."""
+    SmolLM2-135M's four fused projections, per decoder block; weights cold (a pool larger than the LLC).
+    "int8 us" is what the engine runs at that M (`WeightOnlyGemm`: the native kernel below its dequantize
+    threshold, dequantize + float GEMM from it on); "gemv us" is the native kernel alone (M <= 32). On an
+    AVX-512 CPU the native kernel's portable AVX2 path is timed beside it ("avx2 us", M <= 32). M >= 128 (prefill
+    sizes) is compute-bound: those rows reuse a few weight copies."""
     from featurelens.kernels import int8_gemm
 
     bw = copy_bandwidth()
@@ -257,11 +260,13 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
         return run
 
     int8_best, int8_avx2 = weight_only(best), weight_only("avx2")
-    print(f"int8 GEMM backend: {int8_gemm.native_status()}; torch threads: {torch.get_num_threads()}")
-    print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} "
-          + (f"{'avx2 us':>9} {'x avx2':>7} " if both else "")
+    engine_int8 = int8_gemm.weight_only_kernel()
+    print(f"int8 GEMM backend: {int8_gemm.native_status()}; torch threads: {torch.get_num_threads()}; "
+          f"dequantize + float GEMM from M = {engine_int8.dequant_rows}")
+    print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} {'gemv us':>9} "
+          + (f"{'avx2 us':>9} " if both else "")
           + f"{'w8a8 us':>9} {'x bf16':>7} {'bound bf16->int8 us':>20} {'bound x':>7}   (one block: qkv + o + gate_up + down)")
-    names = ("bf16", "fp32", "int8", "avx2", "w8a8")
+    names = ("bf16", "fp32", "int8", "gemv", "avx2", "w8a8")
     totals: dict[int, dict[str, float]] = {}
     for n_in, n_out in INT8_SHAPES.values():
         copies = max(2, 3 * last_level_cache_bytes() // (n_in * n_out * 2))
@@ -276,12 +281,14 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
             variants = {  # called at once: the loop variables are bound while they are current
                 "bf16": lambda j, x16=x16, e16=e16: e16[j % len(e16)](x16),
                 "fp32": lambda j, x32=x32, e32=e32: e32[j % len(e32)](x32),
-                "int8": lambda j, x16=x16, wq=wq: int8_best(x16, *wq[j % len(wq)]),
-                "w8a8": lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)], scheme="w8a8"),
+                "int8": lambda j, x16=x16, wq=wq: engine_int8(x16, *wq[j % len(wq)]),
             }
-            if both:
-                variants["avx2"] = lambda j, x16=x16, wq=wq: int8_avx2(x16, *wq[j % len(wq)])
-            r = _time_rounds(variants, max(copies, 20), rounds)
+            if m <= 32:  # the GEMV-style kernels do M times the work per weight read: seconds at prefill sizes
+                variants["gemv"] = lambda j, x16=x16, wq=wq: int8_best(x16, *wq[j % len(wq)])
+                variants["w8a8"] = lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)], scheme="w8a8")
+                if both:
+                    variants["avx2"] = lambda j, x16=x16, wq=wq: int8_avx2(x16, *wq[j % len(wq)])
+            r = _time_rounds(variants, max(copies, 20) if m <= 32 else 6, rounds if m <= 32 else 3)
             entry = totals.setdefault(m, dict.fromkeys((*names, "bytes"), 0.0))
             for k in r:
                 entry[k] += r[k]
@@ -290,10 +297,16 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 32)) -> None:
         int8_gemm.set_native_isa("auto")
     for m, t in totals.items():
         b16, b8 = 2 * t["bytes"] / bw * 1e6, t["bytes"] / bw * 1e6
+        small = m <= 32
+
+        def cell(name: str, t: dict[str, float] = t, small: bool = small) -> str:
+            return f"{t[name]:>9.0f}" if small else f"{'-':>9}"
+
         print(f"{m:>3} {t['bf16']:>9.0f} {t['fp32']:>9.0f} {t['int8']:>9.0f} {t['bf16'] / t['int8']:>6.2f}x "
-              f"{t['fp32'] / t['int8']:>6.2f}x "
-              + (f"{t['avx2']:>9.0f} {t['avx2'] / t['int8']:>6.2f}x " if both else "")
-              + f"{t['w8a8']:>9.0f} {t['bf16'] / t['w8a8']:>6.2f}x {b16:>9.0f}->{b8:>6.0f} {2.0:>6.2f}x")
+              f"{t['fp32'] / t['int8']:>6.2f}x {cell('gemv')} "
+              + (f"{cell('avx2')} " if both else "")
+              + f"{cell('w8a8')} " + (f"{t['bf16'] / t['w8a8']:>6.2f}x" if small else f"{'-':>7}")
+              + f" {b16:>9.0f}->{b8:>6.0f} {2.0:>6.2f}x")
     print()
 
 

@@ -8,8 +8,10 @@ on top of the sparse-mode wrapper when there is one:
 
 - no quantized row in the step (the default): the previous forward, nothing else;
 - every row of the step is quantized: only the int8-weight GEMM runs (float activations, fp32 accumulation;
-  the native AVX2 kernel, `kernels/csrc/int8_gemm.cpp`; W8A8 with per-token int8 activations measured x1.03
-  perplexity against x1.00 for weight-only, so the mode is weight-only);
+  `featurelens.kernels.int8_gemm.WeightOnlyGemm`: the native kernel, `kernels/csrc/int8_gemm.cpp`, for
+  decode-sized steps, and from 16-32 rows on — prefill, large batches — the weight dequantized chunk by chunk
+  into a scratch buffer and the float GEMM; W8A8 with per-token int8 activations measured x1.03 perplexity
+  against x1.00 for weight-only, so the mode is weight-only);
 - a mixed step: the previous forward runs for the whole batch exactly as before (so other requests' rows are
   bit-identical to a run without quantized requests), then the quantized rows are recomputed in int8 and
   written over their rows.
@@ -34,6 +36,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+from featurelens.kernels.int8_gemm import WeightOnlyGemm
 from featurelens.server.worker_sparsity import FUSED, _weight_files, projection_weight, read_tensor
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,9 @@ class QuantRuntime:
         self.rows, self.segments = None, []
 
     def report(self) -> dict[str, dict[str, Any]]:
-        return {key: {"rows": n, "backend": self.backend, "lm_head_rows_total": self.lm_head_rows}
+        dequant = {"dequant_rows": self.linear.dequant_rows, "dequant_calls_total": self.linear.dequant_calls} \
+            if isinstance(self.linear, WeightOnlyGemm) else {}
+        return {key: {"rows": n, "backend": self.backend, "lm_head_rows_total": self.lm_head_rows, **dequant}
                 for key, n in self.stats.items()}
 
 

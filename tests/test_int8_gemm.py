@@ -110,3 +110,49 @@ def test_shape_mismatch_is_a_clear_error():
     wq, sw = q.quantize_weight(torch.randn(4, 8))
     with pytest.raises(ValueError, match="do not match"):
         q.int8_linear(torch.randn(2, 9), wq, sw)
+
+
+@native
+@pytest.mark.parametrize("n, k", [(70, 576), (33, 40), (5, 7), (1000, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantized_rows_equal_the_dequantized_weight_rounded_once(n, k, dtype, isa):
+    g = torch.Generator().manual_seed(n + k)
+    wq, sw = q.quantize_weight(torch.randn(n, k, generator=g) * 0.05)
+    exact = q.dequantize(wq, sw)  # float32, exact products
+    out = torch.empty(n - 2, k, dtype=dtype)
+    q._native_module()[0].dequantize_rows(wq, sw, 2, out)  # rows 2.. of the weight
+    # One round-to-nearest-even per weight: bit-equal to torch's own conversion of the exact float32 value.
+    assert torch.equal(out, exact[2:].to(dtype))
+    with pytest.raises(RuntimeError, match="out of range"):
+        q._native_module()[0].dequantize_rows(wq, sw, 3, out)
+
+
+@native
+@pytest.mark.parametrize("m", [1, 15, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_gemm_takes_the_dequantized_path_from_its_threshold_on(m, dtype):
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 200, generator=g) * 3).to(dtype)
+    wq, sw = q.quantize_weight(torch.randn(1001, 200, generator=g) * 0.05)
+    gemm = q.WeightOnlyGemm(dequant_rows=16, chunk_elements=200 * 300)  # 1001 rows: 4 chunks, the last short
+    y = gemm(x, wq, sw)
+    assert y.dtype == dtype and y.shape == (m, 1001)
+    assert gemm.dequant_calls == (1 if m >= 16 else 0)
+    reference = q.int8_linear(x, wq, sw, backend="torch")
+    # bf16: the weights rounded once to bf16 (relative 2^-9) plus the output rounding.
+    torch.testing.assert_close(y, reference, rtol=1e-5 if dtype == torch.float32 else 1.6e-2,
+                               atol=1e-4 if dtype == torch.float32 else 2e-2)
+    whole = q.WeightOnlyGemm(dequant_rows=1)(x, wq, sw)  # one chunk: the same products
+    torch.testing.assert_close(whole, q.WeightOnlyGemm(dequant_rows=1, chunk_elements=200 * 300)(x, wq, sw))
+
+
+def test_dequant_threshold_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FEATURELENS_INT8_DEQUANT_ROWS", "24")
+    assert q.default_dequant_rows() == 24
+    monkeypatch.setenv("FEATURELENS_INT8_DEQUANT_ROWS", "0")
+    assert q.default_dequant_rows() > 1 << 40  # never
+    monkeypatch.setenv("FEATURELENS_INT8_DEQUANT_ROWS", "many")
+    with pytest.raises(ValueError, match="FEATURELENS_INT8_DEQUANT_ROWS"):
+        q.default_dequant_rows()
+    monkeypatch.delenv("FEATURELENS_INT8_DEQUANT_ROWS")
+    assert q.default_dequant_rows() == (16 if q.cpu_has_amx() else 32)

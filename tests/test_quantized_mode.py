@@ -154,6 +154,10 @@ async def test_quantized_request_answers_and_is_counted(served, stub):
     (key,) = [k for k in stats if k.startswith("quant-answer-")]
     assert stats[key]["rows"] >= 24 and stats[key]["backend"] in ("native (avx2)", "native (avx512)")
     assert stats[key]["lm_head_rows_total"] >= 24 and served.engine.quantized["lm_head"] is True
+    # The chat-templated prompt is one prefill step above the dequantize threshold: its 120 projection calls
+    # ran dequantize + float GEMM (the decode steps, one row each, the native kernel).
+    assert reply.usage.prompt_tokens >= stats[key]["dequant_rows"], (reply.usage.prompt_tokens, stats[key])
+    assert stats[key]["dequant_calls_total"] >= 120, stats[key]
     streamed = [t.token_id async for chunk in stub.GenerateStream(gen(24, Q, stream=True)) for t in chunk.tokens]
     assert streamed == [t.token_id for t in reply.tokens]
 

@@ -285,6 +285,25 @@ void w8a16_rows_bf16(const int8_t* wp, const at::BFloat16* xs, int64_t k, int64_
   }
 }
 
+
+// Rows of the dequantized weight out[r, :] = bf16(wq[r, :] * sw[r]) (round to nearest even), 16 per step.
+void dequant_rows_bf16_avx512(const int8_t* wp, const float* swp, int64_t k, at::BFloat16* op, int64_t begin,
+                              int64_t end) {
+  const int64_t k16 = k & ~int64_t{15};
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - k16)) - 1u);
+  for (int64_t r = begin; r < end; ++r) {
+    const int8_t* w = wp + r * k;
+    at::BFloat16* o = op + r * k;
+    const __m512 s = _mm512_set1_ps(swp[r]);
+    for (int64_t i = 0; i < k16; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(load16_w8(w + i), s))));
+    if (tail)
+      _mm256_mask_storeu_epi16(o + k16, tail,
+                               reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(load16_w8_tail(w + k16, tail), s))));
+  }
+}
+
 #pragma GCC pop_options
 
 // Rows [r0, r0 + mm) of x against output rows [begin, end), mm <= 4 (fp32 rows) or <= 8 (bf16 rows).
@@ -350,6 +369,72 @@ torch::Tensor run_w8a16(const torch::Tensor& x, const torch::Tensor& wq, const t
   return out;
 }
 
+// ---- dequantization, for the large-M path (kernels/int8_gemm.py `WeightOnlyGemm`): from ~16-32 rows on, the
+// dequantized weight in one vectorized pass plus the engine's float GEMM (oneDNN; AMX tiles where present)
+// beats any GEMV-style kernel here. out[r - row0, :] = wq[r, :] * sw[r] in out's dtype (float32 exact;
+// bfloat16 / float16 rounded to nearest even, one rounding per weight, as a checkpoint in that dtype would be).
+template <typename T>
+void dequant_rows_portable(const int8_t* wp, const float* swp, int64_t k, T* op, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int8_t* w = wp + r * k;
+    T* o = op + r * k;
+    const float s = swp[r];
+    if constexpr (std::is_same<T, float>::value) {
+      const __m256 sv = _mm256_set1_ps(s);
+      int64_t i = 0;
+      for (; i + 8 <= k; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(load_w8(w + i), sv));
+      for (; i < k; ++i) o[i] = static_cast<float>(w[i]) * s;
+    } else if constexpr (std::is_same<T, at::BFloat16>::value) {
+      const __m256 sv = _mm256_set1_ps(s);
+      const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+      int64_t i = 0;
+      for (; i + 8 <= k; i += 8) {  // round to nearest even: + 0x7FFF + the kept lsb, keep the high half
+        const __m256i b = _mm256_castps_si256(_mm256_mul_ps(load_w8(w + i), sv));
+        const __m256i r = _mm256_srli_epi32(
+            _mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm256_castsi256_si128(packed));
+      }
+      for (; i < k; ++i) o[i] = static_cast<T>(static_cast<float>(w[i]) * s);
+    } else {
+      for (int64_t i = 0; i < k; ++i) o[i] = static_cast<T>(static_cast<float>(w[i]) * s);
+    }
+  }
+}
+
+void dequantize_rows(torch::Tensor wq, torch::Tensor sw, int64_t row0, torch::Tensor out) {
+  TORCH_CHECK(wq.dim() == 2 && sw.dim() == 1 && out.dim() == 2, "dequantize_rows: wq [N, K], sw [N], out [R, K]");
+  TORCH_CHECK(wq.scalar_type() == torch::kInt8 && sw.scalar_type() == torch::kFloat32,
+              "dequantize_rows: wq must be int8, sw float32");
+  TORCH_CHECK(wq.is_contiguous() && sw.is_contiguous() && out.is_contiguous(), "dequantize_rows: contiguous tensors");
+  const int64_t k = wq.size(1), rows = out.size(0);
+  TORCH_CHECK(out.size(1) == k && sw.size(0) == wq.size(0), "dequantize_rows: shapes do not match");
+  TORCH_CHECK(row0 >= 0 && row0 + rows <= wq.size(0), "dequantize_rows: rows out of range");
+  const int8_t* wp = wq.data_ptr<int8_t>() + row0 * k;
+  const float* swp = sw.data_ptr<float>() + row0;
+  switch (out.scalar_type()) {
+    case torch::kBFloat16: {
+      at::BFloat16* op = out.data_ptr<at::BFloat16>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        if (g_isa == Isa::kAvx512) dequant_rows_bf16_avx512(wp, swp, k, op, begin, end);
+        else dequant_rows_portable(wp, swp, k, op, begin, end);
+      });
+      return;
+    }
+    case torch::kFloat32: {
+      float* op = out.data_ptr<float>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { dequant_rows_portable(wp, swp, k, op, begin, end); });
+      return;
+    }
+    case torch::kFloat16: {
+      at::Half* op = out.data_ptr<at::Half>();
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { dequant_rows_portable(wp, swp, k, op, begin, end); });
+      return;
+    }
+    default: TORCH_CHECK(false, "dequantize_rows: out must be float32, bfloat16 or float16");
+  }
+}
+
 // "avx512" or "avx2": the instruction set the weight-only GEMM uses; set_isa("avx2") forces the portable path
 // (benchmarks and tests compare both), set_isa("avx512") is refused on a CPU without it.
 std::string isa() { return featurelens::isa_name(g_isa); }
@@ -398,6 +483,7 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor wq, torch::Tensor sw) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &int8_gemm, "W8A8 small-M GEMM (dynamic per-row activation quantization)");
   m.def("int8_gemm_w8a16", &int8_gemm_w8a16, "int8-weight GEMM with float activations (weight-only)");
+  m.def("dequantize_rows", &dequantize_rows, "out = wq[row0 : row0 + len(out)] * sw (per row), in out's dtype");
   m.def("isa", &isa, "the instruction set of the weight-only GEMM: avx512 or avx2");
   m.def("set_isa", &set_isa, "force 'avx2', 'avx512' or 'auto' (the CPU's best); returns the one in use");
 }
