@@ -261,6 +261,12 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 16, 32, 128, 512)
 
     int8_best, int8_avx2 = weight_only(best), weight_only("avx2")
     engine_int8 = int8_gemm.weight_only_kernel()
+
+    def engine_int8_best(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+        if both:  # the "avx2" variant of the previous round left the kernel on its AVX2 path
+            int8_gemm.set_native_isa(best)
+        return engine_int8(x, wq, sw)
+
     print(f"int8 GEMM backend: {int8_gemm.native_status()}; torch threads: {torch.get_num_threads()}; "
           f"dequantize + float GEMM from M = {engine_int8.dequant_rows}")
     print(f"{'M':>3} {'bf16 us':>9} {'fp32 us':>9} {'int8 us':>9} {'x bf16':>7} {'x fp32':>7} {'gemv us':>9} "
@@ -281,7 +287,7 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 16, 32, 128, 512)
             variants = {  # called at once: the loop variables are bound while they are current
                 "bf16": lambda j, x16=x16, e16=e16: e16[j % len(e16)](x16),
                 "fp32": lambda j, x32=x32, e32=e32: e32[j % len(e32)](x32),
-                "int8": lambda j, x16=x16, wq=wq: engine_int8(x16, *wq[j % len(wq)]),
+                "int8": lambda j, x16=x16, wq=wq: engine_int8_best(x16, *wq[j % len(wq)]),
             }
             if m <= 32:  # the GEMV-style kernels do M times the work per weight read: seconds at prefill sizes
                 variants["gemv"] = lambda j, x16=x16, wq=wq: int8_best(x16, *wq[j % len(wq)])

@@ -159,15 +159,16 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
 @contextlib.contextmanager
 def int8_projections(model: Any, modules: dict[str, Any]) -> Iterator[None]:
     """Every listed nn.Linear computes with int8 weights (the engine's arithmetic) while the context is open."""
-    from featurelens.kernels.int8_gemm import int8_linear, quantize_weight
+    from featurelens.kernels.int8_gemm import quantize_weight, weight_only_kernel
 
+    linear = weight_only_kernel()  # the engine's GEMM: native kernel for few rows, dequantize + GEMM for many
     handles = []
     for module in modules.values():
         wq, sw = quantize_weight(module.weight)
 
         def hook(mod: Any, args: tuple, output: Any, wq: Any = wq, sw: Any = sw) -> Any:
             x = args[0]
-            y = int8_linear(x.reshape(-1, x.shape[-1]), wq, sw).reshape(*x.shape[:-1], -1)
+            y = linear(x.reshape(-1, x.shape[-1]).contiguous(), wq, sw).reshape(*x.shape[:-1], -1)
             return y if mod.bias is None else y + mod.bias
 
         handles.append(module.register_forward_hook(hook))
