@@ -384,10 +384,13 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                               d_in=entry.cfg.d_in, d_sae=entry.d_sae, architecture=entry.cfg.architecture)
             info.modes.add(mode=pb.INFERENCE_MODE_DENSE, available=True, description="full-precision weights")
             levels = self.engine.sparsity_levels
+            rotated = self.engine.sparsity_rotated
+            basis = (f"; the {'/'.join(rotated)} input of every block is masked in its principal basis (x Q, W Q)"
+                     if rotated else "")
             info.modes.add(mode=pb.INFERENCE_MODE_SPARSE, available=bool(levels), sparsity_levels_percent=levels,
                            description="WINA activation sparsity: per layer and projection, inputs with "
-                                       "|x_i|*||W[:,i]|| below a calibrated threshold are zeroed" if levels else
-                                       "no WINA thresholds calibrated for this model")
+                                       f"|x_i|*||W[:,i]|| below a calibrated threshold are zeroed{basis}" if levels
+                                       else "no WINA thresholds calibrated for this model")
             quant = self.engine.quantized
             info.modes.add(mode=pb.INFERENCE_MODE_QUANTIZED, available=quant is not None,
                            description=f"int8 weights for the decoder projections"

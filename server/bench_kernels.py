@@ -165,11 +165,12 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     each level: every module of every block on real decode-token inputs (the last `tokens` positions of dense
     greedy continuations of chat prompts), bf16, the engine's native `sparse_gemv_parts` call with the
     allocation's thresholds vs the engine's dense bf16 linear (`engine_linear`) on the fused weight. The whole decoder's weights (212 MB) pass
-    through the cache each token, as in decode. Allocations missing from the shipped file are skipped.
+    through the cache each token, as in decode. Rotated inputs (the shipped MLP input) include the x Q GEMM
+    in the sparse time. Allocations missing from the shipped file are skipped.
     Returns level -> allocation ("dense" too) -> {"us": median, "zeroed": fraction of inputs zeroed}."""
     from featurelens.kernels.sparse_gemv import parts_kernel
     from featurelens.server.interp import sparsity_calibrate as cal
-    from featurelens.server.interp.sparsity import column_norms, load_thresholds
+    from featurelens.server.interp.sparsity import column_norms, load_rotations, load_thresholds, rotation_of
     from featurelens.server.model_assets import resolve_model
     from featurelens.server.worker_sparsity import FUSED
 
@@ -190,8 +191,17 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     n_tok = xs[names[0]].shape[0]
     weights = {n: [mods[f"{n.split('.')[0]}.{p}"].weight.detach() for p in parts_of[n.split(".")[1]]]
                for n in names}
-    w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in weights.items()}
-    norms = {n: torch.stack([column_norms(w).float() for w in ws]).contiguous() for n, ws in weights.items()}
+    # Rotated inputs (the shipped table's MLP input): the sparse step pays x Q (bf16 GEMM, as the engine) and
+    # runs on W Q; the dense step keeps W.
+    rotations = load_rotations()
+    rot = {n: q.to(torch.bfloat16).contiguous() for n in names
+           if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}
+    sparse_w = {n: [w.float() @ rotation_of(rotations, int(n.split(".")[0]), p) if n in rot else w
+                    for w, p in zip(ws, parts_of[n.split(".")[1]], strict=True)] for n, ws in weights.items()}
+    all_in = {n: torch.ones((1, q.shape[0])) for n, q in rot.items()}
+    rot_out = {n: torch.empty(q.shape[0], dtype=torch.bfloat16) for n, q in rot.items()}
+    w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in sparse_w.items()}
+    norms = {n: torch.stack([column_norms(w).float() for w in ws]).contiguous() for n, ws in sparse_w.items()}
     dense = {n: engine_linear(torch.cat(ws).to(torch.bfloat16).contiguous()) for n, ws in weights.items()}
     outs = {n: torch.empty(sum(w.shape[0] for w in weights[n]), dtype=torch.bfloat16) for n in names}
     kernel = parts_kernel()
@@ -216,7 +226,11 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
                     if a == "dense":
                         dense[n](xs[n][t:t + 1])
                     else:
-                        zeroed[a] = zeroed.get(a, 0) + kernel(xs[n][t].contiguous(), w_t[n], norms[n],
+                        x = xs[n][t]
+                        if n in rot:  # x Q by the same native call at threshold 0, as the engine does
+                            kernel(x.contiguous(), [rot[n]], all_in[n], [0.0], rot_out[n])
+                            x = rot_out[n]
+                        zeroed[a] = zeroed.get(a, 0) + kernel(x.contiguous(), w_t[n], norms[n],
                                                               thresholds[a][n], outs[n])
 
         times = _time_rounds({a: lambda _j, a=a: step(a) for a in ("dense", *thresholds)}, 1, rounds)

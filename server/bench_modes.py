@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import os
 import random
 import statistics
@@ -130,7 +131,7 @@ async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches
 def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float]]:
     import torch
     from featurelens.server.interp import sparsity_calibrate as cal
-    from featurelens.server.interp.sparsity import load_thresholds
+    from featurelens.server.interp.sparsity import load_rotations, load_thresholds
     from featurelens.server.model_assets import resolve_model
 
     model, tok = cal.load_model(resolve_model("default"))
@@ -139,14 +140,16 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
     with torch.inference_mode():
         dense_full = cal.dense_continuations(model, prompts, new_tokens)
     out = {"dense": {"ppl": cal.perplexity(model, tok, held), "tf_agreement": 1.0}}
+    rotations = load_rotations()  # the shipped table masks some inputs in a rotated basis, as the engine does
+    sparse_model = cal.rotate_model(copy.deepcopy(model), rotations) if rotations else model
     for level in LEVELS:
         if f"sparse-{level}" not in _SELECTED:
             continue
         first = [0]
-        with cal.wina_masking(model, load_thresholds(level), first):
-            out[f"sparse-{level}"] = {"ppl": cal.perplexity(model, tok, held),
-                                      "tf_all": cal.greedy_agreement(model, prompts, dense_full),
-                                      "tf_agreement": cal.greedy_agreement(model, prompts, dense_full, first)}
+        with cal.wina_masking(sparse_model, load_thresholds(level), first):
+            out[f"sparse-{level}"] = {"ppl": cal.perplexity(sparse_model, tok, held),
+                                      "tf_all": cal.greedy_agreement(sparse_model, prompts, dense_full),
+                                      "tf_agreement": cal.greedy_agreement(sparse_model, prompts, dense_full, first)}
     if "int8" not in _SELECTED:
         return out | {"_docs": {"heldout_documents": len(held)}}
     with int8_projections(model, cal.projections(model) | {"lm_head": model.lm_head}):  # as the engine does

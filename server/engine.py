@@ -44,6 +44,7 @@ class Engine:
         self.vectors: dict[str, int] = {}
         self.risk_probe: Any = None
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
+        self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
         self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
         self._catalogs: dict[int, Any] = {}
         # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
@@ -113,6 +114,7 @@ class Engine:
         config["quantized"] = self.settings.quantized_mode == "int8" and self.interpretability_available
         installed = await self.llm.collective_rpc("featurelens_setup", args=(config,))
         self.sparsity_levels = tuple(int(level) for level in installed[0].get("sparsity_levels", ()))
+        self.sparsity_rotated = tuple(installed[0].get("sparsity_rotated", ()))
         self.quantized = installed[0].get("quantized")
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():

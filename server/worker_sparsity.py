@@ -17,7 +17,13 @@ wrapped (an instance attribute shadowing the class method) instead of pre-hooked
 Which rows are sparse: a sparse request's rows at generated-token positions; its prompt rows run dense unless
 the server sparsifies prompts too (`--sparse-prompt`), see `SparseRuntime.rows_of`.
 
-Column norms ||W[:, i]|| come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
+Rotated inputs: when the thresholds file ships input rotations (the default model's does, for the MLP input;
+see server/interp/sparsity.py), a rotated module's sparse rows read x' = x Q (one small GEMM per module and
+step) and are masked in that basis; the fast path multiplies x' by the rotated transposed weights (W Q)ᵀ,
+the mask path rotates each masked copy back (x'_masked Qᵀ, float32) and runs the module's own GEMM. Dense rows
+never see Q.
+
+Column norms ||W[:, i]|| (of W Q for rotated projections) come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
 per-projection tables (server/interp/sparsity.py). Per request the worker counts the zeroed inputs (over all
 projections, every row), readable with `featurelens_sparsity_stats`.
 """
@@ -31,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from featurelens.server.interp.sparsity import PROJECTIONS, available_levels, load_thresholds
+from featurelens.server.interp.sparsity import (
+    PROJECTIONS,
+    available_levels,
+    load_rotations,
+    load_thresholds,
+    rotation_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +88,7 @@ class SparseRuntime:
             self._thr[level] = [[float(table[f"{i}.{p}"]) for p in PROJ_NAMES] for i in range(num_layers)]
         self._thr_tensor = torch.tensor([self._thr[lv] for lv in self.levels], dtype=torch.float32, device=device)
         self._level_index = {lv: i for i, lv in enumerate(self.levels)}
+        self.rotations = load_rotations(thresholds_path)  # "<layer>.<group>" -> Q float32, or None
         self.norms: list[list[torch.Tensor]] = [
             [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
@@ -89,7 +102,13 @@ class SparseRuntime:
     # -- weights -----------------------------------------------------------------------------------------
 
     def _weight(self, layer: int, proj: str) -> torch.Tensor:
-        return projection_weight(self._files, layer, proj)
+        """[out, in] weight as the mask sees it: W, or W Q (float32) for a projection with rotated inputs."""
+        weight = projection_weight(self._files, layer, proj)
+        q = rotation_of(self.rotations, layer, proj)
+        return weight if q is None else weight.float() @ q
+
+    def rotation(self, layer: int, proj: str) -> torch.Tensor | None:
+        return rotation_of(self.rotations, layer, proj)
 
     def transposed(self, layer: int, p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[in, out] contiguous weight of projection p, built once on the first fast-path call."""
@@ -192,6 +211,11 @@ class _SparseProjection:
         self.thr_list = {lv: [runtime._thr[lv][layer][p] for p in self.parts] for lv in runtime.levels}
         self.out_features = bounds[-1]
         self.w_t: list[torch.Tensor] | None = None
+        rotations = [runtime.rotation(layer, p) for p in parts]
+        if any(q is not rotations[0] for q in rotations):
+            raise RuntimeError(f"layer {layer}: {parts} share one input and must share its rotation")
+        self.rotation = None if rotations[0] is None else rotations[0].to(self.norm_stack.device)  # float32
+        self.rotation_fast: torch.Tensor | None = None  # in the activations' dtype, for the batch-1 path
 
     def __call__(self, x: torch.Tensor) -> Any:
         step = self.runtime.step
@@ -208,6 +232,15 @@ class _SparseProjection:
     def _gemv(self, x: torch.Tensor, step: SparseStep) -> torch.Tensor:
         if self.w_t is None:
             self.w_t = [self.runtime.transposed(self.layer, p, x.dtype, x.device) for p in self.parts]
+        if self.rotation is not None:
+            if self.rotation_fast is None or self.rotation_fast.dtype != x.dtype:
+                self.rotation_fast = self.rotation.to(x.dtype).contiguous()  # [in, in]: row i = what x_i adds
+                self.all_inputs = torch.ones((1, x.shape[1]), dtype=torch.float32, device=x.device)
+            # x Q with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
+            # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
+            rotated = torch.empty_like(x)
+            self.runtime.gemv_parts(x[0].contiguous(), [self.rotation_fast], self.all_inputs, [0.0], rotated)
+            x = rotated
         out = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
         # One native call computes every part with its own threshold, writes `out` and counts the zeroed inputs.
         step.fast_zeroed += self.runtime.gemv_parts(x[0].contiguous(), self.w_t, self.norm_stack,
@@ -220,12 +253,14 @@ class _SparseProjection:
     def _masked(self, x: torch.Tensor, step: SparseStep, full: bool) -> Any:
         xs = x if full else x.index_select(0, step.rows)
         n = xs.shape[0]
-        absx = xs.float().abs()
+        basis = xs if self.rotation is None else xs.float() @ self.rotation
+        absx = basis.float().abs()
         copies = []
         for p in self.parts:
             keep = absx * self.runtime.norms[self.layer][p] >= step.thresholds[:, self.layer, p:p + 1]
             step.zeroed += x.shape[1] - keep.sum(1)
-            copies.append(xs.masked_fill(~keep, 0))
+            masked = basis.masked_fill(~keep, 0)
+            copies.append(masked if self.rotation is None else (masked @ self.rotation.T).to(xs.dtype))
         step.inputs += x.shape[1] * len(self.parts)
         result = self.dense(copies[0] if len(copies) == 1 else torch.cat(copies))
         stacked = result[0] if isinstance(result, tuple) else result

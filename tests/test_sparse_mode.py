@@ -122,6 +122,78 @@ def test_single_row_fast_path_uses_the_sparse_gemv_and_matches_masking(fake):
     assert runtime.report()["a"]["zeroed_fraction"] == pytest.approx(float((scores < levels["50"]).float().mean()))
 
 
+@pytest.fixture
+def rotated(tmp_path, fake):
+    """The fake model with rotated inputs: attention's q/k/v and the MLP's gate/up of every block read x Q."""
+    from safetensors.torch import save_file
+
+    _, layers, weights, levels = fake
+    g = torch.Generator().manual_seed(1)
+    rot = {f"{i}.{grp}": torch.linalg.qr(torch.randn(D, D, generator=g))[0].contiguous()
+           for i in range(N_LAYERS) for grp in ("attn", "mlp")}
+    save_file(rot, str(tmp_path / "thr-rotation.safetensors"))
+    doc = json.loads((tmp_path / "thr.json").read_text())
+    doc["rotation"] = {"file": "thr-rotation.safetensors", "groups": ["attn", "mlp"]}
+    (tmp_path / "thr-rot.json").write_text(json.dumps(doc))
+    fresh = torch.nn.ModuleList([FakeLayer(w) for w in weights])
+    runtime = SparseRuntime(str(tmp_path), str(tmp_path / "thr-rot.json"), N_LAYERS, torch.device("cpu"))
+    runtime.install(fresh)
+    return runtime, fresh, weights, levels, rot
+
+
+def rotated_reference(x, weights, parts, threshold, q):
+    """Mask x Q with the column norms of W Q, multiply by (W Q)ᵀ: the rotated WINA projection."""
+    xr = x @ q
+    return torch.cat([sp.wina_sparsify(xr, sp.column_norms(weights[p] @ q), threshold) @ (weights[p] @ q).T
+                      for p in parts], -1)
+
+
+def test_rotated_inputs_are_masked_in_the_rotated_basis_on_both_paths(rotated):
+    runtime, layers, weights, levels, rot = rotated
+    x = torch.randn(5, D)
+    gate_up, qkv, down = layers[1].mlp.gate_up_proj, layers[0].self_attn.qkv_proj, layers[1].mlp.down_proj
+    dense, _ = gate_up(x)
+    runtime.begin([("a", 1, 3, "25")], total_rows=5)
+    out, _ = gate_up(x)
+    hx = torch.randn(5, D_FF)
+    down_out, _ = down(hx)
+    runtime.end()
+    parts = ("gate_proj", "up_proj")
+    torch.testing.assert_close(out[1:3], rotated_reference(x[1:3], weights[1], parts, levels["25"], rot["1.mlp"]),
+                               rtol=1e-5, atol=1e-5)
+    # Not the unrotated mask: the basis changes which inputs go.
+    assert not torch.allclose(out[1:3], reference(x[1:3], weights[1], parts, levels["25"]), atol=1e-3)
+    for row in (0, 3, 4):
+        assert torch.equal(out[row], dense[row])
+    # down_proj has no rotation: the plain WINA mask.
+    torch.testing.assert_close(down_out[1:3], reference(hx[1:3], weights[1], ("down_proj",), levels["25"]))
+    # Zeroed counts are of the rotated inputs.
+    scores = torch.cat([sp.wina_scores(x[1:3] @ rot["1.mlp"], sp.column_norms(weights[1][p] @ rot["1.mlp"]))
+                        for p in parts], 1)
+    down_scores = sp.wina_scores(hx[1:3], sp.column_norms(weights[1]["down_proj"]))
+    expected = float((scores < levels["25"]).sum() + (down_scores < levels["25"]).sum()) / (2 * (2 * D + D_FF))
+    assert runtime.report()["a"]["zeroed_fraction"] == pytest.approx(expected)
+
+    x1 = torch.randn(1, D)  # batch-1 fast path: the GEMV runs on x Q with (W Q)ᵀ
+    runtime.begin([("b", 0, 1, "50")], total_rows=1)
+    fast, _ = qkv(x1)
+    runtime.end()
+    assert qkv.calls == [] and runtime.fast_path_calls == 1
+    torch.testing.assert_close(fast, rotated_reference(x1, weights[0], ("q_proj", "k_proj", "v_proj"), levels["50"],
+                                                       rot["0.attn"]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_rotation_file_with_an_unknown_group_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"0.down": torch.eye(4)}, str(tmp_path / "r.safetensors"))
+    (tmp_path / "t.json").write_text(json.dumps({"levels": {"25": {}}, "rotation": {"file": "r.safetensors"}}))
+    with pytest.raises(ValueError, match="unknown rotation groups"):
+        sp.load_rotations(tmp_path / "t.json")
+    (tmp_path / "plain.json").write_text(json.dumps({"levels": {"25": {}}}))
+    assert sp.load_rotations(tmp_path / "plain.json") is None
+
+
 def test_prompt_rows_run_dense_unless_the_server_sparsifies_prompts(fake):
     """Each request's rows in a step are consecutive positions; by default only positions >= its prompt length
     (generated tokens) run sparse: a prefill chunk not at all, a decode row fully, and a chunk that re-computes

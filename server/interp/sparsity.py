@@ -18,6 +18,13 @@ sparsity level ("25", "40", "50"). Four ways to reach a level:
   sparsity, from per-projection sensitivity curves (a Fisher estimate of the output KL, see
   sparsity_calibrate.projection_sensitivity).
 
+Rotated inputs (optional, named by the thresholds file's "rotation" entry): the projections of a group (the
+MLP's gate/up, which share one input; or attention's q/k/v) read x' = x Q_l instead of x, with Q_l [in, in]
+orthogonal (the eigenvectors of the input's second moment E[x xᵀ] in block l, largest first) and the weight
+W' = W Q_l, so W' x' = W x exactly; WINA then scores and zeroes the rotated inputs x'_i with W''s column
+norms. The principal basis puts most of the input's energy in few coordinates, so zeroing the same fraction
+of them removes less of it (the idea of LaRoSa's layerwise rotations; here per block, on the MLP input, with WINA's score).
+
 Masking is exact: an input is kept iff x_i != 0 and score_i >= threshold. The sparse GEMV kernels
 (featurelens.kernels.sparse_gemv) apply the same test, so masking then dense matmul == the sparse kernel.
 """
@@ -43,6 +50,9 @@ PROJECTIONS: dict[str, str] = {
 LEVELS = ("25", "40", "50")
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sparsity"
 DEFAULT_THRESHOLDS = ASSETS / "smollm2-135m-wina.json"
+# Projections that can share one input rotation: each group reads one tensor in a Llama block.
+ROTATION_GROUPS: dict[str, tuple[str, ...]] = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+PROJECTION_GROUP = {p: g for g, projs in ROTATION_GROUPS.items() for p in projs}
 MAX_QUANTILE_SAMPLES = 1 << 22  # sort cost bound; 4M samples put the quantile within ~0.05 points
 
 
@@ -247,3 +257,36 @@ def load_thresholds(level: str | int, path: str | Path = DEFAULT_THRESHOLDS, all
 
 def available_levels(path: str | Path = DEFAULT_THRESHOLDS) -> list[str]:
     return sorted(_read(str(path))["levels"], key=int)
+
+
+def principal_rotation(second_moment: torch.Tensor) -> torch.Tensor:
+    """Q [in, in] float32 from E[x xᵀ] [in, in]: its eigenvectors as columns, largest eigenvalue first, rounded
+    to float16 (the shipped precision, so calibration and engine use the same matrix; Q Qᵀ = I within ~1e-3,
+    below bf16's rounding of the activations)."""
+    _, vectors = torch.linalg.eigh(second_moment.double())
+    return vectors.flip(-1).to(torch.float16).float()
+
+
+def load_rotations(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, torch.Tensor] | None:
+    """"<layer>.<group>" -> Q [in, in] float32 when the thresholds file names a rotation file, else None.
+
+    The file's "rotation" entry: {"file": safetensors name beside the JSON, "groups": [...]}; the tensors are
+    keyed "<layer>.<group>" with group in ROTATION_GROUPS.
+    """
+    entry = _read(str(path)).get("rotation")
+    if not entry:
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(path).parent / entry["file"]))
+    unknown = {k.split(".", 1)[-1] for k in tensors} - set(ROTATION_GROUPS)
+    if unknown:
+        raise ValueError(f"{entry['file']}: unknown rotation groups {sorted(unknown)}; known: {sorted(ROTATION_GROUPS)}")
+    return {k: v.float() for k, v in tensors.items()}
+
+
+def rotation_of(rotations: Mapping[str, torch.Tensor] | None, layer: int, proj: str) -> torch.Tensor | None:
+    """The input rotation of projection `proj` in block `layer`, or None (its inputs are not rotated)."""
+    if not rotations or proj not in PROJECTION_GROUP:
+        return None
+    return rotations.get(f"{layer}.{PROJECTION_GROUP[proj]}")

@@ -1,7 +1,7 @@
 """Offline WINA calibration and quality check for the default model (HF transformers, CPU, float32).
 
-    python -m featurelens.server.interp.sparsity_calibrate --texts 150 --prompts 60 --projection --layerwise \
-        --serve projection
+    python -m featurelens.server.interp.sparsity_calibrate --texts 150 --prompts 60 --projection \
+        --serve projection --rotate mlp --threads 2
 
 1. Text: the offline corpus sources (package docstrings/READMEs + entity fact paragraphs, see corpus.py),
    seeded, split into calibration and held-out documents before anything is measured.
@@ -11,6 +11,10 @@
    `--layerwise` (across blocks, from each block's measured output-KL sensitivity on separate calibration
    prompts) and `--projection` (every projection on its own, across blocks, from a Fisher estimate of the
    same KL on the same prompts); `--serve` names the one written as the served `levels` table.
+   With `--rotate mlp` (the shipped table) the MLP input of every block is first rotated into its principal
+   basis (eigenvectors of its second moment on the calibration documents, `input_rotations`), written beside
+   the JSON as "<out stem>-rotation.safetensors"; scores, thresholds and allocations are then of the rotated
+   inputs (`rotate_model`: gate/up read x Q with weights W Q).
 3. Check: the same hooks on held-out text measure the sparsity the thresholds actually give; pre-hooks that
    zero inputs measure perplexity on held-out text (every token masked, the harsher setting) and
    teacher-forced greedy-token agreement with dense on chat prompts, both with every token masked and with
@@ -20,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -36,10 +41,13 @@ from featurelens.server.interp.sparsity import (
     DEFAULT_THRESHOLDS,
     LEVELS,
     PROJECTIONS,
+    ROTATION_GROUPS,
     column_norms,
     curve_allocation,
     greedy_allocation,
     measured_sparsity,
+    principal_rotation,
+    rotation_of,
     wina_scores,
     wina_sparsify,
 )
@@ -68,12 +76,65 @@ def corpus_texts(seed: int, n_texts: int, heldout_fraction: float = 0.2) -> tupl
 
 
 def projections(model: Any) -> dict[str, torch.nn.Module]:
-    """"<layer>.<proj>" -> nn.Linear for every decoder block."""
+    """"<layer>.<proj>" -> nn.Linear for every decoder block (for a rotated projection, the linear of the
+    rotated basis: its hooks see x Q and its weight is W Q)."""
     out: dict[str, torch.nn.Module] = {}
     for i, layer in enumerate(model.model.layers):
         for proj, path in PROJECTIONS.items():
-            out[f"{i}.{proj}"] = layer.get_submodule(path)
+            module = layer.get_submodule(path)
+            out[f"{i}.{proj}"] = module.inner if isinstance(module, RotatedLinear) else module
     return out
+
+
+class RotatedLinear(torch.nn.Module):
+    """x -> inner(x Q): a projection that reads its input in the rotated basis (`inner.weight` = W Q)."""
+
+    def __init__(self, linear: torch.nn.Linear, rotation: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("rotation", rotation.float().clone())  # a normal tensor: Fisher needs autograd
+        self.inner = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            self.inner.weight.copy_(linear.weight.float() @ self.rotation)
+            if linear.bias is not None:
+                self.inner.bias.copy_(linear.bias)
+        self.inner.requires_grad_(linear.weight.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x @ self.rotation.to(x.dtype))
+
+
+def rotate_model(model: Any, rotations: dict[str, torch.Tensor] | None) -> Any:
+    """Swap every projection with a rotation ("<layer>.<group>" -> Q) for a RotatedLinear, in place; the
+    model computes the same function (up to rounding). None or {}: nothing changes."""
+    for i, layer in enumerate(model.model.layers):
+        for proj, path in PROJECTIONS.items():
+            q = rotation_of(rotations, i, proj)
+            module = layer.get_submodule(path)
+            if q is None or isinstance(module, RotatedLinear):
+                continue
+            parent, name = path.rsplit(".", 1)
+            setattr(layer.get_submodule(parent), name, RotatedLinear(module, q))
+    return model
+
+
+@torch.inference_mode()
+def input_rotations(model: Any, tok: Any, texts: list[str], groups: list[str]) -> dict[str, torch.Tensor]:
+    """"<layer>.<group>" -> principal rotation of that group's input (second moment over `texts`)."""
+    firsts = {g: ROTATION_GROUPS[g][0] for g in groups}  # one projection per group: they share the input
+    mods = {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
+            for g, p in firsts.items()}
+    moments: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str, _m: torch.nn.Module) -> Any:
+        def hook(_mod: torch.nn.Module, args: tuple) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            moments[name] = moments[name] + x.T @ x if name in moments else x.T @ x
+        return hook
+
+    with hooks(mods, make_hook):
+        for text in texts:
+            model.model(_tokens(tok, text), use_cache=False)
+    return {name: principal_rotation(m) for name, m in moments.items()}
 
 
 @contextmanager
@@ -382,17 +443,35 @@ def main(argv: list[str] | None = None) -> int:
                     help="chat prompts the layer/projection sensitivity is measured on")
     ap.add_argument("--serve", default="uniform", choices=("uniform", "greedy", "layerwise", "projection"),
                     help="the allocation written as the served `levels` table")
+    ap.add_argument("--rotate", default="", help="comma-separated input groups to rotate into their principal "
+                    f"basis before masking ({', '.join(ROTATION_GROUPS)}; the shipped table: mlp)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: results do not depend on the box)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.serve != "uniform" and not getattr(args, args.serve):
         ap.error(f"--serve {args.serve} needs --{args.serve}")
+    groups = [g for g in args.rotate.split(",") if g]
+    if set(groups) - set(ROTATION_GROUPS):
+        ap.error(f"--rotate: unknown groups {sorted(set(groups) - set(ROTATION_GROUPS))}; known: {sorted(ROTATION_GROUPS)}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
     model, tok = load_model(resolve_model("default"))
     calib, held = corpus_texts(args.seed, args.texts)
     print(f"{len(calib)} calibration / {len(held)} held-out documents", flush=True)
+    dense_model = model  # dense references (continuations, perplexity) come from the model as shipped
+    rotation: dict[str, Any] | None = None
+    if groups:
+        from safetensors.torch import save_file
+
+        rotations = input_rotations(model, tok, calib, groups)
+        rot_path = Path(args.out).with_name(Path(args.out).stem + "-rotation.safetensors")
+        rot_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.to(torch.float16).contiguous() for k, v in rotations.items()}, str(rot_path))
+        model = rotate_model(copy.deepcopy(model), rotations)
+        rotation = {"file": rot_path.name, "groups": groups, "dtype": "float16",
+                    "basis": "per block: eigenvectors of the group's input second moment on the calibration documents"}
+        print(f"rotations of {groups} computed ({time.time() - t0:.0f} s)", flush=True)
     scores = _sorted_samples(collect_scores(model, tok, calib, seed=args.seed))
     held_scores = collect_scores(model, tok, held, seed=args.seed + 1)
     print(f"scores collected ({time.time() - t0:.0f} s)", flush=True)
@@ -402,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "max_tokens_per_document": MAX_TOKENS, "seed": args.seed,
                                            "prompts": args.prompts, "torch_threads": args.threads},
                            "levels_uniform": {}, "heldout_sparsity_uniform": {}}
+    if rotation:
+        out["rotation"] = rotation
     for level in LEVELS:
         thr = {n: _threshold_at(s, int(level) / 100) for n, s in scores.items()}
         out["levels_uniform"][level] = thr
@@ -422,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     write()  # thresholds first: quality checks below only add to the file
 
     prompts = chat_prompts(tok, args.prompts, args.seed + 2)
-    dense_full = dense_continuations(model, prompts, args.new_tokens)
-    quality: dict[str, Any] = {"dense": {"heldout_ppl": perplexity(model, tok, held)}}
+    dense_full = dense_continuations(dense_model, prompts, args.new_tokens)
+    quality: dict[str, Any] = {"dense": {"heldout_ppl": perplexity(dense_model, tok, held)}}
     out["quality"] = {"prompts": len(prompts), "new_tokens": args.new_tokens, "heldout_tokens_per_doc": MAX_TOKENS,
                       "agreement": "teacher-forced top-1 match with the dense greedy continuation", **quality}
 
@@ -458,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         seen = {tuple(p[0].tolist()) for p in prompts}
         cal_prompts = [p for p in chat_prompts(tok, 2 * args.calib_prompts, args.seed + 3)
                        if tuple(p[0].tolist()) not in seen][: args.calib_prompts]
-        cal_full = dense_continuations(model, cal_prompts, args.new_tokens)
+        cal_full = dense_continuations(dense_model, cal_prompts, args.new_tokens)
     if args.projection:
         grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
         curves, block_curves = projection_sensitivity(model, cal_prompts, cal_full, scores, grid,
