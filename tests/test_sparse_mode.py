@@ -243,6 +243,8 @@ async def test_model_info_lists_sparse_levels(stub):
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     sparse = next(m for m in info.modes if m.mode == pb.INFERENCE_MODE_SPARSE)
     assert sparse.available and list(sparse.sparsity_levels_percent) == [25, 40, 50]
+    # The shipped table masks the MLP input of every block in its principal basis; the mode says so.
+    assert "the mlp input of every block is masked in its principal basis" in sparse.description
 
 
 @pytest.mark.engine

@@ -333,3 +333,15 @@ def test_rotated_model_computes_the_same_and_is_masked_in_its_rotated_basis() ->
     # Every rotated input of block 0's gate_proj zeroed: its output is zero, and the model's output moves.
     assert torch.equal(outputs[0], torch.zeros_like(outputs[0]))
     assert not torch.allclose(masked, dense, atol=1e-3)
+
+
+def test_shipped_rotations_are_orthogonal_and_cover_the_rotated_groups() -> None:
+    data = json.loads(sp.DEFAULT_THRESHOLDS.read_text())
+    rotations = sp.load_rotations()
+    assert rotations is not None and data["rotation"]["groups"] == ["mlp"]
+    assert set(rotations) == {f"{i}.mlp" for i in range(30)}
+    for q in rotations.values():
+        assert q.shape == (576, 576)
+        assert float((q.T @ q - torch.eye(576)).abs().max()) < 2e-3
+    assert sp.rotation_of(rotations, 3, "up_proj") is rotations["3.mlp"]
+    assert sp.rotation_of(rotations, 3, "q_proj") is None and sp.rotation_of(rotations, 3, "down_proj") is None
