@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=2, help="bench modes, interp: timed rounds (median)")
     bench.add_argument("--modes", nargs="+", default=None,
                        help="bench modes: a subset of dense sparse-25 sparse-40 sparse-50 int8 (dense is always run)")
+    bench.add_argument("--quality-prompts", type=int, default=200,
+                       help="bench modes: chat prompts (x 32 tokens) for the offline teacher-forced agreement")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
