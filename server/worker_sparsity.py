@@ -95,6 +95,11 @@ class SparseRuntime:
         from featurelens.kernels.sparse_gemv import parts_kernel
 
         self.gemv_parts = parts_kernel()  # (x, w_ts, norms [parts, in], thresholds, out) -> zeroed inputs
+        from featurelens.kernels.sparse_gemv import native_available
+
+        # x Q of rotated inputs on the fast path: the native GEMV at threshold 0 on CPU; elsewhere (GPU, or no
+        # extension, where the fallback would gather every row) a plain matmul.
+        self.rotate_gemv = self.gemv_parts if device.type == "cpu" and native_available() else None
         self.step: SparseStep | None = None
         self.stats: OrderedDict[str, list[float]] = OrderedDict()
         self.fast_path_calls = 0
@@ -238,9 +243,12 @@ class _SparseProjection:
                 self.all_inputs = torch.ones((1, x.shape[1]), dtype=torch.float32, device=x.device)
             # x Q with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
             # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
-            rotated = torch.empty_like(x)
-            self.runtime.gemv_parts(x[0].contiguous(), [self.rotation_fast], self.all_inputs, [0.0], rotated)
-            x = rotated
+            if self.runtime.rotate_gemv is not None:
+                rotated = torch.empty_like(x)
+                self.runtime.rotate_gemv(x[0].contiguous(), [self.rotation_fast], self.all_inputs, [0.0], rotated)
+                x = rotated
+            else:
+                x = x @ self.rotation_fast
         out = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
         # One native call computes every part with its own threshold, writes `out` and counts the zeroed inputs.
         step.fast_zeroed += self.runtime.gemv_parts(x[0].contiguous(), self.w_t, self.norm_stack,

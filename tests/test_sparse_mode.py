@@ -179,8 +179,14 @@ def test_rotated_inputs_are_masked_in_the_rotated_basis_on_both_paths(rotated):
     fast, _ = qkv(x1)
     runtime.end()
     assert qkv.calls == [] and runtime.fast_path_calls == 1
-    torch.testing.assert_close(fast, rotated_reference(x1, weights[0], ("q_proj", "k_proj", "v_proj"), levels["50"],
-                                                       rot["0.attn"]), rtol=1e-5, atol=1e-5)
+    expected_fast = rotated_reference(x1, weights[0], ("q_proj", "k_proj", "v_proj"), levels["50"], rot["0.attn"])
+    torch.testing.assert_close(fast, expected_fast, rtol=1e-5, atol=1e-5)
+    runtime.rotate_gemv = None  # GPU / no native extension: x Q by a plain matmul, the same result
+    runtime.begin([("c", 0, 1, "50")], total_rows=1)
+    fast_mm, _ = qkv(x1)
+    runtime.end()
+    assert runtime.fast_path_calls == 2
+    torch.testing.assert_close(fast_mm, expected_fast, rtol=1e-5, atol=1e-5)
 
 
 def test_a_rotation_file_with_an_unknown_group_is_refused(tmp_path):
