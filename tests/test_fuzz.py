@@ -113,6 +113,7 @@ class StandInEngine(WordTokenizer):
         self.vectors = {"v1": HIDDEN_SIZE}
         self.interpretability_available = True
         self.sparsity_levels = SPARSITY_LEVELS
+        self.sparsity_rotated = ("mlp",)
         self.quantized = {"backend": "native", "weight_bytes": 0}
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
                                           trained_top_k=None)
