@@ -193,11 +193,11 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
                for n in names}
     # Rotated inputs (the shipped table's MLP input): the sparse step pays x Q (bf16 GEMM, as the engine) and
     # runs on W Q; the dense step keeps W.
-    rotations = load_rotations()
-    rot = {n: q.to(torch.bfloat16).contiguous() for n in names
+    rotations = load_rotations()  # a module's parts share one input, so one rotation per module
+    q32 = {n: q for n in names
            if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}
-    sparse_w = {n: [w.float() @ rotation_of(rotations, int(n.split(".")[0]), p) if n in rot else w
-                    for w, p in zip(ws, parts_of[n.split(".")[1]], strict=True)] for n, ws in weights.items()}
+    rot = {n: q.to(torch.bfloat16).contiguous() for n, q in q32.items()}
+    sparse_w = {n: [w.float() @ q32[n] for w in ws] if n in q32 else ws for n, ws in weights.items()}
     all_in = {n: torch.ones((1, q.shape[0])) for n, q in rot.items()}
     rot_out = {n: torch.empty(q.shape[0], dtype=torch.bfloat16) for n, q in rot.items()}
     w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in sparse_w.items()}

@@ -228,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"engine done ({time.perf_counter() - started:.0f} s)", flush=True)
     # Teacher-forced agreement on its own, larger prompt set: 12 prompts (what this used until 2026-12-03)
     # read 91.9% where 200 read 87.8% for the same table, too noisy for a 90% goal.
-    quality = _bench_quality(getattr(args, "quality_prompts", 200), 32)
+    quality = _bench_quality(args.quality_prompts, 32)
     print(f"quality done ({time.perf_counter() - started:.0f} s)\n", flush=True)
     bounds = decode_bounds()
     d = engine["dense"]
@@ -244,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
               f"{e['prefill']:>9.0f} {e['prefill'] / d['prefill']:>4.2f}x")
     print(f"\nppl: held-out perplexity ({quality['_docs']['heldout_documents']} documents, HF float32, every token "
           f"masked); tf agree: teacher-forced top-1 agreement with dense greedy (HF, {quality['_docs']['tf_tokens']} "
-          f"tokens of {getattr(args, 'quality_prompts', 200)} chat prompts; sparse: prompt tokens dense, "
+          f"tokens of {args.quality_prompts} chat prompts; sparse: prompt tokens dense, "
           f"as served); tf all: the same with every token masked (--sparse-prompt); agree / prefix: engine "
           f"free-running greedy tokens equal to dense, position by position / mean identical prefix length; "
           f"bound x: dense / sparse weight bytes per decoded token\n", flush=True)

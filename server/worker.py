@@ -192,8 +192,7 @@ class FeatureLensWorkerExtension:
                 "sae_gemm": (f"onednn-{sae_gemm}"
                              if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),
                 "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
-                "sparsity_rotated": sorted({k.split(".", 1)[1] for k in (self._fl_sparse.rotations or {})})
-                if self._fl_sparse is not None else [],
+                "sparsity_rotated": self._fl_sparse.rotated_groups if self._fl_sparse is not None else [],
                 "quantized": None if self._fl_quant is None else
                 {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,
                  "lm_head": self._fl_quant_head}}

@@ -109,11 +109,16 @@ class SparseRuntime:
     def _weight(self, layer: int, proj: str) -> torch.Tensor:
         """[out, in] weight as the mask sees it: W, or W Q (float32) for a projection with rotated inputs."""
         weight = projection_weight(self._files, layer, proj)
-        q = rotation_of(self.rotations, layer, proj)
+        q = self.rotation(layer, proj)
         return weight if q is None else weight.float() @ q
 
     def rotation(self, layer: int, proj: str) -> torch.Tensor | None:
         return rotation_of(self.rotations, layer, proj)
+
+    @property
+    def rotated_groups(self) -> list[str]:
+        """The input groups ("mlp", "attn") masked in a rotated basis; [] without rotations."""
+        return sorted({key.split(".", 1)[1] for key in self.rotations or {}})
 
     def transposed(self, layer: int, p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[in, out] contiguous weight of projection p, built once on the first fast-path call."""
@@ -221,6 +226,8 @@ class _SparseProjection:
             raise RuntimeError(f"layer {layer}: {parts} share one input and must share its rotation")
         self.rotation = None if rotations[0] is None else rotations[0].to(self.norm_stack.device)  # float32
         self.rotation_fast: torch.Tensor | None = None  # in the activations' dtype, for the batch-1 path
+        # x Q on the fast path is a GEMV at threshold 0 over all inputs: unit norms keep every nonzero x_i.
+        self.all_inputs = None if self.rotation is None else torch.ones_like(self.norm_stack[:1])
 
     def __call__(self, x: torch.Tensor) -> Any:
         step = self.runtime.step
@@ -240,7 +247,6 @@ class _SparseProjection:
         if self.rotation is not None:
             if self.rotation_fast is None or self.rotation_fast.dtype != x.dtype:
                 self.rotation_fast = self.rotation.to(x.dtype).contiguous()  # [in, in]: row i = what x_i adds
-                self.all_inputs = torch.ones((1, x.shape[1]), dtype=torch.float32, device=x.device)
             # x Q with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
             # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
             if self.runtime.rotate_gemv is not None:

@@ -75,6 +75,7 @@ def test_no_sparse_row_runs_the_dense_forward_only(fake):
     out, _ = qkv(x)
     torch.testing.assert_close(out, x @ qkv.fused.T)
     assert qkv.calls == [5]
+    assert runtime.rotated_groups == []
 
 
 def test_masks_only_the_sparse_rows_each_subprojection_with_its_own_norms(fake):
@@ -150,6 +151,7 @@ def rotated_reference(x, weights, parts, threshold, q):
 
 def test_rotated_inputs_are_masked_in_the_rotated_basis_on_both_paths(rotated):
     runtime, layers, weights, levels, rot = rotated
+    assert runtime.rotated_groups == ["attn", "mlp"]
     x = torch.randn(5, D)
     gate_up, qkv, down = layers[1].mlp.gate_up_proj, layers[0].self_attn.qkv_proj, layers[1].mlp.down_proj
     dense, _ = gate_up(x)
