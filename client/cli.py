@@ -70,9 +70,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from featurelens.server.app import serve
-    from featurelens.server.config import settings_from_args
+    from featurelens.server.config import SettingsError, settings_from_args
+    from pydantic import ValidationError
 
-    return asyncio.run(serve(settings_from_args(args)))
+    try:
+        return asyncio.run(serve(settings_from_args(args)))
+    except (ValidationError, SettingsError) as error:  # a bad setting: one clear message, not a traceback
+        print(f"featurelens serve: invalid settings: {error}", file=sys.stderr)
+        return 2
 
 
 def _cmd_prepare_model(args: argparse.Namespace) -> int:
@@ -146,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("risk", help="build risk data, train and evaluate the probe (see: featurelens risk --help)")
 
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("which", choices=["generate", "interp", "cache", "soak", "modes"])
+    bench.add_argument("which", choices=["generate", "interp", "cache", "soak", "modes", "kv"])
     bench.add_argument("--duration-s", type=float, default=60.0, help="bench soak: how long to run")
     bench.add_argument("--redis-url", default=None, help="bench cache: Redis to use (default 127.0.0.1:6379/15)")
     bench.add_argument("--model", default="default")
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bench modes: a subset of dense sparse-25 sparse-40 sparse-50 int8 (dense is always run)")
     bench.add_argument("--quality-prompts", type=int, default=200,
                        help="bench modes: chat prompts (x 32 tokens) for the offline teacher-forced agreement")
+    bench.add_argument("--context-tokens", type=int, default=1536,
+                       help="bench kv: tokens per held-out sequence and in the long prompt")
+    bench.add_argument("--sequences", type=int, default=8, help="bench kv: held-out sequences scored")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

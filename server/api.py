@@ -378,6 +378,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 interpretability_available=self.engine.interpretability_available,
                 risk_available=self.engine.risk_probe is not None,
                 risk_probe_id=self.engine.risk_probe.probe_id if self.engine.risk_probe else "",
+                kv_cache_dtype=s.kv_cache_dtype, kv_cache_tokens=self.engine.kv_cache_tokens,
             )
             for entry in self.engine.saes.values():
                 info.saes.add(sae_id=entry.sae_id, layer=entry.layer, hook_name=entry.cfg.hook_name or "",
@@ -396,7 +397,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                            description=f"int8 weights for the decoder projections"
                                        f"{' and the unembedding' if quant.get('lm_head') else ''} (per-channel "
                                        f"scales, weight-only; {quant['backend']} kernel); embeddings, norms, "
-                                       f"attention and the KV cache stay full precision" if quant else
+                                       f"attention and the KV cache keep the server's precision (GetModelInfo.kv_cache_dtype)" if quant else
                                        "disabled (--quantized-mode none, compiled mode or unreadable weights)")
             info.limits.CopyFrom(pb.Limits(
                 max_prompt_tokens=shape.max_model_len - 1, max_new_tokens=s.max_new_tokens,

@@ -126,13 +126,18 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
              ("mutual TLS" if settings.tls_client_ca_file else "TLS") if settings.tls_cert_file else "plaintext",
              f", bearer-token auth with {len(tokens)} token(s)" if tokens else "")
 
-    if engine.llm is None:
-        await engine.start()
-    if engine.features is not None:
-        engine.features.on_step = metrics.observe_step_timing
-    metrics.set_engine_info(engine.shape.model_id, [e.sae_id for e in engine.saes.values()], SERVER_VERSION)
-    started = time.perf_counter()
-    await engine.warmup()
+    try:
+        if engine.llm is None:
+            await engine.start()
+        if engine.features is not None:
+            engine.features.on_step = metrics.observe_step_timing
+        metrics.set_engine_info(engine.shape.model_id, [e.sae_id for e in engine.saes.values()], SERVER_VERSION,
+                                settings.kv_cache_dtype)
+        started = time.perf_counter()
+        await engine.warmup()
+    except BaseException:  # a setting this machine cannot serve, a bad SAE, ...: close what was opened, then raise
+        await running.stop(grace_s=0)
+        raise
     log.info("engine warm in %.1fs", time.perf_counter() - started)
     await running.set_serving(True)
     running._tasks.append(asyncio.create_task(_watch_engine(running)))

@@ -13,6 +13,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+class SettingsError(ValueError):
+    """A setting this machine cannot serve (found at start-up, beyond what the field validators can check)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEATURELENS_", extra="forbid")
 
@@ -23,6 +27,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, description="max requests batched together in one engine step")
     enforce_eager: bool = Field(True, description="eager mode; interpretability hooks need it")
     kv_cache_gib: float = Field(1.0, description="KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="KV cache element type for every request: 'auto' (the model dtype) or fp8, which "
+                            "holds twice the tokens in the same memory (GPU; on CPU it needs AVX-512 or AMX)")
     gpu_memory_utilization: float = Field(0.85, description="fraction of GPU memory vLLM may use (GPU only)")
     tensor_parallel_size: int = Field(1, description="vLLM tensor parallelism (passed through)")
     pipeline_parallel_size: int = Field(1, description="vLLM pipeline parallelism (passed through)")

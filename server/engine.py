@@ -13,11 +13,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from featurelens.server.config import Settings
+from featurelens.server.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "featurelens.server.worker.FeatureLensWorkerExtension"
+
+
+def check_kv_cache_dtype(dtype: str) -> None:
+    """vLLM's CPU attention keeps an fp8 KV cache only on CPUs with AVX-512 or AMX (its worker fails at start-up
+    otherwise); say so in one line before the engine is built."""
+    if not dtype.startswith("fp8"):
+        return
+    import torch
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        raise SettingsError(f"kv_cache_dtype: {dtype} needs a GPU or a CPU with AVX-512 or AMX (vLLM's CPU "
+                            "attention has no fp8 KV cache without them); use --kv-cache-dtype auto")
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class Engine:
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
         self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
         self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
+        self.kv_cache_tokens = 0  # tokens the engine's KV cache holds (blocks x block size), known once started
         self._catalogs: dict[int, Any] = {}
         # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
         self.interpretability_available = settings.enforce_eager
@@ -61,6 +75,7 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        check_kv_cache_dtype(s.kv_cache_dtype)
         self.model_path = resolve_model(s.model)
         if not s.enforce_eager:
             log.warning("compiled mode: vLLM skips Python forward hooks, so interpretability options "
@@ -75,6 +90,7 @@ class Engine:
             tensor_parallel_size=s.tensor_parallel_size,
             pipeline_parallel_size=s.pipeline_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
+            kv_cache_dtype=s.kv_cache_dtype,
             worker_extension_cls=WORKER_EXTENSION,
             enable_log_requests=False,
         )
@@ -93,7 +109,10 @@ class Engine:
             max_model_len=int(self.llm.model_config.max_model_len),
             eos_token_ids=tuple(sorted(eos)),
         )
-        log.info("engine started in %.1fs: %s", time.perf_counter() - started, self.shape)
+        cache = self.llm.vllm_config.cache_config
+        self.kv_cache_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
+        log.info("engine started in %.1fs: %s; KV cache %s, %d tokens", time.perf_counter() - started, self.shape,
+                 cache.cache_dtype, self.kv_cache_tokens)
         await self._setup_interpretability()
 
     async def _setup_interpretability(self) -> None:

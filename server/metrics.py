@@ -108,7 +108,7 @@ class Metrics:
         self.risk_seconds = Histogram(
             "featurelens_risk_seconds", "Time to run the risk probe for one engine step.",
             buckets=STEP_BUCKETS, registry=r)
-        # Exposed as featurelens_engine_info{model,saes,version} 1 (Info appends the _info suffix).
+        # Exposed as featurelens_engine_info{model,saes,version,kv_cache_dtype} 1 (Info appends _info).
         self.engine_info = Info(
             "featurelens_engine", "Model, SAEs and server version this replica serves.", registry=r)
 
@@ -174,9 +174,10 @@ class Metrics:
         if risk_seconds > 0:
             self.risk_seconds.observe(risk_seconds)
 
-    def set_engine_info(self, model: str, saes: list[str] | str, version: str) -> None:
+    def set_engine_info(self, model: str, saes: list[str] | str, version: str, kv_cache_dtype: str = "auto") -> None:
         saes_text = saes if isinstance(saes, str) else ",".join(saes)
-        self.engine_info.info({"model": model, "saes": saes_text, "version": version})
+        self.engine_info.info({"model": model, "saes": saes_text, "version": version,
+                               "kv_cache_dtype": kv_cache_dtype})
 
     # ---- cache ------------------------------------------------------------------------------------------
 

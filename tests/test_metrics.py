@@ -35,7 +35,7 @@ EXPECTED_FAMILIES = {
     "featurelens_sae_encode_seconds": ("histogram", set()),
     "featurelens_risk_seconds": ("histogram", set()),
     # An Info is exposed in the text format as a gauge `<name>_info` with value 1.
-    "featurelens_engine_info": ("gauge", {"model", "saes", "version"}),
+    "featurelens_engine_info": ("gauge", {"model", "saes", "version", "kv_cache_dtype"}),
 }
 
 
@@ -55,7 +55,7 @@ def _record_everything(m: Metrics) -> None:
     m.count_cache_lookup("redis", hit=False)
     m.count_cache_error("redis", "timeout")
     m.observe_step_timing(0.002, 0.0003)
-    m.set_engine_info("smollm2-135m", ["res-l9", "res-l15"], "0.1.0")
+    m.set_engine_info("smollm2-135m", ["res-l9", "res-l15"], "0.1.0", "fp8")
 
 
 def _families(text: str) -> dict:
@@ -107,7 +107,7 @@ def test_helper_values_and_bounded_labels() -> None:
     assert samples[("featurelens_features_returned_total", (("layer", "other"),))] == 1
     assert samples[("featurelens_time_to_first_token_seconds_count", (("mode", "other"),))] == 1
     assert samples[("featurelens_requests_in_flight", ())] == 0
-    engine = (("model", "smollm2-135m"), ("saes", "res-l9,res-l15"), ("version", "0.1.0"))
+    engine = (("kv_cache_dtype", "fp8"), ("model", "smollm2-135m"), ("saes", "res-l9,res-l15"), ("version", "0.1.0"))
     assert samples[("featurelens_engine_info", engine)] == 1
 
 

@@ -3,10 +3,7 @@ refuses new RPCs with UNAVAILABLE and lets the in-flight stream finish within th
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
 import time
 
 import grpc
@@ -14,41 +11,17 @@ import pytest
 from featurelens.v1 import featurelens_pb2 as pb
 from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tests_support import free_port
+from tests_support import free_port, serve_process, wait_serving
 
 pytestmark = pytest.mark.engine
 
 
-def _wait_serving(channel: grpc.Channel, proc: subprocess.Popen, timeout_s: float) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited during start-up"
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("server never became SERVING")
-
-
-def _serve(tmp_path, port: int) -> tuple[subprocess.Popen, object]:
-    log_path = tmp_path / "serve.log"
-    exe = shutil.which("featurelens") or os.path.join(os.path.dirname(os.sys.executable), "featurelens")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([exe, "serve", "--port", str(port), "--metrics-port", str(free_port()),
-                                 "--grace-period-s", "60", "--max-num-seqs", "8"],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    return proc, log_path
-
-
 def test_sigterm_drains_gracefully(tmp_path):
     port = free_port()
-    proc, log_path = _serve(tmp_path, port)
+    proc, log_path = serve_process(tmp_path, port, "--grace-period-s", "60", "--max-num-seqs", "8")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_serving(channel, proc, 300)
+            wait_serving(channel, proc, 300)
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.FeatureLensServiceStub(channel)
@@ -80,10 +53,10 @@ def test_engine_death_exits_non_zero(tmp_path):
     import psutil
 
     port = free_port()
-    proc, log_path = _serve(tmp_path, port)
+    proc, log_path = serve_process(tmp_path, port, "--grace-period-s", "60", "--max-num-seqs", "8")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_serving(channel, proc, 300)
+            wait_serving(channel, proc, 300)
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             engines = [p for p in psutil.Process(proc.pid).children(recursive=True)

@@ -127,3 +127,37 @@ async def pair_in_one_batch(stub, first, second, nonce: int, engine=None) -> tup
     finally:
         watcher.cancel()
     return list(pair), peak
+
+
+def serve_process(workdir, port: int, *flags: str, env: dict[str, str] | None = None, metrics_port: int = 0):
+    """`featurelens serve` as a child process on `port` (metrics on `metrics_port`, else a free one), its output in
+    workdir/serve.log. Returns (process, log path)."""
+    import os
+    import shutil
+    import sys
+
+    log_path = workdir / "serve.log"
+    exe = shutil.which("featurelens") or os.path.join(os.path.dirname(sys.executable), "featurelens")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([exe, "serve", "--port", str(port), "--metrics-port", str(metrics_port or free_port()),
+                                 *flags],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env)
+    return proc, log_path
+
+
+def wait_serving(channel, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Waits until the server's health check says SERVING (fails if the process exits first)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "server exited during start-up"
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server never became SERVING")
