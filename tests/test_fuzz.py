@@ -115,6 +115,7 @@ class StandInEngine(WordTokenizer):
         self.sparsity_levels = SPARSITY_LEVELS
         self.sparsity_rotated = ("mlp",)
         self.quantized = {"backend": "native", "weight_bytes": 0}
+        self.kv_cache_tokens = 4096
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
                                           trained_top_k=None)
         self.tokenizer = WordTokenizer()
