@@ -219,6 +219,11 @@ def test_offline_masking_can_leave_the_prompt_dense() -> None:
     assert first == [6]
 
 
+def _random_sequences(n: int, length: int = 24, start: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """Token sequences for a tiny Llama (vocabulary 64), every position from `start` on counted."""
+    return [(torch.randint(64, (1, length), generator=torch.Generator().manual_seed(k)), start) for k in range(n)]
+
+
 def test_layer_sensitivity_masks_one_block_at_a_time_on_the_continuation() -> None:
     """Per-block KL curves on a tiny Llama: zero at sparsity 0, growing with sparsity, and only the continuation
     counts (a prompt-only sequence has no positions, so masking can change nothing). The Fisher estimate
@@ -233,13 +238,10 @@ def test_layer_sensitivity_masks_one_block_at_a_time_on_the_continuation() -> No
     )
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def tok(text: str, **_: object) -> SimpleNamespace:  # collect_scores tokenizes text; hand it fixed ids
-        return SimpleNamespace(input_ids=torch.randint(64, (1, 24), generator=torch.Generator().manual_seed(len(text))))
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
-    scores = _sorted_samples(collect_scores(model, tok, ["a" * k for k in range(1, 9)]))
+    scores = _sorted_samples(collect_scores(model, _random_sequences(8)))
     prompts = [torch.randint(64, (1, 6), generator=torch.Generator().manual_seed(k)) for k in range(3)]
     with torch.inference_mode():
         full = [torch.cat([p, torch.randint(64, (1, 8))], dim=1) for p in prompts]
@@ -293,6 +295,70 @@ def test_principal_rotation_concentrates_energy_so_the_same_mask_loses_less() ->
     assert rotated < 0.5 * plain, (rotated, plain)
 
 
+def _tiny_llama(layers: int = 2) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+
+
+def test_calibration_counts_only_the_positions_a_sparse_request_masks() -> None:
+    """Scores and rotation moments come from each sequence's counted positions only (a chat continuation's
+    generated tokens), computed with the whole sequence before them as context."""
+    from featurelens.server.interp.sparsity_calibrate import collect_scores, input_rotations, projections
+
+    model = _tiny_llama()
+    seqs = _random_sequences(3, length=24, start=20)
+    captured: list[torch.Tensor] = []
+    handle = model.model.layers[1].mlp.gate_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+    scores = collect_scores(model, seqs, per_call=1 << 20)
+    handle.remove()
+    gate = projections(model)["1.gate_proj"]
+    counted = torch.cat([sp.wina_scores(x[0, 20:], sp.column_norms(gate.weight)).flatten() for x in captured])
+    assert scores["1.gate_proj"].numel() == 3 * 4 * 32  # 4 counted positions x 32 inputs per sequence
+    assert bool(torch.isin(scores["1.gate_proj"], counted).all())
+    with pytest.raises(ValueError, match="no positions"):
+        collect_scores(model, _random_sequences(2, length=24, start=24))
+    long = _random_sequences(3, length=40, start=20)  # 60 counted positions: a full-rank 32 x 32 moment
+    captured.clear()
+    handle = model.model.layers[1].mlp.gate_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+    rotations = input_rotations(model, long, ["mlp"])
+    handle.remove()
+    moment = sum(c[0, 20:].double().T @ c[0, 20:].double() for c in captured)
+    torch.testing.assert_close(rotations["1.mlp"], sp.principal_rotation(moment))
+
+
+def test_batched_chat_continuations_equal_one_at_a_time_greedy() -> None:
+    """The calibration's batched, left-padded generation gives the same greedy continuations (cut after EOS) as
+    generating one prompt at a time, on a tiny Llama in float32."""
+    from featurelens.server.interp.sparsity_data import chat_continuations, dense_continuations
+
+    model = _tiny_llama()
+    eos = model.generation_config.eos_token_id
+    prompts = [torch.randint(3, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 7, 12)]
+    batched = chat_continuations(model, SimpleNamespace(eos_token_id=eos, pad_token_id=0), prompts, 10, batch=3)
+    single = dense_continuations(model, prompts, 10)
+    for (ids, start), prompt, reference in zip(batched, prompts, single, strict=True):
+        assert start == prompt.shape[1]
+        assert torch.equal(ids, reference), (ids, reference)
+
+
+def test_chat_prompt_sets_are_disjoint() -> None:
+    from featurelens.server.interp.sparsity_data import chat_prompts, fresh_chat_prompts
+
+    def apply_chat_template(messages: list[dict], **_: object) -> dict:  # one id per character of the chat
+        return {"input_ids": torch.tensor([[ord(c) for c in " ".join(m["content"] for m in messages)]])}
+
+    tok = SimpleNamespace(apply_chat_template=apply_chat_template)
+    evaluation = chat_prompts(tok, 40, 2)
+    seen = {tuple(p[0].tolist()) for p in evaluation}
+    first, second = fresh_chat_prompts(tok, 30, 5, seen), fresh_chat_prompts(tok, 30, 6, seen)
+    keys = [tuple(p[0].tolist()) for p in first + second]
+    assert len(first) == len(second) == 30 and len(set(keys)) == 60
+    assert not set(keys) & {tuple(p[0].tolist()) for p in evaluation}
+
+
 def test_rotated_model_computes_the_same_and_is_masked_in_its_rotated_basis() -> None:
     from featurelens.server.interp.sparsity_calibrate import (
         RotatedLinear,
@@ -303,13 +369,10 @@ def test_rotated_model_computes_the_same_and_is_masked_in_its_rotated_basis() ->
     )
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def tok(text: str, **_: object) -> SimpleNamespace:
-        return SimpleNamespace(input_ids=torch.randint(64, (1, 24), generator=torch.Generator().manual_seed(len(text))))
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
-    rotations = input_rotations(model, tok, ["a" * k for k in range(1, 6)], ["mlp"])
+    rotations = input_rotations(model, _random_sequences(5), ["mlp"])
     assert set(rotations) == {"0.mlp", "1.mlp"}
     for q in rotations.values():
         torch.testing.assert_close(q.T @ q, torch.eye(32), atol=2e-3, rtol=0)

@@ -3,8 +3,13 @@
     python -m featurelens.server.interp.sparsity_calibrate --texts 150 --prompts 60 --projection \
         --serve projection --rotate mlp --threads 2
 
-1. Text: the offline corpus sources (package docstrings/READMEs + entity fact paragraphs, see corpus.py),
-   seeded, split into calibration and held-out documents before anything is measured.
+1. Text (sparsity_data.py): by default (`--calibration chat`) the dense model's greedy continuations of three
+   disjoint sets of chat prompts, counted at the generated positions only, since a sparse request masks its
+   generated tokens and runs its prompt dense: one set gives the rotations, one the thresholds, one the held-out
+   sparsity report. Corpus documents (package docstrings/READMEs + entity fact paragraphs, see corpus.py,
+   seeded, split into calibration and held-out documents) give held-out perplexity and a second held-out
+   sparsity report; `--calibration documents` calibrates on them instead, as the tables shipped until
+   2026-12-06 were.
 2. Scores: forward pre-hooks on every q/k/v/o/gate/up/down projection record a random sample of the WINA
    scores |x_i| * ||W[:, i]|| of its input on calibration text; thresholds are per-projection quantiles.
    Allocations: uniform (every projection at the level); optionally `--greedy` (TEAL-style, per block),
@@ -12,13 +17,13 @@
    prompts) and `--projection` (every projection on its own, across blocks, from a Fisher estimate of the
    same KL on the same prompts); `--serve` names the one written as the served `levels` table.
    With `--rotate mlp` (the shipped table) the MLP input of every block is first rotated into its principal
-   basis (eigenvectors of its second moment on the calibration documents, `input_rotations`), written beside
+   basis (eigenvectors of its second moment on the rotation text, `input_rotations`), written beside
    the JSON as "<out stem>-rotation.safetensors"; scores, thresholds and allocations are then of the rotated
    inputs (`rotate_model`: gate/up read x Q with weights W Q).
 3. Check: the same hooks on held-out text measure the sparsity the thresholds actually give; pre-hooks that
-   zero inputs measure perplexity on held-out text (every token masked, the harsher setting) and
-   teacher-forced greedy-token agreement with dense on chat prompts, both with every token masked and with
-   the prompt dense (as the server runs a sparse request).
+   zero inputs measure perplexity on held-out documents (every token masked, the harsher setting) and
+   teacher-forced greedy-token agreement with dense on evaluation chat prompts, both with every token masked
+   and with the prompt dense (as the server runs a sparse request).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import copy
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from featurelens.server.interp import corpus
 from featurelens.server.interp.sparsity import (
     DEFAULT_THRESHOLDS,
     LEVELS,
@@ -51,8 +54,17 @@ from featurelens.server.interp.sparsity import (
     wina_scores,
     wina_sparsify,
 )
-
-MAX_TOKENS = 128  # per document: positional variety at a cost a shared 2-core box can pay (~1 s/forward)
+from featurelens.server.interp.sparsity_data import (  # noqa: F401 - chat_prompts: the benches' import path
+    MAX_TOKENS,
+    Sequence,
+    chat_continuations,
+    chat_prompts,
+    corpus_texts,
+    dense_continuations,
+    document_ids,
+    documents,
+    fresh_chat_prompts,
+)
 
 
 def load_model(path: str) -> tuple[Any, Any]:
@@ -60,19 +72,6 @@ def load_model(path: str) -> tuple[Any, Any]:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def corpus_texts(seed: int, n_texts: int, heldout_fraction: float = 0.2) -> tuple[list[str], list[str]]:
-    """(calibration, held-out) documents, ~70% docs prose/code and ~30% entity facts, disjoint by document."""
-    rng = random.Random(seed)
-    n_facts = n_texts * 3 // 10
-    docs = corpus.pack_texts(corpus.iter_doc_texts(rng, max_files=1500), 1200, 1200 * (n_texts - n_facts))
-    facts = corpus.fact_paragraphs(rng)
-    rng.shuffle(facts)
-    texts = docs[: n_texts - n_facts] + facts[:n_facts]
-    rng.shuffle(texts)
-    n_held = int(len(texts) * heldout_fraction)
-    return texts[n_held:], texts[:n_held]
 
 
 def projections(model: Any) -> dict[str, torch.nn.Module]:
@@ -118,22 +117,25 @@ def rotate_model(model: Any, rotations: dict[str, torch.Tensor] | None) -> Any:
 
 
 @torch.inference_mode()
-def input_rotations(model: Any, tok: Any, texts: list[str], groups: list[str]) -> dict[str, torch.Tensor]:
-    """"<layer>.<group>" -> principal rotation of that group's input (second moment over `texts`)."""
+def input_rotations(model: Any, sequences: list[Sequence], groups: list[str]) -> dict[str, torch.Tensor]:
+    """"<layer>.<group>" -> principal rotation of that group's input (second moment over the counted positions
+    of `sequences`)."""
     firsts = {g: ROTATION_GROUPS[g][0] for g in groups}  # one projection per group: they share the input
     mods = {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
             for g, p in firsts.items()}
     moments: dict[str, torch.Tensor] = {}
+    first = [0]
 
     def make_hook(name: str, _m: torch.nn.Module) -> Any:
         def hook(_mod: torch.nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = args[0][..., first[0]:, :].reshape(-1, args[0].shape[-1]).double()
             moments[name] = moments[name] + x.T @ x if name in moments else x.T @ x
         return hook
 
     with hooks(mods, make_hook):
-        for text in texts:
-            model.model(_tokens(tok, text), use_cache=False)
+        for ids, start in sequences:
+            first[0] = start
+            model.model(ids, use_cache=False)
     return {name: principal_rotation(m) for name, m in moments.items()}
 
 
@@ -147,27 +149,29 @@ def hooks(modules: dict[str, torch.nn.Module], make_hook: Any) -> Iterator[None]
             h.remove()
 
 
-def _tokens(tok: Any, text: str) -> torch.Tensor:
-    return tok(text, return_tensors="pt", truncation=True, max_length=MAX_TOKENS).input_ids
-
-
 @torch.inference_mode()
-def collect_scores(model: Any, tok: Any, texts: list[str], per_call: int = 2048, seed: int = 0) -> dict[str, torch.Tensor]:
-    """"<layer>.<proj>" -> 1-D sample of WINA scores of that projection's inputs over `texts`."""
+def collect_scores(model: Any, sequences: list[Sequence], per_call: int = 2048, seed: int = 0) -> dict[str, torch.Tensor]:
+    """"<layer>.<proj>" -> 1-D sample of WINA scores of that projection's inputs at the counted positions of
+    `sequences` (the model runs dense)."""
     mods = projections(model)
     norms = {name: column_norms(m.weight) for name, m in mods.items()}
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in mods}
     gen = torch.Generator().manual_seed(seed)
+    first = [0]
 
     def make_hook(name: str, _m: torch.nn.Module) -> Any:
         def hook(_mod: torch.nn.Module, args: tuple) -> None:
-            s = wina_scores(args[0], norms[name]).flatten()
-            samples[name].append(s[torch.randint(s.numel(), (min(per_call, s.numel()),), generator=gen)])
+            s = wina_scores(args[0][..., first[0]:, :], norms[name]).flatten()
+            if s.numel():
+                samples[name].append(s[torch.randint(s.numel(), (min(per_call, s.numel()),), generator=gen)])
         return hook
 
     with hooks(mods, make_hook):
-        for text in texts:
-            model.model(_tokens(tok, text), use_cache=False)  # decoder only: the unembedding is not hooked
+        for ids, start in sequences:
+            first[0] = start
+            model.model(ids, use_cache=False)  # decoder only: the unembedding is not hooked
+    if not all(samples.values()):
+        raise ValueError("no positions to score: every sequence ends at its first counted position")
     return {name: torch.cat(v) for name, v in samples.items()}
 
 
@@ -212,7 +216,7 @@ def greedy_levels(model: Any, tok: Any, texts: list[str], sorted_scores: dict[st
             captured.setdefault(i, []).append((args, kwargs))
         handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
     for text in texts[:n_seqs]:
-        model.model(_tokens(tok, text), use_cache=False)  # a cache would grow on every replay
+        model.model(document_ids(tok, text), use_cache=False)  # a cache would grow on every replay
     for h in handles:
         h.remove()
 
@@ -380,25 +384,13 @@ def projection_sensitivity(model: Any, prompts: list[torch.Tensor], dense_full: 
 def perplexity(model: Any, tok: Any, texts: list[str]) -> float:
     nll = n = 0.0
     for text in texts:
-        ids = _tokens(tok, text)
+        ids = document_ids(tok, text)
         if ids.shape[1] < 2:
             continue
         loss = model(ids, labels=ids).loss
         nll += float(loss) * (ids.shape[1] - 1)
         n += ids.shape[1] - 1
     return math.exp(nll / n)
-
-
-def chat_prompts(tok: Any, n: int, seed: int) -> list[torch.Tensor]:
-    pairs = corpus.make_instructions(random.Random(seed), n)
-    return [tok.apply_chat_template(corpus.chat_messages(s, u), add_generation_prompt=True, return_tensors="pt",
-                                    return_dict=True)["input_ids"] for s, u in pairs]
-
-
-@torch.inference_mode()
-def dense_continuations(model: Any, prompts: list[torch.Tensor], new_tokens: int) -> list[torch.Tensor]:
-    return [model.generate(p, max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(p))
-            for p in prompts]
 
 
 @torch.inference_mode()
@@ -419,10 +411,15 @@ def greedy_agreement(model: Any, prompts: list[torch.Tensor], dense_full: list[t
     return agree / max(total, 1)
 
 
-def heldout_report(scores: dict[str, torch.Tensor], thresholds: dict[str, float]) -> dict[str, Any]:
+def heldout_report(scores: dict[str, torch.Tensor], thresholds: dict[str, float],
+                   sizes: dict[str, int]) -> dict[str, Any]:
+    """Sparsity the thresholds give on held-out scores: per projection, their mean, and the mean weighted by
+    weight size (`bytes`: the fraction of projection weight bytes a decode step skips)."""
     per = {n: measured_sparsity(scores[n], t) for n, t in thresholds.items()}
     vals = list(per.values())
-    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "per_projection": per}
+    weighted = sum(v * sizes[n] for n, v in per.items()) / sum(sizes[n] for n in per)
+    return {"mean": sum(vals) / len(vals), "bytes": weighted, "min": min(vals), "max": max(vals),
+            "per_projection": per}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,6 +442,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="the allocation written as the served `levels` table")
     ap.add_argument("--rotate", default="", help="comma-separated input groups to rotate into their principal "
                     f"basis before masking ({', '.join(ROTATION_GROUPS)}; the shipped table: mlp)")
+    ap.add_argument("--calibration", default="chat", choices=("chat", "documents"),
+                    help="what rotations and thresholds are calibrated on: the dense model's greedy continuations of "
+                         "chat prompts at their generated positions (what a sparse request masks; the default), or "
+                         "corpus documents (the shipped tables until 2026-12-06)")
+    ap.add_argument("--rotation-prompts", type=int, default=300, help="chat prompts whose continuations give the "
+                    "rotations (--calibration chat)")
+    ap.add_argument("--threshold-prompts", type=int, default=150, help="other chat prompts whose continuations give "
+                    "the thresholds (--calibration chat): a basis fitted on the same tokens underestimates its own "
+                    "tail and the thresholds would undershoot on new text")
+    ap.add_argument("--heldout-prompts", type=int, default=60, help="chat prompts for the held-out sparsity report")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: results do not depend on the box)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -460,33 +467,57 @@ def main(argv: list[str] | None = None) -> int:
     calib, held = corpus_texts(args.seed, args.texts)
     print(f"{len(calib)} calibration / {len(held)} held-out documents", flush=True)
     dense_model = model  # dense references (continuations, perplexity) come from the model as shipped
+    # Evaluation prompts first; every other prompt set is drawn apart from them and from each other.
+    prompts = chat_prompts(tok, args.prompts, args.seed + 2)
+    seen = {tuple(p[0].tolist()) for p in prompts}
+    if args.calibration == "chat":
+        def chat_set(n: int, seed: int) -> list[Sequence]:
+            return chat_continuations(dense_model, tok, fresh_chat_prompts(tok, n, seed, seen), args.new_tokens)
+
+        rotation_seqs = chat_set(args.rotation_prompts, args.seed + 5)
+        threshold_seqs = chat_set(args.threshold_prompts, args.seed + 6)
+        heldout_seqs = chat_set(args.heldout_prompts, args.seed + 7)
+        print(f"chat continuations: {len(rotation_seqs)} / {len(threshold_seqs)} / {len(heldout_seqs)} "
+              f"(rotations / thresholds / held-out) ({time.time() - t0:.0f} s)", flush=True)
+    else:
+        rotation_seqs = threshold_seqs = documents(tok, calib)
+        heldout_seqs = documents(tok, held)
     rotation: dict[str, Any] | None = None
     if groups:
         from safetensors.torch import save_file
 
-        rotations = input_rotations(model, tok, calib, groups)
+        rotations = input_rotations(model, rotation_seqs, groups)
         rot_path = Path(args.out).with_name(Path(args.out).stem + "-rotation.safetensors")
         rot_path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.to(torch.float16).contiguous() for k, v in rotations.items()}, str(rot_path))
         model = rotate_model(copy.deepcopy(model), rotations)
         rotation = {"file": rot_path.name, "groups": groups, "dtype": "float16",
-                    "basis": "per block: eigenvectors of the group's input second moment on the calibration documents"}
+                    "basis": "per block: eigenvectors of the group's input second moment on the "
+                             + ("generated tokens of chat continuations" if args.calibration == "chat"
+                                else "calibration documents")}
         print(f"rotations of {groups} computed ({time.time() - t0:.0f} s)", flush=True)
-    scores = _sorted_samples(collect_scores(model, tok, calib, seed=args.seed))
-    held_scores = collect_scores(model, tok, held, seed=args.seed + 1)
+    scores = _sorted_samples(collect_scores(model, threshold_seqs, seed=args.seed))
+    held_scores = collect_scores(model, heldout_seqs, seed=args.seed + 1)
+    held_doc_scores = collect_scores(model, documents(tok, held), seed=args.seed + 1) \
+        if args.calibration == "chat" else held_scores
+    sizes = {n: m.weight.numel() for n, m in projections(model).items()}
     print(f"scores collected ({time.time() - t0:.0f} s)", flush=True)
 
-    out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina",
-                           "calibration": {"texts": args.texts, "documents": len(calib), "heldout_documents": len(held),
-                                           "max_tokens_per_document": MAX_TOKENS, "seed": args.seed,
-                                           "prompts": args.prompts, "torch_threads": args.threads},
+    calibration: dict[str, Any] = {"text": args.calibration, "texts": args.texts, "documents": len(calib),
+                                   "heldout_documents": len(held), "max_tokens_per_document": MAX_TOKENS,
+                                   "seed": args.seed, "prompts": args.prompts, "torch_threads": args.threads}
+    if args.calibration == "chat":
+        calibration.update(rotation_prompts=len(rotation_seqs), threshold_prompts=len(threshold_seqs),
+                           heldout_prompts=len(heldout_seqs), new_tokens=args.new_tokens,
+                           positions="generated tokens only (the prompt runs dense, as served)")
+    out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina", "calibration": calibration,
                            "levels_uniform": {}, "heldout_sparsity_uniform": {}}
     if rotation:
         out["rotation"] = rotation
     for level in LEVELS:
         thr = {n: _threshold_at(s, int(level) / 100) for n, s in scores.items()}
         out["levels_uniform"][level] = thr
-        out["heldout_sparsity_uniform"][level] = heldout_report(held_scores, thr)
+        out["heldout_sparsity_uniform"][level] = heldout_report(held_scores, thr, sizes)
 
     def write() -> None:
         """The file as it stands: the --serve allocation once computed (uniform until then) is the served
@@ -494,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         served = args.serve if f"levels_{args.serve}" in out else "uniform"
         doc = {"model": out["model"], "criterion": out["criterion"], "allocation": served,
                "calibration": out["calibration"], "levels": out[f"levels_{served}"],
-               "heldout_sparsity": out[f"heldout_sparsity_{served}"]}
+               "heldout_sparsity": out[f"heldout_sparsity_{served}"],
+               # the same thresholds on held-out documents: how far the level moves on other text
+               "heldout_sparsity_documents": {lv: heldout_report(held_doc_scores, t, sizes)
+                                              for lv, t in out[f"levels_{served}"].items()}}
         doc.update((k, v) for k, v in out.items()
                    if k not in doc and k not in (f"levels_{served}", f"heldout_sparsity_{served}"))
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
@@ -502,7 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write()  # thresholds first: quality checks below only add to the file
 
-    prompts = chat_prompts(tok, args.prompts, args.seed + 2)
     dense_full = dense_continuations(dense_model, prompts, args.new_tokens)
     quality: dict[str, Any] = {"dense": {"heldout_ppl": perplexity(dense_model, tok, held)}}
     out["quality"] = {"prompts": len(prompts), "new_tokens": args.new_tokens, "heldout_tokens_per_doc": MAX_TOKENS,
@@ -524,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         """Thresholds, held-out sparsity and quality of an allocation (level -> projection -> sparsity)."""
         out[f"levels_{name}"] = {lv: {n: _threshold_at(scores[n], sp) for n, sp in table.items()}
                                  for lv, table in sparsities.items()}
-        out[f"heldout_sparsity_{name}"] = {lv: heldout_report(held_scores, t) for lv, t in out[f"levels_{name}"].items()}
+        out[f"heldout_sparsity_{name}"] = {lv: heldout_report(held_scores, t, sizes)
+                                           for lv, t in out[f"levels_{name}"].items()}
         write()
         print(f"{name} done ({time.time() - t0:.0f} s)", flush=True)
         evaluate(name, out[f"levels_{name}"])
@@ -535,16 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         out["greedy_sparsities"] = {lv: alloc[int(lv) / 100] for lv in LEVELS}
         add_allocation("greedy", out["greedy_sparsities"])
     if args.layerwise or args.projection:
-        # Calibration prompts are drawn with their own seed; any that equals an evaluation prompt is dropped.
-        seen = {tuple(p[0].tolist()) for p in prompts}
-        cal_prompts = [p for p in chat_prompts(tok, 2 * args.calib_prompts, args.seed + 3)
-                       if tuple(p[0].tolist()) not in seen][: args.calib_prompts]
+        cal_prompts = fresh_chat_prompts(tok, args.calib_prompts, args.seed + 3, seen)
         cal_full = dense_continuations(dense_model, cal_prompts, args.new_tokens)
     if args.projection:
         grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
         curves, block_curves = projection_sensitivity(model, cal_prompts, cal_full, scores, grid,
                                                       samples=args.fisher_samples, seed=args.seed)
-        sizes = {n: m.weight.numel() for n, m in projections(model).items()}
         per_proj = curve_levels(curves, grid, [int(lv) / 100 for lv in LEVELS], sizes=sizes)
         out["projection_sensitivity"] = {"grid": grid, "prompts": len(cal_prompts), "new_tokens": args.new_tokens,
                                          "samples": args.fisher_samples, "kl": curves, "block_kl": block_curves}
