@@ -61,7 +61,7 @@ async def _greedy(engine: Any, ids: list[int], tag: str) -> list[int]:
 def _documents(engine: Any, context_tokens: int, n_sequences: int) -> list[list[int]]:
     """Held-out documents of the sparsity calibration corpus, packed into sequences of `context_tokens`."""
     from featurelens.server.bench_modes import HELDOUT_TEXTS
-    from featurelens.server.interp.sparsity_calibrate import corpus_texts
+    from featurelens.server.interp.sparsity_data import corpus_texts
 
     _, held = corpus_texts(0, HELDOUT_TEXTS * 4)  # enough text for several long sequences
     stream: list[int] = []
@@ -133,7 +133,7 @@ async def _speed(servers: dict[str, Any], prompts: list[str], long_prompt: str, 
 
 
 def _long_prompt(engine: Any, n_tokens: int) -> str:
-    from featurelens.server.interp.sparsity_calibrate import corpus_texts
+    from featurelens.server.interp.sparsity_data import corpus_texts
 
     calibration, _ = corpus_texts(1, 40)
     return engine.tokenizer.decode(engine.encode_text(" ".join(calibration))[1:n_tokens])
