@@ -36,14 +36,19 @@ async def _start(model: str, dtype: str, batch: int) -> Any:
                                        max_num_seqs=max(8, batch), max_in_flight=10_000))
 
 
+async def _final(engine: Any, ids: list[int], params: Any, tag: str) -> Any:
+    """The last RequestOutput of one request through the engine."""
+    final = None
+    async for output in engine.generate(f"kvbench-{tag}-{random.getrandbits(48):x}", ids, params):
+        final = output
+    return final
+
+
 async def _prompt_logprobs(engine: Any, ids: list[int], tag: str) -> list[tuple[float, int]]:
     """(log p, rank) of every token of `ids` after the first, teacher-forced through the engine."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
-    final = None
-    async for output in engine.generate(f"kvbench-{tag}-{random.getrandbits(48):x}", ids, params):
-        final = output
+    final = await _final(engine, ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1), tag)
     scored = final.prompt_logprobs[1:]
     return [(entry[token].logprob, entry[token].rank) for token, entry in zip(ids[1:], scored, strict=True)]
 
@@ -51,10 +56,7 @@ async def _prompt_logprobs(engine: Any, ids: list[int], tag: str) -> list[tuple[
 async def _greedy(engine: Any, ids: list[int], tag: str) -> list[int]:
     from vllm import SamplingParams
 
-    final = None
-    params = SamplingParams(max_tokens=SCORED_TOKENS, temperature=0.0)
-    async for output in engine.generate(f"kvbench-{tag}-{random.getrandbits(48):x}", ids, params):
-        final = output
+    final = await _final(engine, ids, SamplingParams(max_tokens=SCORED_TOKENS, temperature=0.0), tag)
     return list(final.outputs[0].token_ids)
 
 
