@@ -17,13 +17,13 @@ wrapped (an instance attribute shadowing the class method) instead of pre-hooked
 Which rows are sparse: a sparse request's rows at generated-token positions; its prompt rows run dense unless
 the server sparsifies prompts too (`--sparse-prompt`), see `SparseRuntime.rows_of`.
 
-Rotated inputs: when the thresholds file ships input rotations (the default model's does, for the MLP input;
-see server/interp/sparsity.py), a rotated module's sparse rows read x' = x Q (one small GEMM per module and
-step) and are masked in that basis; the fast path multiplies x' by the rotated transposed weights (W Q)ᵀ,
-the mask path rotates each masked copy back (x'_masked Qᵀ, float32) and runs the module's own GEMM. Dense rows
-never see Q.
+Inputs in another basis: when the thresholds file ships input bases T (the default model's does, for the MLP
+input; see server/interp/sparsity.py), such a module's sparse rows read x' = x T (one small GEMM per module
+and step) and are masked in that basis; the fast path multiplies x' by the weights in that basis, transposed
+((W T⁻ᵀ)ᵀ), the mask path maps each masked copy back (x'_masked T⁻¹, float32) and runs the module's own GEMM.
+Dense rows never see T.
 
-Column norms ||W[:, i]|| (of W Q for rotated projections) come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
+Column norms ||W[:, i]|| (of W T⁻ᵀ for projections read in another basis) come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
 per-projection tables (server/interp/sparsity.py). Per request the worker counts the zeroed inputs (over all
 projections, every row), readable with `featurelens_sparsity_stats`.
 """
@@ -40,6 +40,8 @@ import torch
 from featurelens.server.interp.sparsity import (
     PROJECTIONS,
     available_levels,
+    basis_inverse,
+    basis_weight,
     load_rotations,
     load_thresholds,
     rotation_of,
@@ -88,7 +90,7 @@ class SparseRuntime:
             self._thr[level] = [[float(table[f"{i}.{p}"]) for p in PROJ_NAMES] for i in range(num_layers)]
         self._thr_tensor = torch.tensor([self._thr[lv] for lv in self.levels], dtype=torch.float32, device=device)
         self._level_index = {lv: i for i, lv in enumerate(self.levels)}
-        self.rotations = load_rotations(thresholds_path)  # "<layer>.<group>" -> Q float32, or None
+        self.rotations = load_rotations(thresholds_path)  # "<layer>.<group>" -> T float32 (the basis), or None
         self.norms: list[list[torch.Tensor]] = [
             [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
@@ -97,8 +99,8 @@ class SparseRuntime:
         self.gemv_parts = parts_kernel()  # (x, w_ts, norms [parts, in], thresholds, out) -> zeroed inputs
         from featurelens.kernels.sparse_gemv import native_available
 
-        # x Q of rotated inputs on the fast path: the native GEMV at threshold 0 on CPU; elsewhere (GPU, or no
-        # extension, where the fallback would gather every row) a plain matmul.
+        # x T (inputs read in another basis) on the fast path: the native GEMV at threshold 0 on CPU; elsewhere
+        # (GPU, or no extension, where the fallback would gather every row) a plain matmul.
         self.rotate_gemv = self.gemv_parts if device.type == "cpu" and native_available() else None
         self.step: SparseStep | None = None
         self.stats: OrderedDict[str, list[float]] = OrderedDict()
@@ -107,10 +109,10 @@ class SparseRuntime:
     # -- weights -----------------------------------------------------------------------------------------
 
     def _weight(self, layer: int, proj: str) -> torch.Tensor:
-        """[out, in] weight as the mask sees it: W, or W Q (float32) for a projection with rotated inputs."""
+        """[out, in] weight as the mask sees it: W, or W T⁻ᵀ (float32) for a projection read in basis T."""
         weight = projection_weight(self._files, layer, proj)
-        q = self.rotation(layer, proj)
-        return weight if q is None else weight.float() @ q
+        t = self.rotation(layer, proj)
+        return weight if t is None else basis_weight(weight, t)
 
     def rotation(self, layer: int, proj: str) -> torch.Tensor | None:
         return rotation_of(self.rotations, layer, proj)
@@ -224,9 +226,10 @@ class _SparseProjection:
         rotations = [runtime.rotation(layer, p) for p in parts]
         if any(q is not rotations[0] for q in rotations):
             raise RuntimeError(f"layer {layer}: {parts} share one input and must share its rotation")
-        self.rotation = None if rotations[0] is None else rotations[0].to(self.norm_stack.device)  # float32
+        self.rotation = None if rotations[0] is None else rotations[0].to(self.norm_stack.device)  # T, float32
+        self.inverse = None if self.rotation is None else basis_inverse(self.rotation)  # T⁻¹, float32
         self.rotation_fast: torch.Tensor | None = None  # in the activations' dtype, for the batch-1 path
-        # x Q on the fast path is a GEMV at threshold 0 over all inputs: unit norms keep every nonzero x_i.
+        # x T on the fast path is a GEMV at threshold 0 over all inputs: unit norms keep every nonzero x_i.
         self.all_inputs = None if self.rotation is None else torch.ones_like(self.norm_stack[:1])
 
     def __call__(self, x: torch.Tensor) -> Any:
@@ -247,7 +250,7 @@ class _SparseProjection:
         if self.rotation is not None:
             if self.rotation_fast is None or self.rotation_fast.dtype != x.dtype:
                 self.rotation_fast = self.rotation.to(x.dtype).contiguous()  # [in, in]: row i = what x_i adds
-            # x Q with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
+            # x T with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
             # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
             if self.runtime.rotate_gemv is not None:
                 rotated = torch.empty_like(x)
@@ -274,7 +277,7 @@ class _SparseProjection:
             keep = absx * self.runtime.norms[self.layer][p] >= step.thresholds[:, self.layer, p:p + 1]
             step.zeroed += x.shape[1] - keep.sum(1)
             masked = basis.masked_fill(~keep, 0)
-            copies.append(masked if self.rotation is None else (masked @ self.rotation.T).to(xs.dtype))
+            copies.append(masked if self.rotation is None else (masked @ self.inverse).to(xs.dtype))
         step.inputs += x.shape[1] * len(self.parts)
         result = self.dense(copies[0] if len(copies) == 1 else torch.cat(copies))
         stacked = result[0] if isinstance(result, tuple) else result

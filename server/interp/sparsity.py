@@ -18,12 +18,16 @@ sparsity level ("25", "40", "50"). Four ways to reach a level:
   sparsity, from per-projection sensitivity curves (a Fisher estimate of the output KL, see
   sparsity_calibrate.projection_sensitivity).
 
-Rotated inputs (optional, named by the thresholds file's "rotation" entry): the projections of a group (the
-MLP's gate/up, which share one input; or attention's q/k/v) read x' = x Q_l instead of x, with Q_l [in, in]
-orthogonal (the eigenvectors of the input's second moment E[x xᵀ] in block l, largest first) and the weight
-W' = W Q_l, so W' x' = W x exactly; WINA then scores and zeroes the rotated inputs x'_i with W''s column
-norms. The principal basis puts most of the input's energy in few coordinates, so zeroing the same fraction
-of them removes less of it (the idea of LaRoSa's layerwise rotations; here per block, on the MLP input, with WINA's score).
+Inputs in another basis (optional, named by the thresholds file's "rotation" entry): the projections of a
+group (the MLP's gate/up, which share one input; or attention's q/k/v) read x' = x T_l instead of x, with
+T_l [in, in] invertible and the weight W' = W T_l⁻ᵀ (`basis_weight`), so W' x' = W x exactly; WINA then scores
+and zeroes the inputs x'_i with W''s column norms. Two bases:
+- "pca" (`principal_rotation`): T orthogonal, the eigenvectors of the input's second moment E[x xᵀ] in block l,
+  largest first. It puts most of the input's energy in few coordinates, so zeroing the same fraction of them
+  removes less of it (the idea of LaRoSa's layerwise rotations; here per block, with WINA's score).
+- "fisher" (`fisher_basis`, the shipped table since 2026-12-06): T = L P with L the square root of the input's
+  Fisher matrix, so that the estimated KL of zeroing coordinates is the sum of their squares, and P the
+  principal rotation of the input in that metric.
 
 Masking is exact: an input is kept iff x_i != 0 and score_i >= threshold. The sparse GEMV kernels
 (featurelens.kernels.sparse_gemv) apply the same test, so masking then dense matmul == the sparse kernel.
@@ -265,6 +269,36 @@ def principal_rotation(second_moment: torch.Tensor) -> torch.Tensor:
     below bf16's rounding of the activations)."""
     _, vectors = torch.linalg.eigh(second_moment.double())
     return vectors.flip(-1).to(torch.float16).float()
+
+
+def fisher_basis(fisher: torch.Tensor, second_moment: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """T [in, in] float32 (float16-rounded, as shipped) from F = E[g gᵀ] (g: gradient of the sampled label's
+    log-likelihood with respect to the input, summed over the projections that read it) and E[x xᵀ].
+
+    Zeroing a change e of the input costs about ½ eᵀ F e of next-token KL. With F = L L (L its symmetric
+    square root, `ridge` x its mean diagonal added so L is invertible) and P the eigenvectors of L E[x xᵀ] L
+    (largest first), the coordinates x' = x T, T = L P, have that cost exactly ½ Σ x'_i² over the zeroed i:
+    in this basis the cheapest inputs to zero are the smallest, and the principal part of P puts the input's
+    (Fisher-weighted) energy in few coordinates. T is not orthogonal: the projection's weight in this basis is
+    W T⁻ᵀ (`basis_weight`) and a masked x' maps back as x' T⁻¹. Scale: F is divided by its mean diagonal."""
+    f = fisher.double()
+    f = f / f.diagonal().mean()
+    f = f + ridge * torch.eye(f.shape[0], dtype=f.dtype)
+    values, vectors = torch.linalg.eigh(f)
+    root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    _, p = torch.linalg.eigh(root @ second_moment.double() @ root)
+    return (root @ p.flip(-1)).to(torch.float16).float()
+
+
+def basis_inverse(t: torch.Tensor) -> torch.Tensor:
+    """T⁻¹ [in, in] float32 (inverted in float64): x = x' T⁻¹ maps coordinates in the basis back."""
+    return torch.linalg.inv(t.double()).float()
+
+
+def basis_weight(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 weight that reads x' = x T: W T⁻ᵀ, so (x T)(W T⁻ᵀ)ᵀ = x Wᵀ. For an orthogonal T
+    this is W T (up to T's float16 rounding, which the inverse undoes exactly)."""
+    return (weight.double() @ torch.linalg.inv(t.double()).T).float()
 
 
 def load_rotations(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, torch.Tensor] | None:

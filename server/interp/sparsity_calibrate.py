@@ -16,10 +16,11 @@
    `--layerwise` (across blocks, from each block's measured output-KL sensitivity on separate calibration
    prompts) and `--projection` (every projection on its own, across blocks, from a Fisher estimate of the
    same KL on the same prompts); `--serve` names the one written as the served `levels` table.
-   With `--rotate mlp` (the shipped table) the MLP input of every block is first rotated into its principal
-   basis (eigenvectors of its second moment on the rotation text, `input_rotations`), written beside
-   the JSON as "<out stem>-rotation.safetensors"; scores, thresholds and allocations are then of the rotated
-   inputs (`rotate_model`: gate/up read x Q with weights W Q).
+   With `--rotate mlp` (the shipped table) the MLP input of every block is first mapped into another basis
+   (`input_rotations` on the rotation text: with `--basis fisher`, the default, the principal rotation in the
+   input's Fisher metric; with `--basis pca`, the eigenvectors of its second moment), written beside the JSON
+   as "<out stem>-rotation.safetensors"; scores, thresholds and allocations are then of the inputs in that
+   basis (`rotate_model`: gate/up read x T with weights W T⁻ᵀ).
 3. Check: the same hooks on held-out text measure the sparsity the thresholds actually give; pre-hooks that
    zero inputs measure perplexity on held-out documents (every token masked, the harsher setting) and
    teacher-forced greedy-token agreement with dense on evaluation chat prompts, both with every token masked
@@ -45,6 +46,8 @@ from featurelens.server.interp.sparsity import (
     LEVELS,
     PROJECTIONS,
     ROTATION_GROUPS,
+    basis_weight,
+    fisher_basis,
     column_norms,
     curve_allocation,
     greedy_allocation,
@@ -86,14 +89,15 @@ def projections(model: Any) -> dict[str, torch.nn.Module]:
 
 
 class RotatedLinear(torch.nn.Module):
-    """x -> inner(x Q): a projection that reads its input in the rotated basis (`inner.weight` = W Q)."""
+    """x -> inner(x T): a projection that reads its input in another basis (`inner.weight` = W T⁻ᵀ, which is
+    W T for an orthogonal T; see sparsity.basis_weight)."""
 
     def __init__(self, linear: torch.nn.Linear, rotation: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("rotation", rotation.float().clone())  # a normal tensor: Fisher needs autograd
         self.inner = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
         with torch.no_grad():
-            self.inner.weight.copy_(linear.weight.float() @ self.rotation)
+            self.inner.weight.copy_(basis_weight(linear.weight.detach(), self.rotation))
             if linear.bias is not None:
                 self.inner.bias.copy_(linear.bias)
         self.inner.requires_grad_(linear.weight.requires_grad)
@@ -117,9 +121,9 @@ def rotate_model(model: Any, rotations: dict[str, torch.Tensor] | None) -> Any:
 
 
 @torch.inference_mode()
-def input_rotations(model: Any, sequences: list[Sequence], groups: list[str]) -> dict[str, torch.Tensor]:
-    """"<layer>.<group>" -> principal rotation of that group's input (second moment over the counted positions
-    of `sequences`)."""
+def input_moments(model: Any, sequences: list[Sequence], groups: list[str]) -> dict[str, torch.Tensor]:
+    """"<layer>.<group>" -> second moment Σ x xᵀ (float64) of that group's input over the counted positions of
+    `sequences`."""
     firsts = {g: ROTATION_GROUPS[g][0] for g in groups}  # one projection per group: they share the input
     mods = {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
             for g, p in firsts.items()}
@@ -136,7 +140,65 @@ def input_rotations(model: Any, sequences: list[Sequence], groups: list[str]) ->
         for ids, start in sequences:
             first[0] = start
             model.model(ids, use_cache=False)
-    return {name: principal_rotation(m) for name, m in moments.items()}
+    return moments
+
+
+def input_fisher(model: Any, sequences: list[Sequence], groups: list[str], samples: int = 2,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """"<layer>.<group>" -> Σ g gᵀ (float64) over the counted positions of `sequences`, g the gradient of
+    Σ_u log p(y_u) (y_u sampled from the model at every counted position u, `samples` draws per sequence) with
+    respect to the group's input: the Fisher matrix of that input, up to scale (cross terms between positions
+    have mean zero under sampling)."""
+    firsts = {g: ROTATION_GROUPS[g][0] for g in groups}
+    mods = {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
+            for g, p in firsts.items()}
+    grads: dict[str, torch.Tensor] = {}
+    fisher: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str, _m: torch.nn.Module) -> Any:
+        def hook(_mod: torch.nn.Module, args: tuple) -> None:
+            if args[0].requires_grad:  # the input's total gradient (every projection of the group reads it)
+                args[0].register_hook(lambda g: grads.__setitem__(name, g))
+        return hook
+
+    gen = torch.Generator().manual_seed(seed)
+    embed = model.get_input_embeddings()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)  # gradients of the inputs only
+    try:
+        with hooks(mods, make_hook), torch.enable_grad():
+            for ids, start in sequences:
+                if ids.shape[1] <= start:
+                    continue
+                for _ in range(samples):
+                    inputs = embed(ids).detach().requires_grad_(True)
+                    logp = torch.log_softmax(model(inputs_embeds=inputs).logits[0, start - 1:-1].float(), -1)
+                    with torch.no_grad():
+                        labels = torch.multinomial(logp.exp(), 1, generator=gen)
+                    logp.gather(1, labels).sum().backward()
+                    for name, g in grads.items():
+                        g = g[0, start:].double()
+                        fisher[name] = fisher[name] + g.T @ g if name in fisher else g.T @ g
+                    grads.clear()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    return fisher
+
+
+def input_rotations(model: Any, sequences: list[Sequence], groups: list[str], basis: str = "pca",
+                    fisher_samples: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """"<layer>.<group>" -> the basis T of that group's input (x' = x T), from the counted positions of
+    `sequences`: "pca", the principal rotation of its second moment; "fisher", `fisher_basis` of its Fisher
+    matrix and second moment."""
+    moments = input_moments(model, sequences, groups)
+    if basis == "pca":
+        return {name: principal_rotation(m) for name, m in moments.items()}
+    if basis != "fisher":
+        raise ValueError(f"basis must be 'pca' or 'fisher', not {basis!r}")
+    fisher = input_fisher(model, sequences, groups, fisher_samples, seed)
+    return {name: fisher_basis(fisher[name], m) for name, m in moments.items()}
 
 
 @contextmanager
@@ -442,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the allocation written as the served `levels` table")
     ap.add_argument("--rotate", default="", help="comma-separated input groups to rotate into their principal "
                     f"basis before masking ({', '.join(ROTATION_GROUPS)}; the shipped table: mlp)")
+    ap.add_argument("--basis", default="fisher", choices=("pca", "fisher"),
+                    help="the basis of --rotate's groups: the principal rotation of the input (pca), or that "
+                         "rotation in the input's Fisher metric (fisher, the shipped table since 2026-12-06)")
+    ap.add_argument("--basis-samples", type=int, default=2,
+                    help="sampled labels (backward passes) per rotation sequence for --basis fisher")
     ap.add_argument("--calibration", default="chat", choices=("chat", "documents"),
                     help="what rotations and thresholds are calibrated on: the dense model's greedy continuations of "
                          "chat prompts at their generated positions (what a sparse request masks; the default), or "
@@ -486,15 +553,18 @@ def main(argv: list[str] | None = None) -> int:
     if groups:
         from safetensors.torch import save_file
 
-        rotations = input_rotations(model, rotation_seqs, groups)
+        rotations = input_rotations(model, rotation_seqs, groups, args.basis, args.basis_samples, args.seed)
         rot_path = Path(args.out).with_name(Path(args.out).stem + "-rotation.safetensors")
         rot_path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.to(torch.float16).contiguous() for k, v in rotations.items()}, str(rot_path))
         model = rotate_model(copy.deepcopy(model), rotations)
-        rotation = {"file": rot_path.name, "groups": groups, "dtype": "float16",
-                    "basis": "per block: eigenvectors of the group's input second moment on the "
-                             + ("generated tokens of chat continuations" if args.calibration == "chat"
-                                else "calibration documents")}
+        text = "generated tokens of chat continuations" if args.calibration == "chat" else "calibration documents"
+        rotation = {"file": rot_path.name, "groups": groups, "dtype": "float16", "kind": args.basis,
+                    "basis": ("per block: eigenvectors of the group's input second moment on the " + text
+                              if args.basis == "pca" else
+                              "per block: T = L P, L the square root of the group's input Fisher matrix "
+                              f"({args.basis_samples} sampled labels per sequence) and P the eigenvectors of "
+                              "L E[x xᵀ] L, both on the " + text)}
         print(f"rotations of {groups} computed ({time.time() - t0:.0f} s)", flush=True)
     scores = _sorted_samples(collect_scores(model, threshold_seqs, seed=args.seed))
     held_scores = collect_scores(model, heldout_seqs, seed=args.seed + 1)
