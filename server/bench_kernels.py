@@ -170,7 +170,13 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     Returns level -> allocation ("dense" too) -> {"us": median, "zeroed": fraction of inputs zeroed}."""
     from featurelens.kernels.sparse_gemv import parts_kernel
     from featurelens.server.interp import sparsity_calibrate as cal
-    from featurelens.server.interp.sparsity import column_norms, load_rotations, load_thresholds, rotation_of
+    from featurelens.server.interp.sparsity import (
+        basis_weight,
+        column_norms,
+        load_rotations,
+        load_thresholds,
+        rotation_of,
+    )
     from featurelens.server.model_assets import resolve_model
     from featurelens.server.worker_sparsity import FUSED
 
@@ -191,13 +197,13 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     n_tok = xs[names[0]].shape[0]
     weights = {n: [mods[f"{n.split('.')[0]}.{p}"].weight.detach() for p in parts_of[n.split(".")[1]]]
                for n in names}
-    # Rotated inputs (the shipped table's MLP input): the sparse step pays x Q (bf16 GEMM, as the engine) and
-    # runs on W Q; the dense step keeps W.
+    # Inputs in another basis (the shipped table's MLP input): the sparse step pays x T (bf16 GEMM, as the
+    # engine) and runs on W T⁻ᵀ; the dense step keeps W.
     rotations = load_rotations()  # a module's parts share one input, so one rotation per module
     q32 = {n: q for n in names
            if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}
     rot = {n: q.to(torch.bfloat16).contiguous() for n, q in q32.items()}
-    sparse_w = {n: [w.float() @ q32[n] for w in ws] if n in q32 else ws for n, ws in weights.items()}
+    sparse_w = {n: [basis_weight(w, q32[n]) for w in ws] if n in q32 else ws for n, ws in weights.items()}
     all_in = {n: torch.ones((1, q.shape[0])) for n, q in rot.items()}
     rot_out = {n: torch.empty(q.shape[0], dtype=torch.bfloat16) for n, q in rot.items()}
     w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in sparse_w.items()}

@@ -123,15 +123,23 @@ def test_single_row_fast_path_uses_the_sparse_gemv_and_matches_masking(fake):
     assert runtime.report()["a"]["zeroed_fraction"] == pytest.approx(float((scores < levels["50"]).float().mean()))
 
 
-@pytest.fixture
-def rotated(tmp_path, fake):
-    """The fake model with rotated inputs: attention's q/k/v and the MLP's gate/up of every block read x Q."""
+@pytest.fixture(params=["orthogonal", "general"])
+def rotated(request, tmp_path, fake):
+    """The fake model with inputs in another basis: attention's q/k/v and the MLP's gate/up of every block read
+    x T, T orthogonal (a principal rotation) or a general invertible matrix (a Fisher basis)."""
     from safetensors.torch import save_file
 
     _, layers, weights, levels = fake
     g = torch.Generator().manual_seed(1)
-    rot = {f"{i}.{grp}": torch.linalg.qr(torch.randn(D, D, generator=g))[0].contiguous()
-           for i in range(N_LAYERS) for grp in ("attn", "mlp")}
+
+    def basis() -> torch.Tensor:
+        q = torch.linalg.qr(torch.randn(D, D, generator=g))[0]
+        if request.param == "orthogonal":
+            return q.contiguous()
+        scale = torch.rand(D, generator=g) * 2.7 + 0.3  # condition number up to 10
+        return (q * scale @ torch.linalg.qr(torch.randn(D, D, generator=g))[0]).contiguous()
+
+    rot = {f"{i}.{grp}": basis() for i in range(N_LAYERS) for grp in ("attn", "mlp")}
     save_file(rot, str(tmp_path / "thr-rotation.safetensors"))
     doc = json.loads((tmp_path / "thr.json").read_text())
     doc["rotation"] = {"file": "thr-rotation.safetensors", "groups": ["attn", "mlp"]}
@@ -142,11 +150,17 @@ def rotated(tmp_path, fake):
     return runtime, fresh, weights, levels, rot
 
 
-def rotated_reference(x, weights, parts, threshold, q):
-    """Mask x Q with the column norms of W Q, multiply by (W Q)ᵀ: the rotated WINA projection."""
-    xr = x @ q
-    return torch.cat([sp.wina_sparsify(xr, sp.column_norms(weights[p] @ q), threshold) @ (weights[p] @ q).T
-                      for p in parts], -1)
+def rotated_reference(x, weights, parts, threshold, t):
+    """Mask x T with the column norms of W T⁻ᵀ, multiply by (W T⁻ᵀ)ᵀ: the WINA projection in basis T (W T⁻ᵀ is
+    computed here by solving, not by sparsity.basis_weight, so the engine's helper is checked too)."""
+    xr = x @ t
+    out = []
+    for p in parts:
+        w = torch.linalg.solve(t.double(), weights[p].double().T).T.float()  # W T⁻ᵀ
+        if torch.allclose(t.T @ t, torch.eye(t.shape[0]), atol=1e-5):
+            torch.testing.assert_close(w, weights[p] @ t, rtol=1e-4, atol=1e-5)  # orthogonal: W T
+        out.append(sp.wina_sparsify(xr, sp.column_norms(w), threshold) @ w.T)
+    return torch.cat(out, -1)
 
 
 def test_rotated_inputs_are_masked_in_the_rotated_basis_on_both_paths(rotated):
@@ -170,7 +184,8 @@ def test_rotated_inputs_are_masked_in_the_rotated_basis_on_both_paths(rotated):
     # down_proj has no rotation: the plain WINA mask.
     torch.testing.assert_close(down_out[1:3], reference(hx[1:3], weights[1], ("down_proj",), levels["25"]))
     # Zeroed counts are of the rotated inputs.
-    scores = torch.cat([sp.wina_scores(x[1:3] @ rot["1.mlp"], sp.column_norms(weights[1][p] @ rot["1.mlp"]))
+    scores = torch.cat([sp.wina_scores(x[1:3] @ rot["1.mlp"],
+                                       sp.column_norms(sp.basis_weight(weights[1][p], rot["1.mlp"])))
                         for p in parts], 1)
     down_scores = sp.wina_scores(hx[1:3], sp.column_norms(weights[1]["down_proj"]))
     expected = float((scores < levels["25"]).sum() + (down_scores < levels["25"]).sum()) / (2 * (2 * D + D_FF))
