@@ -502,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="chat prompts the layer/projection sensitivity is measured on")
     ap.add_argument("--serve", default="uniform", choices=("uniform", "greedy", "layerwise", "projection"),
                     help="the allocation written as the served `levels` table")
-    ap.add_argument("--rotate", default="", help="comma-separated input groups to rotate into their principal "
-                    f"basis before masking ({', '.join(ROTATION_GROUPS)}; the shipped table: mlp)")
+    ap.add_argument("--rotate", default="", help="comma-separated input groups masked in another basis (--basis) "
+                    f"({', '.join(ROTATION_GROUPS)}; the shipped table: mlp)")
     ap.add_argument("--basis", default="fisher", choices=("pca", "fisher"),
                     help="the basis of --rotate's groups: the principal rotation of the input (pca), or that "
                          "rotation in the input's Fisher metric (fisher, the shipped table since 2026-12-06)")
