@@ -91,6 +91,9 @@ class SparseRuntime:
         self._thr_tensor = torch.tensor([self._thr[lv] for lv in self.levels], dtype=torch.float32, device=device)
         self._level_index = {lv: i for i, lv in enumerate(self.levels)}
         self.rotations = load_rotations(thresholds_path)  # "<layer>.<group>" -> T float32 (the basis), or None
+        # T⁻¹ in float64, inverted once per basis: the column norms, the fast path's weights and the mask
+        # path's map back all use it (~40 ms per inversion, 30 bases).
+        self._inverses = {key: basis_inverse(t, torch.float64) for key, t in (self.rotations or {}).items()}
         self.norms: list[list[torch.Tensor]] = [
             [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
@@ -112,10 +115,14 @@ class SparseRuntime:
         """[out, in] weight as the mask sees it: W, or W T⁻ᵀ (float32) for a projection read in basis T."""
         weight = projection_weight(self._files, layer, proj)
         t = self.rotation(layer, proj)
-        return weight if t is None else basis_weight(weight, t)
+        return weight if t is None else basis_weight(weight, t, self.inverse(layer, proj))
 
     def rotation(self, layer: int, proj: str) -> torch.Tensor | None:
         return rotation_of(self.rotations, layer, proj)
+
+    def inverse(self, layer: int, proj: str) -> torch.Tensor | None:
+        """T⁻¹ (float64) of the basis `rotation(layer, proj)`, or None."""
+        return rotation_of(self._inverses, layer, proj)
 
     @property
     def rotated_groups(self) -> list[str]:
@@ -227,7 +234,8 @@ class _SparseProjection:
         if any(q is not rotations[0] for q in rotations):
             raise RuntimeError(f"layer {layer}: {parts} share one input and must share its rotation")
         self.rotation = None if rotations[0] is None else rotations[0].to(self.norm_stack.device)  # T, float32
-        self.inverse = None if self.rotation is None else basis_inverse(self.rotation)  # T⁻¹, float32
+        inverse = runtime.inverse(layer, parts[0])
+        self.inverse = None if inverse is None else inverse.float().to(self.norm_stack.device)  # T⁻¹, float32
         self.rotation_fast: torch.Tensor | None = None  # in the activations' dtype, for the batch-1 path
         # x T on the fast path is a GEMV at threshold 0 over all inputs: unit norms keep every nonzero x_i.
         self.all_inputs = None if self.rotation is None else torch.ones_like(self.norm_stack[:1])

@@ -290,15 +290,17 @@ def fisher_basis(fisher: torch.Tensor, second_moment: torch.Tensor, ridge: float
     return (root @ p.flip(-1)).to(torch.float16).float()
 
 
-def basis_inverse(t: torch.Tensor) -> torch.Tensor:
-    """T⁻¹ [in, in] float32 (inverted in float64): x = x' T⁻¹ maps coordinates in the basis back."""
-    return torch.linalg.inv(t.double()).float()
+def basis_inverse(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """T⁻¹ [in, in] in `dtype` (inverted in float64): x = x' T⁻¹ maps coordinates in the basis back."""
+    return torch.linalg.inv(t.double()).to(dtype)
 
 
-def basis_weight(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def basis_weight(weight: torch.Tensor, t: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
     """[out, in] float32 weight that reads x' = x T: W T⁻ᵀ, so (x T)(W T⁻ᵀ)ᵀ = x Wᵀ. For an orthogonal T
-    this is W T (up to T's float16 rounding, which the inverse undoes exactly)."""
-    return (weight.double() @ torch.linalg.inv(t.double()).T).float()
+    this is W T (up to T's float16 rounding, which the inverse undoes exactly). `inverse`: T⁻¹ in float64
+    when the caller already has it (`basis_inverse(t, torch.float64)`), else it is computed here."""
+    inv = basis_inverse(t, torch.float64) if inverse is None else inverse
+    return (weight.double() @ inv.T).float()
 
 
 def load_rotations(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, torch.Tensor] | None:

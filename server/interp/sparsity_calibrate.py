@@ -120,13 +120,19 @@ def rotate_model(model: Any, rotations: dict[str, torch.Tensor] | None) -> Any:
     return model
 
 
+def _group_readers(model: Any, groups: list[str]) -> dict[str, torch.nn.Module]:
+    """"<layer>.<group>" -> the group's first projection in that block: they share one input, so hooking one
+    sees it."""
+    firsts = {g: ROTATION_GROUPS[g][0] for g in groups}
+    return {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
+            for g, p in firsts.items()}
+
+
 @torch.inference_mode()
 def input_moments(model: Any, sequences: list[Sequence], groups: list[str]) -> dict[str, torch.Tensor]:
     """"<layer>.<group>" -> second moment Σ x xᵀ (float64) of that group's input over the counted positions of
     `sequences`."""
-    firsts = {g: ROTATION_GROUPS[g][0] for g in groups}  # one projection per group: they share the input
-    mods = {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
-            for g, p in firsts.items()}
+    mods = _group_readers(model, groups)
     moments: dict[str, torch.Tensor] = {}
     first = [0]
 
@@ -149,9 +155,7 @@ def input_fisher(model: Any, sequences: list[Sequence], groups: list[str], sampl
     Σ_u log p(y_u) (y_u sampled from the model at every counted position u, `samples` draws per sequence) with
     respect to the group's input: the Fisher matrix of that input, up to scale (cross terms between positions
     have mean zero under sampling)."""
-    firsts = {g: ROTATION_GROUPS[g][0] for g in groups}
-    mods = {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
-            for g, p in firsts.items()}
+    mods = _group_readers(model, groups)
     grads: dict[str, torch.Tensor] = {}
     fisher: dict[str, torch.Tensor] = {}
 
