@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bench modes: a subset of dense sparse-25 sparse-40 sparse-50 int8 (dense is always run)")
     bench.add_argument("--quality-prompts", type=int, default=200,
                        help="bench modes: chat prompts (x 32 tokens) for the offline teacher-forced agreement")
+    bench.add_argument("--profile", action="store_true",
+                       help="bench modes: time the worker's steps (forward, projections, sparse kernels, x T, "
+                            "wrappers) and print them; sets FEATURELENS_SPARSE_PROFILE=1 for the engine")
     bench.add_argument("--context-tokens", type=int, default=1536,
                        help="bench kv: tokens per held-out sequence and in the long prompt")
     bench.add_argument("--sequences", type=int, default=8, help="bench kv: held-out sequences scored")

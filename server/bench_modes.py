@@ -99,6 +99,7 @@ async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches
                     prefix += next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
                 out[name]["agreement"] = same / max(total, 1)
                 out[name]["same_prefix"] = prefix / len(prompts)
+            await running.engine.sparse_profile(reset=True)  # FEATURELENS_SPARSE_PROFILE=1: time the rounds only
             samples: dict[str, dict[str, list[float]]] = {name: {} for name, _ in _modes()}
             rng = random.Random(0)
             for r in range(rounds):
@@ -123,6 +124,7 @@ async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches
             for name, per in samples.items():
                 out[name].update({k: statistics.median(v) for k, v in per.items()})
             out["_int8"] = dict(out_memory or {})
+            out["_profile"] = await running.engine.sparse_profile()
     finally:
         await running.stop(grace_s=1.0)
     return out
@@ -207,11 +209,25 @@ def decode_bounds() -> dict[str, float]:
             {"dense": 1.0, "int8": 2.0})  # projections and the unembedding in int8
 
 
+def print_profile(profile: dict[str, dict[str, float]]) -> None:
+    """The worker's step timings (FEATURELENS_SPARSE_PROFILE=1) over the speed rounds, ms per step."""
+    parts = ("forward", "projections", "kernels", "basis", "wrappers", "rest")
+    print(f"{'step kind':<16} {'steps':>6}" + "".join(f" {p:>11}" for p in parts))
+    for kind, row in sorted(profile.items()):
+        print(f"{kind:<16} {int(row['steps']):>6}" + "".join(f" {row[p]:>11.2f}" for p in parts))
+    print("worker step profile (FEATURELENS_SPARSE_PROFILE=1), ms per step over the speed rounds: forward = block 0's "
+          "first projection to the end of the model forward (the unembedding and sampling are outside); "
+          "projections = inside the wrapped projections; kernels / basis = the fast path's sparse GEMVs / x T "
+          "GEMVs; wrappers = their Python; rest = attention, norms, activations, vLLM's Python\n", flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     from featurelens.server import bench_kernels
     from featurelens.server.bench import PROMPTS
 
     started = time.perf_counter()
+    if getattr(args, "profile", False):
+        os.environ["FEATURELENS_SPARSE_PROFILE"] = "1"  # read by the worker's SparseRuntime when the engine starts
     names = [name for name, _ in ALL_MODES]
     unknown = set(args.modes or ()) - set(names)
     if unknown:
@@ -248,6 +264,8 @@ def main(args: argparse.Namespace) -> int:
           f"as served); tf all: the same with every token masked (--sparse-prompt); agree / prefix: engine "
           f"free-running greedy tokens equal to dense, position by position / mean identical prefix length; "
           f"bound x: dense / sparse weight bytes per decoded token\n", flush=True)
+    if engine.get("_profile"):
+        print_profile(engine["_profile"])
     int8 = engine.get("_int8") or {}
     if int8:
         print(f"int8 mode: {int8.get('weight_bytes', 0) / 1e6:.0f} MB of int8 projection weights + scales, held "

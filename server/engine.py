@@ -174,6 +174,13 @@ class Engine:
         """Per sparse-mode engine request id: fraction of projection inputs the worker zeroed."""
         return (await self.llm.collective_rpc("featurelens_sparsity_stats"))[0]
 
+    async def sparse_profile(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """Worker step timings by kind of step (ms per step), {} unless FEATURELENS_SPARSE_PROFILE=1 was set
+        when the engine started (worker_sparsity.StepProfile)."""
+        if not self.interpretability_available:
+            return {}
+        return (await self.llm.collective_rpc("featurelens_sparse_profile", args=(reset,)))[0]
+
     async def quant_stats(self) -> dict[str, dict[str, Any]]:
         """Per quantized-mode engine request id: rows the worker computed with the int8 projections."""
         return (await self.llm.collective_rpc("featurelens_quant_stats"))[0]

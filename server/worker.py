@@ -219,6 +219,17 @@ class FeatureLensWorkerExtension:
         sparse = getattr(self, "_fl_sparse", None)
         return sparse.report() if sparse is not None else {}
 
+    def featurelens_sparse_profile(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """Step timings by kind of step (worker_sparsity.StepProfile), {} unless the worker runs with
+        FEATURELENS_SPARSE_PROFILE=1; `reset` clears them after reading."""
+        sparse = getattr(self, "_fl_sparse", None)
+        if sparse is None or sparse.profile is None:
+            return {}
+        out = sparse.profile.report()
+        if reset:
+            sparse.profile.reset()
+        return out
+
     def featurelens_register_vector(self, vector_id: str, values: list[float]) -> int:
         device = next(self.model_runner.get_model().parameters()).device
         self._fl_vectors[vector_id] = torch.tensor(values, dtype=torch.float32, device=device)
@@ -391,10 +402,11 @@ class FeatureLensWorkerExtension:
                        risk=risk)
 
     def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
+        quant = getattr(self, "_fl_quant", None)
         if getattr(self, "_fl_sparse", None) is not None:
-            self._fl_sparse.end()
-        if getattr(self, "_fl_quant", None) is not None:
-            self._fl_quant.end()
+            self._fl_sparse.end(quantized=quant is not None and quant.rows is not None)
+        if quant is not None:
+            quant.end()
         view = self._fl_view
         if view.records and self._fl_is_sender:
             step = [[record.as_list() for record in view.records.values()], [view.encode_s, view.risk_s]]

@@ -23,6 +23,11 @@ and step) and are masked in that basis; the fast path multiplies x' by the weigh
 ((W T⁻ᵀ)ᵀ), the mask path maps each masked copy back (x'_masked T⁻¹, float32) and runs the module's own GEMM.
 Dense rows never see T.
 
+Profiling: with FEATURELENS_SPARSE_PROFILE=1 in the worker's environment, `StepProfile` times every step's
+model forward, the wrapped projections and, on the fast path, the native kernels and the x T GEMVs, per kind
+of step (`featurelens_sparse_profile`; `featurelens bench modes` prints it). Off (the default), a projection
+call pays an attribute check (two on the fast path).
+
 Column norms ||W[:, i]|| (of W T⁻ᵀ for projections read in another basis) come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
 per-projection tables (server/interp/sparsity.py). Per request the worker counts the zeroed inputs (over all
 projections, every row), readable with `featurelens_sparsity_stats`.
@@ -31,6 +36,8 @@ projections, every row), readable with `featurelens_sparsity_stats`.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +65,7 @@ FUSED: dict[str, tuple[str, ...]] = {
     "mlp.down_proj": ("down_proj",),
 }
 MAX_STATS = 4096  # requests whose counts are kept (oldest dropped first)
+PROFILE_ENV = "FEATURELENS_SPARSE_PROFILE"  # "1": time the steps (StepProfile)
 
 
 @dataclass
@@ -75,12 +83,76 @@ class SparseStep:
     fast_zeroed: int = 0  # fast path: inputs zeroed (the kernel counts them), added to `zeroed` at the end
 
 
+class StepProfile:
+    """Where a step's time goes, per kind of step: "dense 1 row", "dense batch", "quantized 1 row",
+    "quantized batch", "sparse masked" (the mask path) and "sparse gemv" (the batch-1 fast path).
+
+    Per step: `forward` runs from block 0's first projection to the end-of-forward hook (the embedding before
+    it and the unembedding after it are outside); `projections` is the time inside the wrapped projection
+    modules (the dense GEMM, the mask path or the fast path); on the fast path `kernels` is the native
+    sparse_gemv_parts calls and `basis` the x T GEMVs, so `projections - kernels - basis` is the Python of the
+    wrappers. A step whose rows are all quantized-mode runs only the int8 wrappers (worker_quant), which call
+    none of these projections: such steps are not recorded ("quantized ..." is a mixed step). Added on
+    2026-12-06 after the same numbers were taken with a temporary patch (docs/modes.md)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, dict[str, float]] = {}
+        self._start: float | None = None
+        self._rows = 0
+        self._step = {"projections": 0.0, "kernels": 0.0, "basis": 0.0}
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+    def timed(self, module: _SparseProjection, x: torch.Tensor) -> Any:
+        began = time.perf_counter()
+        if module.first:
+            self._start, self._rows = began, x.shape[0]
+        out = module.forward(x)
+        self._step["projections"] += time.perf_counter() - began
+        return out
+
+    def add(self, part: str, seconds: float) -> None:
+        self._step[part] += seconds
+
+    def end_step(self, step: SparseStep | None, quantized: bool) -> None:
+        start, self._start = self._start, None
+        parts, self._step = self._step, {"projections": 0.0, "kernels": 0.0, "basis": 0.0}
+        if start is None:  # no wrapped projection ran in this forward
+            return
+        if step is not None:
+            kind = "sparse gemv" if step.fast else "sparse masked"
+        else:
+            kind = ("quantized" if quantized else "dense") + (" 1 row" if self._rows == 1 else " batch")
+        total = self.totals.setdefault(kind, {"steps": 0, "forward": 0.0, "projections": 0.0, "kernels": 0.0,
+                                              "basis": 0.0})
+        total["steps"] += 1
+        total["forward"] += time.perf_counter() - start
+        for part, seconds in parts.items():
+            total[part] += seconds
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """kind -> steps and milliseconds per step: forward, projections, kernels, basis, wrappers (fast path:
+        projections - kernels - basis), rest (forward - projections: attention, norms, activations, vLLM)."""
+        out = {}
+        for kind, total in self.totals.items():
+            n = max(total["steps"], 1)
+            ms = {part: 1000 * total[part] / n for part in ("forward", "projections", "kernels", "basis")}
+            ms["wrappers"] = ms["projections"] - ms["kernels"] - ms["basis"] if kind == "sparse gemv" else 0.0
+            ms["rest"] = ms["forward"] - ms["projections"]
+            out[kind] = {"steps": total["steps"], **ms}
+        return out
+
+
 class SparseRuntime:
     """Thresholds, column norms and the wrapped projections of one model."""
 
     def __init__(self, model_path: str, thresholds_path: str, num_layers: int, device: torch.device,
-                 prompt: bool = False) -> None:
+                 prompt: bool = False, profile: bool | None = None) -> None:
         self.prompt = prompt  # also sparsify prompt tokens (default: they run dense)
+        if profile is None:
+            profile = os.environ.get(PROFILE_ENV, "0") == "1"
+        self.profile = StepProfile() if profile else None
         self.levels = available_levels(thresholds_path)  # the served allocation's levels
         self.num_layers = num_layers
         self._files = _weight_files(model_path)
@@ -190,7 +262,10 @@ class SparseRuntime:
                                all_rows=len(rows) == total_rows, segments=segments,
                                zeroed=torch.zeros(len(rows), dtype=torch.float64, device=device))
 
-    def end(self) -> None:
+    def end(self, quantized: bool = False) -> None:
+        """After the forward. `quantized`: the step had quantized-mode rows (for the profile's step kinds)."""
+        if self.profile is not None:
+            self.profile.end_step(self.step, quantized)
         step, self.step = self.step, None
         if step is None or step.inputs == 0:
             return
@@ -217,6 +292,7 @@ class _SparseProjection:
     def __init__(self, runtime: SparseRuntime, module: Any, dense: Any, layer: int, parts: tuple[str, ...]) -> None:
         self.runtime, self.module, self.dense, self.layer = runtime, module, dense, layer
         self.parts = [PROJ_NAMES.index(p) for p in parts]
+        self.first = layer == 0 and parts[0] == PROJ_NAMES[0]  # the step's first projection (the profile's start)
         sizes = list(getattr(module, "output_sizes", None) or [module.output_size])
         if len(sizes) != len(parts):
             raise RuntimeError(f"layer {layer}: {type(module).__name__} has outputs {sizes}, expected {parts}")
@@ -241,6 +317,10 @@ class _SparseProjection:
         self.all_inputs = None if self.rotation is None else torch.ones_like(self.norm_stack[:1])
 
     def __call__(self, x: torch.Tensor) -> Any:
+        profile = self.runtime.profile
+        return self.forward(x) if profile is None else profile.timed(self, x)
+
+    def forward(self, x: torch.Tensor) -> Any:
         step = self.runtime.step
         if step is None or x.dim() != 2:
             return self.dense(x)
@@ -260,16 +340,24 @@ class _SparseProjection:
                 self.rotation_fast = self.rotation.to(x.dtype).contiguous()  # [in, in]: row i = what x_i adds
             # x T with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
             # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
+            profile = self.runtime.profile
+            began = time.perf_counter() if profile is not None else 0.0
             if self.runtime.rotate_gemv is not None:
                 rotated = torch.empty_like(x)
                 self.runtime.rotate_gemv(x[0].contiguous(), [self.rotation_fast], self.all_inputs, [0.0], rotated)
                 x = rotated
             else:
                 x = x @ self.rotation_fast
+            if profile is not None:
+                profile.add("basis", time.perf_counter() - began)
         out = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
+        profile = self.runtime.profile
+        began = time.perf_counter() if profile is not None else 0.0
         # One native call computes every part with its own threshold, writes `out` and counts the zeroed inputs.
         step.fast_zeroed += self.runtime.gemv_parts(x[0].contiguous(), self.w_t, self.norm_stack,
                                                     self.thr_list[step.levels[0]], out)
+        if profile is not None:
+            profile.add("kernels", time.perf_counter() - began)
         step.inputs += x.shape[1] * len(self.parts)
         step.fast = True
         self.runtime.fast_path_calls += 1

@@ -206,6 +206,42 @@ def test_rotated_inputs_are_masked_in_the_rotated_basis_on_both_paths(rotated):
     torch.testing.assert_close(fast_mm, expected_fast, rtol=1e-5, atol=1e-5)
 
 
+def test_step_profile_splits_each_kind_of_step(rotated):
+    from featurelens.server.worker_sparsity import StepProfile
+
+    runtime, layers, _, _, _ = rotated
+    assert runtime.profile is None  # off unless FEATURELENS_SPARSE_PROFILE=1
+    runtime.profile = StepProfile()
+
+    def forward(x: torch.Tensor) -> None:
+        for layer in layers:
+            layer.self_attn.qkv_proj(x)
+            layer.mlp.gate_up_proj(x)
+
+    forward(torch.randn(1, D))  # a dense batch-1 step
+    runtime.end()
+    runtime.begin([("a", 0, 1, "50")], total_rows=1)  # a sparse batch-1 step: the fast path, inputs in basis T
+    forward(torch.randn(1, D))
+    runtime.end()
+    runtime.begin([("b", 1, 2, "25")], total_rows=3)  # a mixed batch: the mask path
+    forward(torch.randn(3, D))
+    runtime.end()
+    forward(torch.randn(4, D))  # a batch of quantized-mode rows (their own wrappers are not timed here)
+    runtime.end(quantized=True)
+    runtime.end()  # a forward without wrapped projections leaves no step
+    report = runtime.profile.report()
+    assert set(report) == {"dense 1 row", "sparse gemv", "sparse masked", "quantized batch"}
+    assert all(row["steps"] == 1 for row in report.values())
+    fast = report["sparse gemv"]
+    assert fast["kernels"] > 0 and fast["basis"] > 0 and fast["wrappers"] > 0
+    assert fast["projections"] == pytest.approx(fast["kernels"] + fast["basis"] + fast["wrappers"])
+    for row in report.values():
+        assert row["forward"] >= row["projections"] > 0 and row["rest"] == pytest.approx(row["forward"] - row["projections"])
+    assert report["dense 1 row"]["kernels"] == report["sparse masked"]["kernels"] == 0
+    runtime.profile.reset()
+    assert runtime.profile.report() == {}
+
+
 def test_a_rotation_file_with_an_unknown_group_is_refused(tmp_path):
     from safetensors.torch import save_file
 
