@@ -171,6 +171,7 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     from featurelens.kernels.sparse_gemv import parts_kernel
     from featurelens.server.interp import sparsity_calibrate as cal
     from featurelens.server.interp.sparsity import (
+        basis_inverse,
         basis_weight,
         column_norms,
         load_rotations,
@@ -203,7 +204,9 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     q32 = {n: q for n in names
            if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}
     rot = {n: q.to(torch.bfloat16).contiguous() for n, q in q32.items()}
-    sparse_w = {n: [basis_weight(w, q32[n]) for w in ws] if n in q32 else ws for n, ws in weights.items()}
+    inverses = {n: basis_inverse(q, torch.float64) for n, q in q32.items()}  # once per module, not per part
+    sparse_w = {n: [basis_weight(w, q32[n], inverses[n]) for w in ws] if n in q32 else ws
+                for n, ws in weights.items()}
     all_in = {n: torch.ones((1, q.shape[0])) for n, q in rot.items()}
     rot_out = {n: torch.empty(q.shape[0], dtype=torch.bfloat16) for n, q in rot.items()}
     w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in sparse_w.items()}

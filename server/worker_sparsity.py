@@ -66,6 +66,7 @@ FUSED: dict[str, tuple[str, ...]] = {
 }
 MAX_STATS = 4096  # requests whose counts are kept (oldest dropped first)
 PROFILE_ENV = "FEATURELENS_SPARSE_PROFILE"  # "1": time the steps (StepProfile)
+TIMED_PARTS = ("projections", "kernels", "basis")  # what StepProfile adds up inside a step
 
 
 @dataclass
@@ -99,7 +100,7 @@ class StepProfile:
         self.totals: dict[str, dict[str, float]] = {}
         self._start: float | None = None
         self._rows = 0
-        self._step = {"projections": 0.0, "kernels": 0.0, "basis": 0.0}
+        self._step = dict.fromkeys(TIMED_PARTS, 0.0)
 
     def reset(self) -> None:
         self.totals.clear()
@@ -117,15 +118,14 @@ class StepProfile:
 
     def end_step(self, step: SparseStep | None, quantized: bool) -> None:
         start, self._start = self._start, None
-        parts, self._step = self._step, {"projections": 0.0, "kernels": 0.0, "basis": 0.0}
+        parts, self._step = self._step, dict.fromkeys(TIMED_PARTS, 0.0)
         if start is None:  # no wrapped projection ran in this forward
             return
         if step is not None:
             kind = "sparse gemv" if step.fast else "sparse masked"
         else:
             kind = ("quantized" if quantized else "dense") + (" 1 row" if self._rows == 1 else " batch")
-        total = self.totals.setdefault(kind, {"steps": 0, "forward": 0.0, "projections": 0.0, "kernels": 0.0,
-                                              "basis": 0.0})
+        total = self.totals.setdefault(kind, {"steps": 0, **dict.fromkeys(("forward", *TIMED_PARTS), 0.0)})
         total["steps"] += 1
         total["forward"] += time.perf_counter() - start
         for part, seconds in parts.items():
@@ -137,7 +137,7 @@ class StepProfile:
         out = {}
         for kind, total in self.totals.items():
             n = max(total["steps"], 1)
-            ms = {part: 1000 * total[part] / n for part in ("forward", "projections", "kernels", "basis")}
+            ms = {part: 1000 * total[part] / n for part in ("forward", *TIMED_PARTS)}
             ms["wrappers"] = ms["projections"] - ms["kernels"] - ms["basis"] if kind == "sparse gemv" else 0.0
             ms["rest"] = ms["forward"] - ms["projections"]
             out[kind] = {"steps": total["steps"], **ms}
@@ -333,6 +333,7 @@ class _SparseProjection:
         return (out, None) if getattr(self.module, "return_bias", True) else out
 
     def _gemv(self, x: torch.Tensor, step: SparseStep) -> torch.Tensor:
+        profile = self.runtime.profile
         if self.w_t is None:
             self.w_t = [self.runtime.transposed(self.layer, p, x.dtype, x.device) for p in self.parts]
         if self.rotation is not None:
@@ -340,7 +341,6 @@ class _SparseProjection:
                 self.rotation_fast = self.rotation.to(x.dtype).contiguous()  # [in, in]: row i = what x_i adds
             # x T with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
             # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
-            profile = self.runtime.profile
             began = time.perf_counter() if profile is not None else 0.0
             if self.runtime.rotate_gemv is not None:
                 rotated = torch.empty_like(x)
@@ -351,7 +351,6 @@ class _SparseProjection:
             if profile is not None:
                 profile.add("basis", time.perf_counter() - began)
         out = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
-        profile = self.runtime.profile
         began = time.perf_counter() if profile is not None else 0.0
         # One native call computes every part with its own threshold, writes `out` and counts the zeroed inputs.
         step.fast_zeroed += self.runtime.gemv_parts(x[0].contiguous(), self.w_t, self.norm_stack,
