@@ -35,6 +35,23 @@ namespace {
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
+// Every 64 bytes of weights read, the line kStreamAhead bytes further down the thread's range of weight rows is
+// prefetched (`stop` = the end of that range). Measured 2026-12-07 on a 2-core Emerald Rapids (standalone
+// harness, M = 1, one SmolLM2 block, weights cycled through a 570 MB pool): the row-ahead prefetch alone read
+// 4.7-6.0 GB/s; a line 1 / 2 / 3-4 / 6-8 KB ahead 8.5 / 9.4-10.1 / 8.7-10.6 / 9.5-11.1 GB/s, a pure
+// streaming read 11.4-13.0 GB/s. The hardware prefetcher there does not run far enough ahead of one stream.
+constexpr int64_t kStreamAhead = 2048;
+
+inline void prefetch_stream(const int8_t* p, const int8_t* stop) {
+  if (p + kStreamAhead < stop) _mm_prefetch(reinterpret_cast<const char*>(p + kStreamAhead), _MM_HINT_T0);
+}
+
+// The AVX2 paths' form: at the start of a row, the lines of the k bytes kStreamAhead further on.
+inline void prefetch_span(const int8_t* row, int64_t k, const int8_t* stop) {
+  for (int64_t i = 0; i < k; i += 64) prefetch_stream(row + i, stop);
+}
+
+
 // Quantize one activation row to int16-held int8 values; returns the scale (0 for an all-zero row).
 template <typename T>
 float quantize_row(const T* x, int64_t k, int16_t* out) {
@@ -95,6 +112,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wq, const torch::
     for (int64_t o = begin; o < end; ++o) {
       const int8_t* row = wp + o * k;
       if (o + 4 < end) _mm_prefetch(reinterpret_cast<const char*>(wp + (o + 4) * k), _MM_HINT_T0);
+      prefetch_span(row, k, wp + end * k);
       for (int64_t r = 0; r < m; ++r) {
         const int32_t acc = dot_i8_i16(row, xq.data() + r * k, k);
         yp[r * n + o] = static_cast<T>(static_cast<float>(acc) * sx[r] * swp[o]);
@@ -162,6 +180,7 @@ void run_w8a16_avx2(const torch::Tensor& x, const torch::Tensor& wq, const torch
     for (int64_t o = begin; o < end; ++o) {
       const int8_t* row = wp + o * k;
       if (o + 4 < end) _mm_prefetch(reinterpret_cast<const char*>(wp + (o + 4) * k), _MM_HINT_T0);
+      prefetch_span(row, k, wp + end * k);
       if (m == 1) {
         yp[o] = static_cast<T>(dot_i8_f32(row, xf.data(), k) * swp[o]);
         continue;
@@ -212,18 +231,21 @@ inline void prefetch_row_ahead(const int8_t* w, int64_t o, int64_t end, int64_t 
   if (o + 4 < end) _mm_prefetch(reinterpret_cast<const char*>(w + 4 * k), _MM_HINT_T0);
 }
 
+
 // M = 1: y[o] = sw[o] * dot(wq[o, :], x), 64 weights per step in four accumulators.
 template <typename T>
 void w8a16_m1_avx512(const int8_t* wp, const float* x, int64_t k, const float* swp, T* yp, int64_t begin,
                      int64_t end) {
   const int64_t k64 = k & ~int64_t{63}, k16 = k & ~int64_t{15};
   const __mmask16 tail = static_cast<__mmask16>((1u << (k - k16)) - 1u);
+  const int8_t* stop = wp + end * k;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* w = wp + o * k;
     prefetch_row_ahead(w, o, end, k);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i < k64; i += 64) {
+      prefetch_stream(w + i, stop);
       a0 = _mm512_fmadd_ps(load16_w8(w + i), _mm512_loadu_ps(x + i), a0);
       a1 = _mm512_fmadd_ps(load16_w8(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
       a2 = _mm512_fmadd_ps(load16_w8(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
@@ -241,12 +263,14 @@ void w8a16_rows_f32(const int8_t* wp, const float* xf, int64_t k, int64_t n, con
                     int64_t begin, int64_t end) {
   const int64_t k16 = k & ~int64_t{15};
   const __mmask16 tail = static_cast<__mmask16>((1u << (k - k16)) - 1u);
+  const int8_t* stop = wp + end * k;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* w = wp + o * k;
     prefetch_row_ahead(w, o, end, k);
     __m512 acc[MM];
     for (int j = 0; j < MM; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < k16; i += 16) {
+      if ((i & 63) == 0) prefetch_stream(w + i, stop);
       const __m512 wv = load16_w8(w + i);
       for (int j = 0; j < MM; ++j) acc[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + j * k + i), acc[j]);
     }
@@ -271,12 +295,14 @@ inline __m512bh dequant32_bf16(const int8_t* w, int64_t count) {
 template <int MM>
 void w8a16_rows_bf16(const int8_t* wp, const at::BFloat16* xs, int64_t k, int64_t kp, int64_t n,
                      const float* swp, at::BFloat16* yp, int64_t begin, int64_t end) {
+  const int8_t* stop = wp + end * k;
   for (int64_t o = begin; o < end; ++o) {
     const int8_t* w = wp + o * k;
     prefetch_row_ahead(w, o, end, k);
     __m512 acc[MM];
     for (int j = 0; j < MM; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < kp; i += 32) {
+      if ((i & 63) == 0) prefetch_stream(w + i, stop);
       const __m512bh wv = dequant32_bf16(w + i, k - i);
       for (int j = 0; j < MM; ++j)
         acc[j] = _mm512_dpbf16_ps(acc[j], wv, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + j * kp + i)));
@@ -291,13 +317,16 @@ void dequant_rows_bf16_avx512(const int8_t* wp, const float* swp, int64_t k, at:
                               int64_t end) {
   const int64_t k16 = k & ~int64_t{15};
   const __mmask16 tail = static_cast<__mmask16>((1u << (k - k16)) - 1u);
+  const int8_t* stop = wp + end * k;
   for (int64_t r = begin; r < end; ++r) {
     const int8_t* w = wp + r * k;
     at::BFloat16* o = op + r * k;
     const __m512 s = _mm512_set1_ps(swp[r]);
-    for (int64_t i = 0; i < k16; i += 16)
+    for (int64_t i = 0; i < k16; i += 16) {
+      if ((i & 63) == 0) prefetch_stream(w + i, stop);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(load16_w8(w + i), s))));
+    }
     if (tail)
       _mm256_mask_storeu_epi16(o + k16, tail,
                                reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(load16_w8_tail(w + k16, tail), s))));
