@@ -386,8 +386,11 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             info.modes.add(mode=pb.INFERENCE_MODE_DENSE, available=True, description="full-precision weights")
             levels = self.engine.sparsity_levels
             rotated = self.engine.sparsity_rotated
-            basis = (f"; the {'/'.join(rotated)} input of every block is masked in its principal basis (x Q, W Q)"
-                     if rotated else "")
+            basis = (f"; the {'/'.join(rotated)} input of every block is masked in a calibrated basis "
+                     "(x T, W T^-T)" if rotated else "")
+            if self.engine.sparse_logits == "int8-rescored":
+                basis += ("; logits from the int8 unembedding with each row's 64 best candidates recomputed in "
+                          "full precision")
             info.modes.add(mode=pb.INFERENCE_MODE_SPARSE, available=bool(levels), sparsity_levels_percent=levels,
                            description="WINA activation sparsity: per layer and projection, inputs with "
                                        f"|x_i|*||W[:,i]|| below a calibrated threshold are zeroed{basis}" if levels

@@ -145,11 +145,12 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
     out = {"dense": {"ppl": cal.perplexity(model, tok, held), "tf_agreement": 1.0}}
     rotations = load_rotations()  # the shipped table masks some inputs in a rotated basis, as the engine does
     sparse_model = cal.rotate_model(copy.deepcopy(model), rotations) if rotations else model
+    head = rescored_head(sparse_model) if _sparse_logits() == "int8-rescored" else contextlib.nullcontext()
     for level in LEVELS:
         if f"sparse-{level}" not in _SELECTED:
             continue
         first = [0]
-        with cal.wina_masking(sparse_model, load_thresholds(level), first):
+        with cal.wina_masking(sparse_model, load_thresholds(level), first), head:
             out[f"sparse-{level}"] = {"ppl": cal.perplexity(sparse_model, tok, held),
                                       "tf_all": cal.greedy_agreement(sparse_model, prompts, dense_full),
                                       "tf_agreement": cal.greedy_agreement(sparse_model, prompts, dense_full, first)}
@@ -160,6 +161,42 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
                        "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
     out["_docs"] = {"heldout_documents": len(held), "tf_tokens": tf_tokens}
     return out
+
+
+def _sparse_logits() -> str:
+    """The server's --sparse-logits as this run's engine gets it (FEATURELENS_SPARSE_LOGITS or the default)."""
+    from featurelens.server.config import Settings
+
+    return Settings().sparse_logits
+
+
+class rescored_head(contextlib.AbstractContextManager):  # noqa: N801 (used like a contextmanager function)
+    """While open, the model's unembedding gives sparse mode's served logits (worker_quant.Int8Head): int8
+    logits with every position's RESCORE_TOP best candidates replaced by the module's own (here float32) ones.
+    Reusable: the int8 weight is built once, each `with` installs the hook anew."""
+
+    def __init__(self, model: Any) -> None:
+        from featurelens.kernels.int8_gemm import quantize_weight, weight_only_kernel
+
+        self.module = model.lm_head
+        self.wq, self.sw = quantize_weight(self.module.weight)
+        self.linear = weight_only_kernel()
+        self.handle: Any = None
+
+    def _hook(self, mod: Any, args: tuple, exact: Any) -> Any:
+        from featurelens.server.worker_quant import RESCORE_TOP
+
+        x = args[0]
+        logits = self.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.wq, self.sw).reshape(exact.shape)
+        top = logits.topk(RESCORE_TOP, dim=-1).indices
+        return logits.to(exact.dtype).scatter_(-1, top, exact.gather(-1, top))
+
+    def __enter__(self) -> rescored_head:
+        self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
 
 
 @contextlib.contextmanager
@@ -186,8 +223,9 @@ def int8_projections(model: Any, modules: dict[str, Any]) -> Iterator[None]:
 
 
 def decode_bounds() -> dict[str, float]:
-    """Weight bytes per decoded token, dense / sparse at each level (projections sparse, unembedding not), and
-    dense / int8 (projections and unembedding one byte per weight instead of two; the scales are negligible)."""
+    """Weight bytes per decoded token, dense / sparse at each level (projections sparse; the unembedding int8 with
+    --sparse-logits int8-rescored, the default, else bf16), and dense / int8 (projections and unembedding one
+    byte per weight instead of two; the scales are negligible)."""
     from featurelens.server.model_assets import resolve_model
     from featurelens.server.worker_sparsity import _weight_files
     from safetensors import safe_open
@@ -205,7 +243,8 @@ def decode_bounds() -> dict[str, float]:
         elif key.endswith("embed_tokens.weight") or key.endswith("lm_head.weight"):
             other += n  # tied: read once, as the unembedding (the embedding reads one row)
     dense = proj + other
-    return ({f"sparse-{lv}": dense / (proj * (1 - lv / 100) + other) for lv in LEVELS} |
+    head = other / 2 if _sparse_logits() == "int8-rescored" else other
+    return ({f"sparse-{lv}": dense / (proj * (1 - lv / 100) + head) for lv in LEVELS} |
             {"dense": 1.0, "int8": 2.0})  # projections and the unembedding in int8
 
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
                                                             "the shipped ones for the default model, 'none' disables")
     sparse_prompt: bool = Field(False, description="sparse mode also zeroes inputs of prompt tokens (prefill); "
                                                    "default: the prompt runs dense and generated tokens sparse")
+    sparse_logits: Literal["int8-rescored", "dense"] = Field(
+        "int8-rescored", description="sparse mode's logits: 'int8-rescored' = the int8 unembedding with each "
+                                     "row's 64 best candidates recomputed in full precision (same greedy token, "
+                                     "half the head's bytes), 'dense' = the full-precision head")
     quantized_mode: str = Field("int8", description="INFERENCE_MODE_QUANTIZED: 'int8' builds "
                                                                       "int8 copies of the decoder projections at start-up "
                                                                       "(~1 byte per weight), 'none' disables the mode")

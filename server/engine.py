@@ -59,6 +59,7 @@ class Engine:
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
         self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
         self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
+        self.sparse_logits = "dense"  # sparse requests' logits: "int8-rescored" once the worker installed it
         self.kv_cache_tokens = 0  # tokens the engine's KV cache holds (blocks x block size), known once started
         self._catalogs: dict[int, Any] = {}
         # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
@@ -128,13 +129,15 @@ class Engine:
                   "sae_gemm": self.settings.sae_gemm_dtype}
         thresholds = self._sparsity_thresholds()
         if thresholds:
-            config["sparsity"] = {"path": thresholds, "prompt": self.settings.sparse_prompt}
+            config["sparsity"] = {"path": thresholds, "prompt": self.settings.sparse_prompt,
+                                  "logits": self.settings.sparse_logits}
         # Quantized mode wraps Python forwards like sparse mode, so compiled mode cannot serve it either.
         config["quantized"] = self.settings.quantized_mode == "int8" and self.interpretability_available
         installed = await self.llm.collective_rpc("featurelens_setup", args=(config,))
         self.sparsity_levels = tuple(int(level) for level in installed[0].get("sparsity_levels", ()))
         self.sparsity_rotated = tuple(installed[0].get("sparsity_rotated", ()))
         self.quantized = installed[0].get("quantized")
+        self.sparse_logits = installed[0].get("sparse_logits", "dense")
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():
             log.info("SAE %s at layer %d: d_sae=%d, %s", entry.sae_id, entry.layer, entry.d_sae,
@@ -180,6 +183,12 @@ class Engine:
         if not self.interpretability_available:
             return {}
         return (await self.llm.collective_rpc("featurelens_sparse_profile", args=(reset,)))[0]
+
+    async def head_stats(self) -> dict[str, Any]:
+        """The worker's int8 unembedding: logits rows computed in int8 and re-scored ({} when not installed)."""
+        if not self.interpretability_available:
+            return {}
+        return (await self.llm.collective_rpc("featurelens_head_stats"))[0]
 
     async def quant_stats(self) -> dict[str, dict[str, Any]]:
         """Per quantized-mode engine request id: rows the worker computed with the int8 projections."""

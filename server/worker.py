@@ -176,26 +176,44 @@ class FeatureLensWorkerExtension:
             self._fl_sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers),
                                             device, prompt=bool(sparsity.get("prompt", False)))
             self._fl_sparse.install(layers)
-        self._fl_quant, self._fl_quant_head = None, False
+        self._fl_quant, self._fl_head = None, None
         if config.get("quantized"):
             from featurelens.server.worker_quant import QuantRuntime
 
             try:
                 quant = QuantRuntime(self.model_runner.model_config.model)
                 quant.install(layers)  # after sparse mode: wraps the sparse wrapper
-                self._fl_quant_head = quant.install_lm_head(model)
                 self._fl_quant = quant
             except (OSError, KeyError, RuntimeError) as error:
                 # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
                 log.warning("quantized mode unavailable: %s: %s", type(error).__name__, error)
+        rescore = self._fl_sparse is not None and sparsity.get("logits", "int8-rescored") == "int8-rescored"
+        if self._fl_quant is not None or rescore:
+            # The int8 unembedding: quantized requests' logits, and sparse requests' re-scored ones.
+            from featurelens.kernels import int8_gemm
+            from featurelens.server.worker_quant import Int8Head
+            from featurelens.server.worker_sparsity import _weight_files
+
+            try:
+                head = Int8Head(int8_gemm.weight_only_kernel())
+                if head.install(model, _weight_files(self.model_runner.model_config.model)):
+                    head.rescore = rescore
+                    self._fl_head = head
+                    if self._fl_quant is not None:
+                        self._fl_quant.head = head
+                        self._fl_quant.weight_bytes += head.weight_bytes
+            except (OSError, KeyError, RuntimeError) as error:
+                log.warning("int8 unembedding unavailable: %s: %s", type(error).__name__, error)
+        head = self._fl_head
         return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
                 "sae_gemm": (f"onednn-{sae_gemm}"
                              if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),
                 "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
                 "sparsity_rotated": self._fl_sparse.rotated_groups if self._fl_sparse is not None else [],
+                "sparse_logits": "int8-rescored" if head is not None and head.rescore else "dense",
                 "quantized": None if self._fl_quant is None else
                 {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,
-                 "lm_head": self._fl_quant_head}}
+                 "lm_head": head is not None}}
 
     def featurelens_set_probe(self, features: dict[int, list[int]], weights: dict[int, list[float]],
                               transform: str = "identity") -> int:
@@ -212,6 +230,17 @@ class FeatureLensWorkerExtension:
         """Per quantized-mode request key (the most recent few thousand): rows computed in int8."""
         quant = getattr(self, "_fl_quant", None)
         return quant.report() if quant is not None else {}
+
+    def featurelens_head_stats(self) -> dict[str, Any]:
+        """The int8 unembedding's counters: logits rows computed in int8 (quantized requests) and re-scored
+        (sparse requests); empty when it is not installed."""
+        from featurelens.server.worker_quant import RESCORE_TOP
+
+        head = getattr(self, "_fl_head", None)
+        if head is None:
+            return {}
+        return {"int8_rows_total": head.int8_rows_total, "rescored_rows_total": head.rescored_rows_total,
+                "rescore_top": RESCORE_TOP, "rescore": head.rescore}
 
     def featurelens_sparsity_stats(self) -> dict[str, dict[str, float]]:
         """Per sparse-mode request key (the most recent few thousand): the fraction of projection inputs
@@ -271,7 +300,10 @@ class FeatureLensWorkerExtension:
             sparse.step = None
         quant = getattr(self, "_fl_quant", None)
         if quant is not None:
-            quant.rows, quant.logit_rows = None, None
+            quant.rows = None
+        head = getattr(self, "_fl_head", None)
+        if head is not None:
+            head.int8_rows, head.rescored_rows = None, None
         runner = self.model_runner
         batch = runner.input_batch
         num_reqs = batch.num_reqs
@@ -316,7 +348,9 @@ class FeatureLensWorkerExtension:
             sparse.begin(sparse.rows_of(sparse_rows, host), int(query_start[num_reqs]))
         if quant is not None:
             quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))
-            quant.begin_logits([i for i, _, spec in specs if spec.get("quant")], num_reqs)
+        if head is not None:
+            head.begin([i for i, _, spec in specs if spec.get("quant")] if quant is not None else [],
+                       [i for i, _, spec in specs if spec.get("sparse")] if head.rescore else [], num_reqs)
 
     def _fl_keep_rows(self, view: _BatchView, host: np.ndarray) -> None:
         """Which rows of each capturing request send codes back: every row when it asked for prompt features,

@@ -16,10 +16,13 @@ on top of the sparse-mode wrapper when there is one:
   bit-identical to a run without quantized requests), then the quantized rows are recomputed in int8 and
   written over their rows.
 
-The unembedding (lm_head, tied to the embedding in SmolLM2: 21% of the weights) gets an int8 copy too: vLLM
-computes logits for one row per request, in batch order (the last scheduled token of each), so the wrapped
-`lm_head.quant_method.apply` recomputes the quantized requests' rows in int8 the same way (held-out
-perplexity unchanged: 23.968 vs 23.967 with projections only). What stays in full precision: the embedding
+The unembedding (lm_head, tied to the embedding in SmolLM2: 21% of the weights) gets an int8 copy too
+(`Int8Head`): vLLM computes logits for one row per request, in batch order (the last scheduled token of each),
+so the wrapped `lm_head.quant_method.apply` recomputes the quantized requests' rows in int8 the same way
+(held-out perplexity unchanged: 23.968 vs 23.967 with projections only). Sparse-mode requests use the same
+copy, re-scored: their rows in int8, then the RESCORE_TOP best candidates of each row recomputed with the
+full-precision head, so their greedy token and every logit that can matter for sampling are the dense head's
+while the step reads half the head's bytes (`--sparse-logits dense` turns it off). What stays in full precision: the embedding
 lookup, norms, attention arithmetic (softmax over the KV cache) and the KV cache itself. The SAE hooks read the residual stream the int8 projections
 produce, so features, steering and risk of a quantized request describe the quantized model.
 
@@ -54,9 +57,7 @@ class QuantRuntime:
         self.backend = int8_gemm.native_status()
         self.linear = int8_gemm.weight_only_kernel()  # x [M, in] -> [M, out], x's dtype
         self.rows: torch.Tensor | None = None  # the quantized rows of this step
-        self.logit_rows: torch.Tensor | None = None  # their requests' indices in the batch (rows of the logits)
-        self.num_reqs = 0
-        self.lm_head_rows = 0  # logits rows computed in int8 (observability for tests)
+        self.head: Int8Head | None = None  # the int8 unembedding, when installed (its counters are reported)
         self.all_rows = False
         self.segments: list[tuple[str, int]] = []
         self.stats: OrderedDict[str, int] = OrderedDict()  # request key -> rows computed in int8
@@ -84,34 +85,6 @@ class QuantRuntime:
                 count += 1
         return count
 
-    def install_lm_head(self, model: Any) -> bool:
-        """Wrap the unembedding's `quant_method.apply` with an int8 copy of it; False when it cannot be done
-        (tensor parallel, no plain unquantized head, or a vocabulary padded differently than the checkpoint)."""
-        from featurelens.kernels.int8_gemm import quantize_weight
-
-        head = getattr(model, "lm_head", None)
-        method = getattr(head, "quant_method", None)
-        if head is None or method is None or getattr(head, "tp_size", 1) != 1:
-            return False
-        key = "lm_head.weight" if "lm_head.weight" in self._files else "model.embed_tokens.weight"
-        if key not in self._files:
-            return False
-        weight = read_tensor(self._files, key)
-        rows = getattr(head, "weight", None)
-        if rows is None or rows.shape[0] != weight.shape[0] or getattr(head, "bias", None) is not None:
-            return False
-        wq, sw = quantize_weight(weight)
-        self.weight_bytes += wq.numel() + sw.numel() * 4
-        inner = getattr(method, "_fl_quant_inner", None) or method.apply
-        method._fl_quant_inner = inner
-        method.apply = _QuantLogits(self, inner, wq, sw)
-        return True
-
-    def begin_logits(self, batch_indices: list[int], num_reqs: int) -> None:
-        """Before the forward: which requests (batch order) are quantized; read when logits are computed."""
-        self.logit_rows = torch.tensor(batch_indices, dtype=torch.long) if batch_indices else None
-        self.num_reqs = num_reqs
-
     def begin(self, requests: list[tuple[str, int, int]], total_rows: int) -> None:
         self.rows, self.segments = None, []
         if not requests:
@@ -135,8 +108,64 @@ class QuantRuntime:
     def report(self) -> dict[str, dict[str, Any]]:
         dequant = {"dequant_rows": self.linear.dequant_rows, "dequant_calls_total": self.linear.dequant_calls} \
             if isinstance(self.linear, WeightOnlyGemm) else {}
-        return {key: {"rows": n, "backend": self.backend, "lm_head_rows_total": self.lm_head_rows, **dequant}
+        head = self.head.int8_rows_total if self.head is not None else 0
+        return {key: {"rows": n, "backend": self.backend, "lm_head_rows_total": head, **dequant}
                 for key, n in self.stats.items()}
+
+
+RESCORE_TOP = 64  # candidates per sparse-mode logits row recomputed with the full-precision head
+
+
+class Int8Head:
+    """The unembedding's int8 copy, for two kinds of logits rows (vLLM's layout: one row per request, in batch
+    order): quantized requests' rows are int8 (quantized mode); sparse requests' rows are int8 with each row's
+    RESCORE_TOP best candidates re-scored by the full-precision head (sparse mode's "int8-rescored" logits).
+
+    Why sparse mode re-scores: at batch 1 the 49152 x 576 head is a fifth of SmolLM2's weight bytes and sparse
+    mode never zeroes its inputs, so it caps the decode speed-up (~1.65x at 50%). int8 reads half the bytes
+    (one thread, Emerald Rapids, 2026-12-07: 2.7-3.0 ms against 5.6 ms for vLLM's bf16 linear); the int8 logits'
+    error (per-row scales; perplexity x1.000 in quantized mode) cannot move a token from beyond the 64th place
+    to the first, so after the exact re-score the argmax, and every probability above ~1e-6, are the dense
+    head's. The tail's logits stay int8: sampled and reported logprobs differ from dense only through them."""
+
+    def __init__(self, linear: Any) -> None:
+        self.linear = linear
+        self.rescore = False  # sparse requests' rows re-scored (set by the worker: --sparse-logits)
+        self.int8_rows: torch.Tensor | None = None
+        self.rescored_rows: torch.Tensor | None = None
+        self.num_reqs = 0
+        self.int8_rows_total = 0  # observability (tests, stats RPCs)
+        self.rescored_rows_total = 0
+        self.weight_bytes = 0
+
+    def install(self, model: Any, files: dict[str, Any]) -> bool:
+        """Wrap the unembedding's `quant_method.apply` with an int8 copy of it; False when it cannot be done
+        (tensor parallel, no plain unquantized head, or a vocabulary padded differently than the checkpoint)."""
+        from featurelens.kernels.int8_gemm import quantize_weight
+
+        head = getattr(model, "lm_head", None)
+        method = getattr(head, "quant_method", None)
+        if head is None or method is None or getattr(head, "tp_size", 1) != 1:
+            return False
+        key = "lm_head.weight" if "lm_head.weight" in files else "model.embed_tokens.weight"
+        if key not in files:
+            return False
+        weight = read_tensor(files, key)
+        rows = getattr(head, "weight", None)
+        if rows is None or rows.shape[0] != weight.shape[0] or getattr(head, "bias", None) is not None:
+            return False
+        wq, sw = quantize_weight(weight)
+        self.weight_bytes = wq.numel() + sw.numel() * 4
+        inner = getattr(method, "_fl_quant_inner", None) or method.apply
+        method._fl_quant_inner = inner
+        method.apply = _QuantLogits(self, inner, wq, sw, rows)
+        return True
+
+    def begin(self, int8: list[int], rescored: list[int], num_reqs: int) -> None:
+        """Before the forward: which requests (batch order) get int8 / re-scored logits rows."""
+        self.int8_rows = torch.tensor(int8, dtype=torch.long) if int8 else None
+        self.rescored_rows = torch.tensor(rescored, dtype=torch.long) if rescored else None
+        self.num_reqs = num_reqs
 
 
 class _QuantProjection:
@@ -164,20 +193,37 @@ class _QuantProjection:
 
 
 class _QuantLogits:
-    """`lm_head.quant_method.apply(layer, hidden, bias)` with the quantized requests' rows in int8."""
+    """`lm_head.quant_method.apply(layer, hidden, bias)` with the quantized requests' rows in int8 and the sparse
+    requests' rows in int8, re-scored (`Int8Head`); every other row is the original head's, bit for bit."""
 
-    def __init__(self, runtime: QuantRuntime, inner: Any, wq: torch.Tensor, sw: torch.Tensor) -> None:
-        self.runtime, self.inner, self.wq, self.sw = runtime, inner, wq, sw
+    def __init__(self, head: Int8Head, inner: Any, wq: torch.Tensor, sw: torch.Tensor, weight: torch.Tensor) -> None:
+        self.head, self.inner, self.wq, self.sw, self.weight = head, inner, wq, sw, weight
+
+    def rescored(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 logits of x's rows with each row's RESCORE_TOP best recomputed exactly (fp32 accumulation, as
+        the dense head)."""
+        logits = self.head.linear(x, self.wq, self.sw)
+        top = logits.topk(min(RESCORE_TOP, logits.shape[-1]), dim=-1).indices  # [rows, k]
+        exact = torch.einsum("rd,rkd->rk", x.float(), self.weight[top].float())
+        return logits.scatter_(1, top, exact.to(logits.dtype))
 
     def __call__(self, layer: Any, x: torch.Tensor, bias: Any = None) -> torch.Tensor:
-        rt = self.runtime
-        rows = rt.logit_rows
+        head = self.head
+        int8, rescored = head.int8_rows, head.rescored_rows
         # One row per request is vLLM's layout without speculative decoding; anything else stays dense.
-        if rows is None or bias is not None or x.dim() != 2 or x.shape[0] != rt.num_reqs:
+        if (int8 is None and rescored is None) or bias is not None or x.dim() != 2 or x.shape[0] != head.num_reqs:
             return self.inner(layer, x, bias)
-        rt.lm_head_rows += rows.numel()
-        if rows.numel() == x.shape[0]:
-            return rt.linear(x, self.wq, self.sw)
+        n_int8 = int8.numel() if int8 is not None else 0
+        n_rescored = rescored.numel() if rescored is not None else 0
+        head.int8_rows_total += n_int8
+        head.rescored_rows_total += n_rescored
+        if n_int8 == x.shape[0]:
+            return head.linear(x, self.wq, self.sw)
+        if n_rescored == x.shape[0]:
+            return self.rescored(x)
         out = self.inner(layer, x, bias)
-        out.index_copy_(0, rows, rt.linear(x.index_select(0, rows), self.wq, self.sw).to(out.dtype))
+        if int8 is not None:
+            out.index_copy_(0, int8, head.linear(x.index_select(0, int8), self.wq, self.sw).to(out.dtype))
+        if rescored is not None:
+            out.index_copy_(0, rescored, self.rescored(x.index_select(0, rescored)).to(out.dtype))
         return out

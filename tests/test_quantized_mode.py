@@ -79,13 +79,12 @@ def test_sparse_and_quantized_rows_share_a_step(quant):
     torch.testing.assert_close(out[2:], int8_reference(x[2:], weights[0], ("o_proj",)))
 
 
-def test_logits_of_quantized_requests_come_from_the_int8_unembedding(tmp_path):
-    from featurelens.server.worker_quant import _QuantLogits
+def _head(vocab=50, seed=3):
+    from featurelens.server.worker_quant import Int8Head, _QuantLogits
 
-    g = torch.Generator().manual_seed(3)
-    head = torch.randn(50, D, generator=g)
-    runtime = QuantRuntime.__new__(QuantRuntime)
-    runtime.linear, runtime.logit_rows, runtime.num_reqs, runtime.lm_head_rows = int8_linear, None, 0, 0
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randn(vocab, D, generator=g)
+    runtime = Int8Head(int8_linear)
     wq, sw = quantize_weight(head)
     calls = []
 
@@ -93,19 +92,50 @@ def test_logits_of_quantized_requests_come_from_the_int8_unembedding(tmp_path):
         calls.append(x.shape[0])
         return x @ head.T
 
-    apply = _QuantLogits(runtime, dense_apply, wq, sw)
+    return runtime, _QuantLogits(runtime, dense_apply, wq, sw, head), head, wq, sw, calls, g
+
+
+def test_logits_of_quantized_requests_come_from_the_int8_unembedding():
+    runtime, apply, head, wq, sw, calls, g = _head()
     x = torch.randn(3, D, generator=g)
     torch.testing.assert_close(apply(None, x), x @ head.T, rtol=0, atol=0)  # no quantized request
-    runtime.begin_logits([1], num_reqs=3)
+    runtime.begin([1], [], num_reqs=3)
     out = apply(None, x)
     torch.testing.assert_close(out[[0, 2]], (x @ head.T)[[0, 2]], rtol=0, atol=0)
     torch.testing.assert_close(out[1], int8_linear(x[1:2], wq, sw)[0])
-    assert runtime.lm_head_rows == 1
+    assert runtime.int8_rows_total == 1
     calls.clear()
-    runtime.begin_logits([0, 1, 2], num_reqs=3)
+    runtime.begin([0, 1, 2], [], num_reqs=3)
     torch.testing.assert_close(apply(None, x), int8_linear(x, wq, sw))
     assert calls == []  # all rows quantized: the bf16 head is not read
     torch.testing.assert_close(apply(None, x[:2]), x[:2] @ head.T)  # not vLLM's one-row-per-request layout: dense
+
+
+def test_sparse_requests_logits_are_int8_with_the_best_candidates_rescored_exactly():
+    """Sparse mode's head: int8 logits, then each row's RESCORE_TOP best recomputed with the full-precision
+    weights; dense and quantized rows of the same step keep theirs."""
+    from featurelens.server.worker_quant import RESCORE_TOP
+
+    runtime, apply, head, wq, sw, calls, g = _head(vocab=1000, seed=5)
+    x = torch.randn(4, D, generator=g)
+    exact, int8 = x @ head.T, int8_linear(x, wq, sw)
+    runtime.begin([3], [0, 2], num_reqs=4)
+    out = apply(None, x)
+    torch.testing.assert_close(out[1], exact[1], rtol=0, atol=0)  # dense row: bit-identical
+    torch.testing.assert_close(out[3], int8[3])  # quantized row
+    for r in (0, 2):
+        top = int8[r].topk(RESCORE_TOP).indices
+        rest = torch.ones(1000, dtype=torch.bool)
+        rest[top] = False
+        torch.testing.assert_close(out[r, top], exact[r, top])  # the candidates: full precision
+        torch.testing.assert_close(out[r, rest], int8[r, rest])  # the tail: int8
+        assert out[r].argmax() == exact[r].argmax()  # the greedy token is the dense head's
+        assert not torch.equal(out[r], exact[r])  # the tail really is int8
+    assert (runtime.int8_rows_total, runtime.rescored_rows_total) == (1, 2)
+    calls.clear()
+    runtime.begin([], [0, 1, 2, 3], num_reqs=4)  # a step of sparse requests only: the dense head is not read
+    out = apply(None, x)
+    assert calls == [] and torch.equal(out.argmax(-1), exact.argmax(-1))
 
 
 def test_quantized_requests_get_their_own_prefix_cache_namespace():

@@ -302,8 +302,10 @@ async def test_model_info_lists_sparse_levels(stub):
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     sparse = next(m for m in info.modes if m.mode == pb.INFERENCE_MODE_SPARSE)
     assert sparse.available and list(sparse.sparsity_levels_percent) == [25, 40, 50]
-    # The shipped table masks the MLP input of every block in its principal basis; the mode says so.
-    assert "the mlp input of every block is masked in its principal basis" in sparse.description
+    # The shipped table masks the MLP input of every block in a calibrated basis; the mode says so, and that
+    # its logits come from the re-scored int8 head (the default --sparse-logits).
+    assert "the mlp input of every block is masked in a calibrated basis" in sparse.description
+    assert "logits from the int8 unembedding" in sparse.description
 
 
 @pytest.mark.engine
@@ -325,12 +327,15 @@ async def test_sparse_request_zeroes_about_its_level_and_answers(served, stub):
     def sparse_tokens() -> float:
         return served.metrics.registry.get_sample_value("featurelens_generated_tokens_total", {"mode": "sparse"}) or 0
 
-    before = sparse_tokens()
+    before, head = sparse_tokens(), await served.engine.head_stats()
     replies = {}
     for level in (25, 50):
         replies[level] = await stub.Generate(gen(24, pb.INFERENCE_MODE_SPARSE, level, f"level-{level}"))
     stats = await served.engine.sparsity_stats()
     assert sparse_tokens() - before == 48  # metrics carry the mode label
+    # Every token's logits row of both requests came from the re-scored int8 head.
+    after = await served.engine.head_stats()
+    assert after["rescore"] and after["rescored_rows_total"] - head["rescored_rows_total"] == 48, (head, after)
     dense = await stub.Generate(gen(24))
     assert "Paris" in dense.text and "Paris" in replies[25].text, (dense.text, replies[25].text)
     for level, reply in replies.items():
