@@ -186,3 +186,17 @@ def parts_kernel() -> Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, 
     if native_available():
         return _native_module()[0].sparse_gemv_parts
     return sparse_gemv_parts_torch
+
+
+def basis_gemv_int8_torch(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """Fallback and reference of the native `basis_gemv_int8`: out = x @ (q * scales[:, None]), fp32 arithmetic.
+    x [in]; q [in, out] int8 (row i: what x_i adds, in the basis); scales [in] float32; out [out], any float dtype."""
+    out.view(-1).copy_(((x.float() * scales) @ q.float()).to(out.dtype))
+
+
+def basis_int8_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """x T for a basis stored as int8 rows with per-row scales (`sparsity.load_rotations_int8`): the native walk
+    (one byte per entry, the scale folded into x_i) when the extension builds, else `basis_gemv_int8_torch`."""
+    if native_available():
+        return _native_module()[0].basis_gemv_int8
+    return basis_gemv_int8_torch

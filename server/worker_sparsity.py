@@ -50,6 +50,7 @@ from featurelens.server.interp.sparsity import (
     basis_inverse,
     basis_weight,
     load_rotations,
+    load_rotations_int8,
     load_thresholds,
     rotation_of,
 )
@@ -177,6 +178,13 @@ class SparseRuntime:
         # x T (inputs read in another basis) on the fast path: the native GEMV at threshold 0 on CPU; elsewhere
         # (GPU, or no extension, where the fallback would gather every row) a plain matmul.
         self.rotate_gemv = self.gemv_parts if device.type == "cpu" and native_available() else None
+        # Bases the file stores as int8 rows (+ per-row scales): the fast path walks those bytes directly
+        # (`basis_gemv_int8`, half the bf16 basis's reads); everything else reads T~ = q * scale.
+        self.rotations_int8 = load_rotations_int8(thresholds_path) if self.rotate_gemv is not None else {}
+        if self.rotations_int8:
+            from featurelens.kernels.sparse_gemv import basis_int8_kernel
+
+            self.basis_int8 = basis_int8_kernel()
         self.step: SparseStep | None = None
         self.stats: OrderedDict[str, list[float]] = OrderedDict()
         self.fast_path_calls = 0
@@ -191,6 +199,10 @@ class SparseRuntime:
 
     def rotation(self, layer: int, proj: str) -> torch.Tensor | None:
         return rotation_of(self.rotations, layer, proj)
+
+    def rotation_int8(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(q int8, per-row scale) of that basis when the file stores it in int8 and the native walk runs."""
+        return rotation_of(self.rotations_int8, layer, proj)
 
     def inverse(self, layer: int, proj: str) -> torch.Tensor | None:
         """T⁻¹ (float64) of the basis `rotation(layer, proj)`, or None."""
@@ -313,6 +325,7 @@ class _SparseProjection:
         inverse = runtime.inverse(layer, parts[0])
         self.inverse = None if inverse is None else inverse.float().to(self.norm_stack.device)  # T⁻¹, float32
         self.rotation_fast: torch.Tensor | None = None  # in the activations' dtype, for the batch-1 path
+        self.rotation_int8 = runtime.rotation_int8(layer, parts[0])  # (q, scale): the batch-1 path's int8 walk
         # x T on the fast path is a GEMV at threshold 0 over all inputs: unit norms keep every nonzero x_i.
         self.all_inputs = None if self.rotation is None else torch.ones_like(self.norm_stack[:1])
 
@@ -342,7 +355,11 @@ class _SparseProjection:
             # x T with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
             # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
             began = time.perf_counter() if profile is not None else 0.0
-            if self.runtime.rotate_gemv is not None:
+            if self.rotation_int8 is not None:
+                rotated = torch.empty_like(x)
+                self.runtime.basis_int8(x[0].contiguous(), *self.rotation_int8, rotated)
+                x = rotated
+            elif self.runtime.rotate_gemv is not None:
                 rotated = torch.empty_like(x)
                 self.runtime.rotate_gemv(x[0].contiguous(), [self.rotation_fast], self.all_inputs, [0.0], rotated)
                 x = rotated

@@ -197,6 +197,34 @@ def test_parts_reject_a_wrong_output_size(native: None) -> None:
         sg._native_module()[0].sparse_gemv_parts(x, [sg.transpose_weight(weight)], norms, [0.1, 0.2], torch.empty(OUT))
 
 
+@pytest.mark.parametrize("n_out", [576, 2100, 13])
+@pytest.mark.parametrize("out_dtype", ["x", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_basis_walk_equals_x_times_the_dequantized_basis(dtype: torch.dtype, out_dtype: str, n_out: int,
+                                                              native: None) -> None:
+    """`basis_gemv_int8` (x T for a basis stored as int8 rows with per-row scales) equals x @ (q * scale) in
+    float32, the torch reference equals it too, and a wrong shape is refused."""
+    from featurelens.kernels.int8_gemm import quantize_weight
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(IN, generator=g)
+    x[:5] = 0
+    x = x.to(dtype)
+    q, scale = quantize_weight(torch.randn(IN, n_out, generator=g) * torch.rand(IN, 1, generator=g))
+    expected = (x.double() * scale.double()) @ q.double()
+    out = torch.full((n_out,), float("nan"), dtype=dtype if out_dtype == "x" else torch.float32)
+    sg._native_module()[0].basis_gemv_int8(x, q, scale, out)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if out.dtype == torch.float32 else {"rtol": 1e-2, "atol": 3e-2}
+    torch.testing.assert_close(out.double(), expected, **tol)
+    ref = torch.empty_like(out)
+    sg.basis_gemv_int8_torch(x, q, scale, ref)
+    torch.testing.assert_close(ref.double(), expected, **tol)
+    with pytest.raises(RuntimeError, match="out must be"):
+        sg._native_module()[0].basis_gemv_int8(x, q, scale, torch.empty(n_out + 1))
+    with pytest.raises(RuntimeError, match="q must be"):
+        sg._native_module()[0].basis_gemv_int8(x, q.float(), scale, out)
+
+
 def test_allocation_bench_times_every_shipped_allocation_on_real_decode_inputs() -> None:
     """bench_kernels.allocation_step_times (what `bench modes` prints per allocation): dense and every shipped
     allocation are timed, and the kernel calls really zero about the level's share of the inputs (the count

@@ -206,6 +206,42 @@ def test_rotated_inputs_are_masked_in_the_rotated_basis_on_both_paths(rotated):
     torch.testing.assert_close(fast_mm, expected_fast, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_bases_are_read_rounded_everywhere_and_walked_in_int8_on_the_fast_path(rotated, tmp_path):
+    """A rotation file with int8 bases (`sparsity.quantize_rotations`): the mask path, the column norms and the
+    weights use T~ = q * scale, and the batch-1 path computes x T~ with the int8 walk; both match the WINA
+    reference in the basis T~."""
+    from safetensors.torch import save_file
+
+    _, layers, weights, levels, rot = rotated
+    save_file(sp.quantize_rotations(rot), str(tmp_path / "thr-rotation-int8.safetensors"))
+    doc = json.loads((tmp_path / "thr-rot.json").read_text())
+    doc["rotation"]["file"] = "thr-rotation-int8.safetensors"
+    (tmp_path / "thr-int8.json").write_text(json.dumps(doc))
+    rounded = sp.load_rotations(tmp_path / "thr-int8.json")
+    assert 0 < float((rounded["0.attn"] - rot["0.attn"]).abs().max()) < 0.02  # really rounded, not much
+    fresh = torch.nn.ModuleList([FakeLayer(w) for w in weights])
+    runtime = SparseRuntime(str(tmp_path), str(tmp_path / "thr-int8.json"), N_LAYERS, torch.device("cpu"))
+    runtime.install(fresh)
+    qkv, gate_up = fresh[0].self_attn.qkv_proj, fresh[1].mlp.gate_up_proj
+    parts = ("q_proj", "k_proj", "v_proj")
+    x = torch.randn(3, D)
+    runtime.begin([("m", 0, 2, "25")], total_rows=3)
+    out, _ = qkv(x)
+    runtime.end()
+    torch.testing.assert_close(out[:2], rotated_reference(x[:2], weights[0], parts, levels["25"], rounded["0.attn"]),
+                               rtol=1e-5, atol=1e-5)
+    calls = []
+    walk = runtime.basis_int8
+    runtime.basis_int8 = lambda *a: (calls.append(a[1].dtype), walk(*a))[1]
+    x1 = torch.randn(1, D)
+    runtime.begin([("f", 0, 1, "50")], total_rows=1)
+    fast, _ = gate_up(x1)
+    runtime.end()
+    assert calls == [torch.int8] and runtime.fast_path_calls == 1
+    expected = rotated_reference(x1, weights[1], ("gate_proj", "up_proj"), levels["50"], rounded["1.mlp"])
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_step_profile_splits_each_kind_of_step(rotated):
     from featurelens.server.worker_sparsity import StepProfile
 

@@ -58,12 +58,17 @@ constexpr int64_t kPrefetchLines = 4;  // first lines of the first pass's rows p
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
   // bf16 is the top half of an fp32: zero-extend 8 x u16 to u32 and shift left by 16.
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline __m256 load8(const int8_t* p) {  // int8 rows (`basis_gemv_int8`): the row's scale is folded into val
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 template <typename T>
@@ -253,7 +258,51 @@ int64_t sparse_gemv_parts(torch::Tensor x, std::vector<torch::Tensor> w_ts, torc
   return zeroed;
 }
 
+// x T for an input basis stored in int8 with one scale per row (T[i, :] = q[i, :] * scales[i]): the same walk
+// over every nonzero input, the row scale folded into x_i, so the basis costs one byte per entry instead of
+// two. x: [in] float32 or bfloat16; q: [in, out] int8; scales: [in] float32; out: [out], float32 or x's dtype.
+void basis_gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar && q.size(0) == x.size(0),
+              "q must be a contiguous int8 [in, out] tensor with x's length as rows");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == x.size(0),
+              "scales must be a contiguous float32 [in] tensor");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == q.size(1) &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == x.scalar_type()),
+              "out must be contiguous, [out], float32 or x's dtype");
+  const int64_t n_in = q.size(0), n_out = q.size(1);
+  thread_local std::vector<int64_t> idx;
+  thread_local std::vector<float> val, y;
+  idx.resize(n_in);
+  val.resize(n_in);
+  int64_t nnz = x.scalar_type() == at::kFloat
+                    ? gather_active(x.data_ptr<float>(), n_in, nullptr, 0.0, idx.data(), val.data())
+                    : gather_active(x.data_ptr<at::BFloat16>(), n_in, nullptr, 0.0, idx.data(), val.data());
+  const float* sp = scales.data_ptr<float>();
+  for (int64_t k = 0; k < nnz; ++k) val[k] *= sp[idx[k]];
+  const bool in_place = out.scalar_type() == at::kFloat;
+  if (!in_place) y.resize(n_out);
+  float* yp = in_place ? out.data_ptr<float>() : y.data();
+  const int8_t* W = q.data_ptr<int8_t>();
+  // Plain pointers into this thread's scratch: inside the parallel region a thread_local name would be the
+  // worker thread's own (empty) vector.
+  const int64_t* ip = idx.data();
+  const float* vp = val.data();
+  const int64_t n_blocks = (n_out + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t c1 = std::min(b1 * kColBlock, n_out);
+    for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock)
+      accumulate_columns(W, n_out, ip, vp, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
+  });
+  if (!in_place) {
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n_out; ++i) o[i] = static_cast<at::BFloat16>(y[i]);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("basis_gemv_int8", &basis_gemv_int8, "out = x @ (q * scales[:, None]) (int8 basis rows, fp32 accumulate)",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scales"), pybind11::arg("out"));
   m.def("sparse_gemv", &sparse_gemv, "y = x[active] @ w_t[active] (batch-1 sparse GEMV, fp32 accumulate)",
         pybind11::arg("x"), pybind11::arg("w_t"), pybind11::arg("norms"), pybind11::arg("threshold"));
   m.def("sparse_gemv_parts", &sparse_gemv_parts,

@@ -53,6 +53,7 @@ from featurelens.server.interp.sparsity import (
     greedy_allocation,
     measured_sparsity,
     principal_rotation,
+    quantize_rotations,
     rotation_of,
     wina_scores,
     wina_sparsify,
@@ -513,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                          "rotation in the input's Fisher metric (fisher, the shipped table since 2026-12-06)")
     ap.add_argument("--basis-samples", type=int, default=2,
                     help="sampled labels (backward passes) per rotation sequence for --basis fisher")
+    ap.add_argument("--basis-dtype", default="float16", choices=("float16", "int8"),
+                    help="how the bases are stored: int8 rows with per-row scales halve the engine's x T reads "
+                         "(thresholds are then calibrated in the rounded basis)")
     ap.add_argument("--calibration", default="chat", choices=("chat", "documents"),
                     help="what rotations and thresholds are calibrated on: the dense model's greedy continuations of "
                          "chat prompts at their generated positions (what a sparse request masks; the default), or "
@@ -560,10 +564,16 @@ def main(argv: list[str] | None = None) -> int:
         rotations = input_rotations(model, rotation_seqs, groups, args.basis, args.basis_samples, args.seed)
         rot_path = Path(args.out).with_name(Path(args.out).stem + "-rotation.safetensors")
         rot_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.to(torch.float16).contiguous() for k, v in rotations.items()}, str(rot_path))
+        if args.basis_dtype == "int8":
+            # Rounded before anything else reads them: thresholds, allocation and weights are those of T~.
+            stored = quantize_rotations(rotations)
+            rotations = {k: stored[k].float() * stored[f"{k}.scale"][:, None] for k in rotations}
+        else:
+            stored = {k: v.to(torch.float16).contiguous() for k, v in rotations.items()}
+        save_file(stored, str(rot_path))
         model = rotate_model(copy.deepcopy(model), rotations)
         text = "generated tokens of chat continuations" if args.calibration == "chat" else "calibration documents"
-        rotation = {"file": rot_path.name, "groups": groups, "dtype": "float16", "kind": args.basis,
+        rotation = {"file": rot_path.name, "groups": groups, "dtype": args.basis_dtype, "kind": args.basis,
                     "basis": ("per block: eigenvectors of the group's input second moment on the " + text
                               if args.basis == "pca" else
                               "per block: T = L P, L the square root of the group's input Fisher matrix "
