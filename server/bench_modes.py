@@ -143,14 +143,15 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
         dense_full = cal.dense_continuations(model, prompts, new_tokens)
     tf_tokens = sum(f.shape[1] - p.shape[1] for p, f in zip(prompts, dense_full, strict=True))
     out = {"dense": {"ppl": cal.perplexity(model, tok, held), "tf_agreement": 1.0}}
-    rotations = load_rotations()  # the shipped table masks some inputs in a rotated basis, as the engine does
+    table = _sparsity_table()
+    rotations = load_rotations(table)  # the table may mask some inputs in a rotated basis, as the engine does
     sparse_model = cal.rotate_model(copy.deepcopy(model), rotations) if rotations else model
     head = rescored_head(sparse_model) if _sparse_logits() == "int8-rescored" else contextlib.nullcontext()
     for level in LEVELS:
         if f"sparse-{level}" not in _SELECTED:
             continue
         first = [0]
-        with cal.wina_masking(sparse_model, load_thresholds(level), first), head:
+        with cal.wina_masking(sparse_model, load_thresholds(level, table), first), head:
             out[f"sparse-{level}"] = {"ppl": cal.perplexity(sparse_model, tok, held),
                                       "tf_all": cal.greedy_agreement(sparse_model, prompts, dense_full),
                                       "tf_agreement": cal.greedy_agreement(sparse_model, prompts, dense_full, first)}
@@ -161,6 +162,15 @@ def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float
                        "tf_agreement": cal.greedy_agreement(model, prompts, dense_full)}
     out["_docs"] = {"heldout_documents": len(held), "tf_tokens": tf_tokens}
     return out
+
+
+def _sparsity_table() -> str:
+    """The thresholds file this run's engine serves (FEATURELENS_SPARSITY_THRESHOLDS, else the shipped one)."""
+    from featurelens.server.config import Settings
+    from featurelens.server.interp.sparsity import DEFAULT_THRESHOLDS
+
+    choice = Settings().sparsity_thresholds
+    return str(DEFAULT_THRESHOLDS) if choice in ("default", "none") else choice
 
 
 def _sparse_logits() -> str:
