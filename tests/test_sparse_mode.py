@@ -338,9 +338,9 @@ async def test_model_info_lists_sparse_levels(stub):
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     sparse = next(m for m in info.modes if m.mode == pb.INFERENCE_MODE_SPARSE)
     assert sparse.available and list(sparse.sparsity_levels_percent) == [25, 40, 50]
-    # The shipped table masks the MLP input of every block in a calibrated basis; the mode says so, and that
-    # its logits come from the re-scored int8 head (the default --sparse-logits).
-    assert "the mlp input of every block is masked in a calibrated basis" in sparse.description
+    # The shipped table masks q/k/v's and the MLP's inputs of every block in calibrated bases; the mode says so,
+    # and that its logits come from the re-scored int8 head (the default --sparse-logits).
+    assert "the attn/mlp input of every block is masked in a calibrated basis" in sparse.description
     assert "logits from the int8 unembedding" in sparse.description
 
 
