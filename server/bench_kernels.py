@@ -165,16 +165,17 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     each level: every module of every block on real decode-token inputs (the last `tokens` positions of dense
     greedy continuations of chat prompts), bf16, the engine's native `sparse_gemv_parts` call with the
     allocation's thresholds vs the engine's dense bf16 linear (`engine_linear`) on the fused weight. The whole decoder's weights (212 MB) pass
-    through the cache each token, as in decode. Rotated inputs (the shipped MLP input) include the x Q GEMM
-    in the sparse time. Allocations missing from the shipped file are skipped.
+    through the cache each token, as in decode. Inputs in another basis (the shipped table's q/k/v and MLP
+    inputs) include the x T walk (int8 where the file stores int8 bases) in the sparse time. Allocations missing from the shipped file are skipped.
     Returns level -> allocation ("dense" too) -> {"us": median, "zeroed": fraction of inputs zeroed}."""
-    from featurelens.kernels.sparse_gemv import parts_kernel
+    from featurelens.kernels.sparse_gemv import basis_int8_kernel, parts_kernel
     from featurelens.server.interp import sparsity_calibrate as cal
     from featurelens.server.interp.sparsity import (
         basis_inverse,
         basis_weight,
         column_norms,
         load_rotations,
+        load_rotations_int8,
         load_thresholds,
         rotation_of,
     )
@@ -201,9 +202,13 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     # Inputs in another basis (the shipped table's MLP input): the sparse step pays x T (bf16 GEMM, as the
     # engine) and runs on W T⁻ᵀ; the dense step keeps W.
     rotations = load_rotations()  # a module's parts share one input, so one rotation per module
+    stored_int8 = load_rotations_int8()  # bases the file stores in int8: the engine walks those bytes
+    basis_int8 = basis_int8_kernel() if stored_int8 else None
     q32 = {n: q for n in names
            if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}
     rot = {n: q.to(torch.bfloat16).contiguous() for n, q in q32.items()}
+    rot8 = {n: q for n in names if (q := rotation_of(stored_int8, int(n.split(".")[0]),
+                                                     parts_of[n.split(".")[1]][0])) is not None}
     inverses = {n: basis_inverse(q, torch.float64) for n, q in q32.items()}  # once per module, not per part
     sparse_w = {n: [basis_weight(w, q32[n], inverses[n]) for w in ws] if n in q32 else ws
                 for n, ws in weights.items()}
@@ -236,7 +241,10 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
                         dense[n](xs[n][t:t + 1])
                     else:
                         x = xs[n][t]
-                        if n in rot:  # x Q by the same native call at threshold 0, as the engine does
+                        if n in rot8:  # x T~ by the int8 walk, as the engine does for int8 bases
+                            basis_int8(x.contiguous(), *rot8[n], rot_out[n])
+                            x = rot_out[n]
+                        elif n in rot:  # x T by the same native call at threshold 0, as the engine does
                             kernel(x.contiguous(), [rot[n]], all_in[n], [0.0], rot_out[n])
                             x = rot_out[n]
                         zeroed[a] = zeroed.get(a, 0) + kernel(x.contiguous(), w_t[n], norms[n],

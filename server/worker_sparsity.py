@@ -17,9 +17,10 @@ wrapped (an instance attribute shadowing the class method) instead of pre-hooked
 Which rows are sparse: a sparse request's rows at generated-token positions; its prompt rows run dense unless
 the server sparsifies prompts too (`--sparse-prompt`), see `SparseRuntime.rows_of`.
 
-Inputs in another basis: when the thresholds file ships input bases T (the default model's does, for the MLP
-input; see server/interp/sparsity.py), such a module's sparse rows read x' = x T (one small GEMM per module
-and step) and are masked in that basis; the fast path multiplies x' by the weights in that basis, transposed
+Inputs in another basis: when the thresholds file ships input bases T (the default model's does, for q/k/v's
+and the MLP's inputs, stored as int8 rows with per-row scales; see server/interp/sparsity.py), such a module's
+sparse rows read x' = x T (one small GEMM per module and step; on the fast path the native int8 walk
+`basis_gemv_int8` for int8 bases) and are masked in that basis; the fast path multiplies x' by the weights in that basis, transposed
 ((W T⁻ᵀ)ᵀ), the mask path maps each masked copy back (x'_masked T⁻¹, float32) and runs the module's own GEMM.
 Dense rows never see T.
 
