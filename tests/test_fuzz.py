@@ -113,7 +113,8 @@ class StandInEngine(WordTokenizer):
         self.vectors = {"v1": HIDDEN_SIZE}
         self.interpretability_available = True
         self.sparsity_levels = SPARSITY_LEVELS
-        self.sparsity_rotated = ("mlp",)
+        self.sparsity_rotated = ("attn", "mlp")
+        self.sparse_logits = "int8-rescored"
         self.quantized = {"backend": "native", "weight_bytes": 0}
         self.kv_cache_tokens = 4096
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
