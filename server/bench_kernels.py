@@ -174,8 +174,7 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
         basis_inverse,
         basis_weight,
         column_norms,
-        load_rotations,
-        load_rotations_int8,
+        load_rotation_file,
         load_thresholds,
         rotation_of,
     )
@@ -199,10 +198,10 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     n_tok = xs[names[0]].shape[0]
     weights = {n: [mods[f"{n.split('.')[0]}.{p}"].weight.detach() for p in parts_of[n.split(".")[1]]]
                for n in names}
-    # Inputs in another basis (the shipped table's MLP input): the sparse step pays x T (bf16 GEMM, as the
-    # engine) and runs on W T⁻ᵀ; the dense step keeps W.
-    rotations = load_rotations()  # a module's parts share one input, so one rotation per module
-    stored_int8 = load_rotations_int8()  # bases the file stores in int8: the engine walks those bytes
+    # Inputs in another basis (the shipped table's q/k/v and MLP inputs): the sparse step pays x T (the bf16
+    # walk, or the int8 walk for bases stored in int8, as the engine) and runs on W T⁻ᵀ; the dense step keeps
+    # W. A module's parts share one input, so one rotation per module.
+    rotations, stored_int8 = load_rotation_file()
     basis_int8 = basis_int8_kernel() if stored_int8 else None
     q32 = {n: q for n in names
            if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}

@@ -195,9 +195,8 @@ class FeatureLensWorkerExtension:
             from featurelens.server.worker_sparsity import _weight_files
 
             try:
-                head = Int8Head(int8_gemm.weight_only_kernel())
+                head = Int8Head(int8_gemm.weight_only_kernel(), rescore=rescore)
                 if head.install(model, _weight_files(self.model_runner.model_config.model)):
-                    head.rescore = rescore
                     self._fl_head = head
                     if self._fl_quant is not None:
                         self._fl_quant.head = head

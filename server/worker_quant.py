@@ -128,9 +128,9 @@ class Int8Head:
     to the first, so after the exact re-score the argmax, and every probability above ~1e-6, are the dense
     head's. The tail's logits stay int8: sampled and reported logprobs differ from dense only through them."""
 
-    def __init__(self, linear: Any) -> None:
+    def __init__(self, linear: Any, rescore: bool = False) -> None:
         self.linear = linear
-        self.rescore = False  # sparse requests' rows re-scored (set by the worker: --sparse-logits)
+        self.rescore = rescore  # sparse requests' rows re-scored (--sparse-logits int8-rescored)
         self.int8_rows: torch.Tensor | None = None
         self.rescored_rows: torch.Tensor | None = None
         self.num_reqs = 0

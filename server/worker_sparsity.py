@@ -50,8 +50,7 @@ from featurelens.server.interp.sparsity import (
     available_levels,
     basis_inverse,
     basis_weight,
-    load_rotations,
-    load_rotations_int8,
+    load_rotation_file,
     load_thresholds,
     rotation_of,
 )
@@ -164,7 +163,8 @@ class SparseRuntime:
             self._thr[level] = [[float(table[f"{i}.{p}"]) for p in PROJ_NAMES] for i in range(num_layers)]
         self._thr_tensor = torch.tensor([self._thr[lv] for lv in self.levels], dtype=torch.float32, device=device)
         self._level_index = {lv: i for i, lv in enumerate(self.levels)}
-        self.rotations = load_rotations(thresholds_path)  # "<layer>.<group>" -> T float32 (the basis), or None
+        # "<layer>.<group>" -> T float32 (the basis), or None; and (q, scale) of the bases stored in int8.
+        self.rotations, stored_int8 = load_rotation_file(thresholds_path)
         # T⁻¹ in float64, inverted once per basis: the column norms, the fast path's weights and the mask
         # path's map back all use it (~40 ms per inversion, 30 bases).
         self._inverses = {key: basis_inverse(t, torch.float64) for key, t in (self.rotations or {}).items()}
@@ -181,7 +181,7 @@ class SparseRuntime:
         self.rotate_gemv = self.gemv_parts if device.type == "cpu" and native_available() else None
         # Bases the file stores as int8 rows (+ per-row scales): the fast path walks those bytes directly
         # (`basis_gemv_int8`, half the bf16 basis's reads); everything else reads T~ = q * scale.
-        self.rotations_int8 = load_rotations_int8(thresholds_path) if self.rotate_gemv is not None else {}
+        self.rotations_int8 = stored_int8 if self.rotate_gemv is not None else {}
         if self.rotations_int8:
             from featurelens.kernels.sparse_gemv import basis_int8_kernel
 
@@ -351,10 +351,11 @@ class _SparseProjection:
         if self.w_t is None:
             self.w_t = [self.runtime.transposed(self.layer, p, x.dtype, x.device) for p in self.parts]
         if self.rotation is not None:
-            if self.rotation_fast is None or self.rotation_fast.dtype != x.dtype:
-                self.rotation_fast = self.rotation.to(x.dtype).contiguous()  # [in, in]: row i = what x_i adds
             # x T with the same native GEMV at threshold 0 (nothing skipped): 50-80 us per 576 x 576 on the
-            # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread).
+            # AMX box, where torch's bf16 matmul at M = 1 takes ~180 us (measured, 1 thread); int8 bases by
+            # their own walk (no bf16 copy of T is made for them).
+            if self.rotation_int8 is None and (self.rotation_fast is None or self.rotation_fast.dtype != x.dtype):
+                self.rotation_fast = self.rotation.to(x.dtype).contiguous()  # [in, in]: row i = what x_i adds
             began = time.perf_counter() if profile is not None else 0.0
             if self.rotation_int8 is not None:
                 rotated = torch.empty_like(x)

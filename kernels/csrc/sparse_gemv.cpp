@@ -158,6 +158,24 @@ int64_t gather_active(const X* x, int64_t n, const float* norms, double threshol
   return nnz;
 }
 
+// y[0:n_out] = sum_k val[k] * W[idx[k], :], threads splitting the output columns (W: [n_in, n_out] rows).
+template <typename T>
+void walk_columns(const T* W, int64_t n_out, const int64_t* idx, const float* val, int64_t nnz, float* yp) {
+  const int64_t n_blocks = (n_out + kColBlock - 1) / kColBlock;
+  // at::parallel_for is OpenMP in torch's CPU build; each thread gets one contiguous range of blocks.
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t c1 = std::min(b1 * kColBlock, n_out);
+    for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock)
+      accumulate_columns(W, n_out, idx, val, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
+  });
+}
+
+// out (bfloat16, n elements) = y rounded to nearest even: the entries whose output is in x's dtype.
+void store_bf16(const float* y, int64_t n, torch::Tensor& out) {
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<at::BFloat16>(y[i]);
+}
+
 // y[0:n_out] (float32) = active x @ w_t, with idx/val scratch of n_in entries. Returns the active count.
 int64_t gemv_into(const torch::Tensor& x, const torch::Tensor& w_t, const float* norms, double threshold,
                   int64_t* idx, float* val, float* yp) {
@@ -170,19 +188,10 @@ int64_t gemv_into(const torch::Tensor& x, const torch::Tensor& w_t, const float*
   } else {
     TORCH_CHECK(false, "x must be float32 or bfloat16, got ", x.scalar_type());
   }
-  const int64_t n_blocks = (n_out + kColBlock - 1) / kColBlock;
-  auto run = [&](auto* W) {
-    // at::parallel_for is OpenMP in torch's CPU build; each thread gets one contiguous range of blocks.
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t c1 = std::min(b1 * kColBlock, n_out);
-      for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock)
-        accumulate_columns(W, n_out, idx, val, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
-    });
-  };
   if (w_t.scalar_type() == at::kFloat) {
-    run(w_t.data_ptr<float>());
+    walk_columns(w_t.data_ptr<float>(), n_out, idx, val, nnz, yp);
   } else if (w_t.scalar_type() == at::kBFloat16) {
-    run(w_t.data_ptr<at::BFloat16>());
+    walk_columns(w_t.data_ptr<at::BFloat16>(), n_out, idx, val, nnz, yp);
   } else {
     TORCH_CHECK(false, "w_t must be float32 or bfloat16, got ", w_t.scalar_type());
   }
@@ -251,10 +260,7 @@ int64_t sparse_gemv_parts(torch::Tensor x, std::vector<torch::Tensor> w_ts, torc
     zeroed += n_in - gemv_into(x, w_ts[p], np, thresholds[p], idx.data(), val.data(), yp + offset);
     offset += w_ts[p].size(1);
   }
-  if (!in_place) {
-    at::BFloat16* o = out.data_ptr<at::BFloat16>();  // out's dtype is x's: bfloat16 here (float32 was in place)
-    for (int64_t i = 0; i < total; ++i) o[i] = static_cast<at::BFloat16>(y[i]);
-  }
+  if (!in_place) store_bf16(y.data(), total, out);  // out's dtype is x's: bfloat16 here (float32 was in place)
   return zeroed;
 }
 
@@ -283,21 +289,10 @@ void basis_gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, tor
   const bool in_place = out.scalar_type() == at::kFloat;
   if (!in_place) y.resize(n_out);
   float* yp = in_place ? out.data_ptr<float>() : y.data();
-  const int8_t* W = q.data_ptr<int8_t>();
-  // Plain pointers into this thread's scratch: inside the parallel region a thread_local name would be the
-  // worker thread's own (empty) vector.
-  const int64_t* ip = idx.data();
-  const float* vp = val.data();
-  const int64_t n_blocks = (n_out + kColBlock - 1) / kColBlock;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t c1 = std::min(b1 * kColBlock, n_out);
-    for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock)
-      accumulate_columns(W, n_out, ip, vp, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
-  });
-  if (!in_place) {
-    at::BFloat16* o = out.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < n_out; ++i) o[i] = static_cast<at::BFloat16>(y[i]);
-  }
+  // Plain pointers into this thread's scratch, taken here: inside the parallel region a thread_local name would
+  // be the worker thread's own empty vector.
+  walk_columns(q.data_ptr<int8_t>(), n_out, idx.data(), val.data(), nnz, yp);
+  if (!in_place) store_bf16(y.data(), n_out, out);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -303,15 +303,19 @@ def basis_weight(weight: torch.Tensor, t: torch.Tensor, inverse: torch.Tensor | 
     return (weight.double() @ inv.T).float()
 
 
-def load_rotations(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, torch.Tensor] | None:
-    """"<layer>.<group>" -> Q [in, in] float32 when the thresholds file names a rotation file, else None.
+def load_rotation_file(path: str | Path = DEFAULT_THRESHOLDS
+                       ) -> tuple[dict[str, torch.Tensor] | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The thresholds file's bases in one read: ("<layer>.<group>" -> T [in, in] float32, or None without a
+    rotation file; "<layer>.<group>" -> (q int8 [in, in], scale float32 [in]) for the bases stored in int8).
 
     The file's "rotation" entry: {"file": safetensors name beside the JSON, "groups": [...]}; the tensors are
-    keyed "<layer>.<group>" with group in ROTATION_GROUPS.
+    keyed "<layer>.<group>" with group in ROTATION_GROUPS, float (float16) or int8 with a per-row
+    "<layer>.<group>.scale" (`quantize_rotations`): then T = q * scale[:, None], the rounded basis every
+    consumer reads, and the engine's fast path walks q directly.
     """
     entry = _read(str(path)).get("rotation")
     if not entry:
-        return None
+        return None, {}
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(path).parent / entry["file"]))
@@ -319,29 +323,30 @@ def load_rotations(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, torch.Ten
     unknown = {k.split(".", 1)[-1] for k in bases} - set(ROTATION_GROUPS)
     if unknown:
         raise ValueError(f"{entry['file']}: unknown rotation groups {sorted(unknown)}; known: {sorted(ROTATION_GROUPS)}")
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, t in bases.items():
-        if t.dtype == torch.int8:  # int8 rows with per-row scales (`quantize_rotations`): T = q * scale[:, None]
+        if t.dtype == torch.int8:
             scale = tensors.get(f"{key}.scale")
             if scale is None or scale.shape != (t.shape[0],):
                 raise ValueError(f"{entry['file']}: int8 basis {key} needs a [{t.shape[0]}] '{key}.scale' tensor")
-            out[key] = t.float() * scale.float()[:, None]
+            int8[key] = (t.contiguous(), scale.float().contiguous())
+            out[key] = t.float() * int8[key][1][:, None]
         else:
             out[key] = t.float()
-    return out
+    return out, int8
+
+
+def load_rotations(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, torch.Tensor] | None:
+    """"<layer>.<group>" -> T [in, in] float32 when the thresholds file names a rotation file, else None
+    (`load_rotation_file`)."""
+    return load_rotation_file(path)[0]
 
 
 def load_rotations_int8(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """"<layer>.<group>" -> (q int8 [in, in], scale float32 [in]) for the bases the rotation file stores in int8
-    (the engine's fast path walks those rows directly); {} for float bases or no rotation."""
-    entry = _read(str(path)).get("rotation")
-    if not entry:
-        return {}
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(Path(path).parent / entry["file"]))
-    return {k: (v.contiguous(), tensors[f"{k}.scale"].float().contiguous())
-            for k, v in tensors.items() if v.dtype == torch.int8 and f"{k}.scale" in tensors}
+    """"<layer>.<group>" -> (q int8, scale float32) for the bases the rotation file stores in int8; {} for float
+    bases or no rotation (`load_rotation_file`)."""
+    return load_rotation_file(path)[1]
 
 
 def quantize_rotations(rotations: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
