@@ -79,7 +79,10 @@ def load_extension(name: str, source: Path, disable_env: str) -> tuple[ModuleTyp
 @functools.lru_cache(maxsize=1)
 def _native_module() -> tuple[ModuleType | None, str]:
     """Build/import the extension once; (module, "") on success, (None, reason) otherwise."""
-    return load_extension(_EXTENSION_NAME, _SOURCE, "FEATURELENS_SPARSE_NATIVE")
+    module, reason = load_extension(_EXTENSION_NAME, _SOURCE, "FEATURELENS_SPARSE_NATIVE")
+    if module is not None and prefetch_env_problem():
+        log.warning("sparse GEMV: %s", prefetch_env_problem())
+    return module, reason
 
 
 def native_status() -> str:
@@ -93,6 +96,37 @@ def native_available() -> bool:
     if module is None:
         _log_fallback_once(reason)
     return module is not None
+
+
+PREFETCH_LEVELS = ("l1", "l2", "auto")
+
+
+def prefetch_env_problem() -> str:
+    """"" or why FEATURELENS_PREFETCH is ignored (the extensions read it at load and fall back to "auto")."""
+    value = os.environ.get("FEATURELENS_PREFETCH", "")
+    if value and value not in PREFETCH_LEVELS:
+        return f"FEATURELENS_PREFETCH={value!r} is not one of {', '.join(PREFETCH_LEVELS)}; using auto"
+    return ""
+
+
+def _native_or_raise() -> ModuleType:
+    module, reason = _native_module()
+    if module is None:
+        raise RuntimeError(f"native sparse GEMV unavailable: {reason}")
+    return module
+
+
+def prefetch_level() -> str:
+    """The cache level the native walks prefetch weight rows into: "l1" or "l2" (L2 by default on AMD CPUs,
+    where it measured 1.4-2x faster; L1 elsewhere; FEATURELENS_PREFETCH=l1|l2 overrides). Raises without the
+    native kernel."""
+    return _native_or_raise().prefetch()
+
+
+def set_prefetch(name: str) -> str:
+    """Switch the native walks to prefetch into "l1", "l2" or back to "auto"; returns the level now in use.
+    For benchmarks that compare both on one machine."""
+    return _native_or_raise().set_prefetch(name)
 
 
 @functools.lru_cache(maxsize=1)

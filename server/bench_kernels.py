@@ -7,7 +7,9 @@ For SmolLM2-135M's MLP shapes (gate/up 576->1536, down 1536->576) and sparsities
              weights where vLLM's build has oneDNN; measured 2x faster than F.linear at M = 1 on Zen 5)
   F.linear   torch F.linear(x, W) with W [out, in] (the baseline of figures before 2026-12-02)
   kernel@0%  our native kernel with nothing skipped (separates "skipping rows" from "a different GEMV")
-  native     our C++ sparse kernel on the masked x (featurelens.kernels.sparse_gemv)
+  native     our C++ sparse kernel on the masked x (featurelens.kernels.sparse_gemv), its prefetches filling the
+             cache level it uses by default on this CPU (L2 on AMD, L1 elsewhere)
+  other pf   the same with the other level (`set_prefetch`): the evidence for that default on this CPU
   gather     the pure-torch fallback (index_select of active rows + matmul)
 Each figure is the median over rounds; in every round all variants run back to back on the same inputs, so
 load from other processes hits them alike. By default each call reads a different copy of the weight from a
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from featurelens.kernels import sparse_gemv as sg
 from featurelens.kernels.sparse_gemv import native_status, sparse_gemv, sparse_gemv_torch, transpose_weight
 
 SHAPES = {"gate/up": (576, 1536), "down": (1536, 576)}  # (in, out) of SmolLM2-135M's MLP projections
@@ -92,6 +95,13 @@ def _masked_input(n_in: int, sparsity: float, dtype: torch.dtype, seed: int) -> 
     return x.to(dtype)
 
 
+def _other(r: dict[str, float]) -> str:
+    """'other pf' time and native's speed-up over it (> 1: the default level is the faster one here)."""
+    if "other pf" not in r:
+        return ""
+    return f"{r['other pf']:>11.1f} {r['other pf'] / r['native']:>5.2f}x"
+
+
 def bench_shape(n_in: int, n_out: int, dtype: torch.dtype, hot: bool, rounds: int) -> dict[float, dict[str, float]]:
     weight_bytes = n_in * n_out * dtype.itemsize
     copies = 1 if hot else max(2, 3 * last_level_cache_bytes() // weight_bytes)
@@ -103,15 +113,33 @@ def bench_shape(n_in: int, n_out: int, dtype: torch.dtype, hot: bool, rounds: in
     x_dense = torch.randn(1, n_in, generator=g).to(dtype)
     x0 = x_dense[0]
     out: dict[float, dict[str, float]] = {}
-    for s in SPARSITIES:
-        xs = _masked_input(n_in, s, dtype, seed=int(s * 100))
-        out[s] = _time_rounds({
-            "dense": lambda j: engine_w[j % copies](x_dense),
-            "F.linear": lambda j: F.linear(x_dense, dense_w[j % copies]),
-            "kernel@0%": lambda j: sparse_gemv(x0, sparse_w[j % copies], backend="native"),
-            "native": lambda j, xs=xs: sparse_gemv(xs, sparse_w[j % copies], backend="native"),
-            "gather": lambda j, xs=xs: sparse_gemv_torch(xs, sparse_w[j % copies]),
-        }, calls, rounds)
+    native = sg.native_available()
+    default = sg.prefetch_level() if native else ""
+    other = {"l1": "l2", "l2": "l1"}.get(default, "")
+
+    def at_level(level: str, x: torch.Tensor) -> Callable[[int], object]:
+        def run(j: int) -> object:
+            if native:
+                sg.set_prefetch(level)  # a sub-microsecond call, paid alike by both levels
+            return sparse_gemv(x, sparse_w[j % copies], backend="native" if native else "torch")
+        return run
+
+    try:
+        for s in SPARSITIES:
+            xs = _masked_input(n_in, s, dtype, seed=int(s * 100))
+            variants = {
+                "dense": lambda j: engine_w[j % copies](x_dense),
+                "F.linear": lambda j: F.linear(x_dense, dense_w[j % copies]),
+                "kernel@0%": at_level(default, x0),
+                "native": at_level(default, xs),
+                "gather": lambda j, xs=xs: sparse_gemv_torch(xs, sparse_w[j % copies]),
+            }
+            if other:
+                variants["other pf"] = at_level(other, xs)
+            out[s] = _time_rounds(variants, calls, rounds)
+    finally:
+        if native:
+            sg.set_prefetch(default)
     return out
 
 
@@ -127,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     status = native_status()
-    print(f"sparse GEMV backend: {status}; torch threads: {torch.get_num_threads()}; "
-          f"weights: {'hot (one copy)' if args.hot else 'cold (pool > LLC)'}")
+    level = sg.prefetch_level() if sg.native_available() else "-"
+    print(f"sparse GEMV backend: {status}; prefetch into {level} ('other pf': the other level); torch threads: "
+          f"{torch.get_num_threads()}; weights: {'hot (one copy)' if args.hot else 'cold (pool > LLC)'}")
     if not status.startswith("native"):
         print("native kernel unavailable: 'native' and 'kernel@0%' columns run the torch fallback")
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)\n")
     head = (f"{'dtype':<5} {'proj':<8} {'sparse':>6} {'dense us':>9} {'F.lin us':>8} {'k@0% us':>8} {'native us':>9} "
-            f"{'x dense':>7} {'x k@0%':>6} {'gather us':>9} {'x dense':>7} {'bound us':>13} {'bound x':>7}")
+            f"{'x dense':>7} {'x k@0%':>6} {'gather us':>9} {'x dense':>7} {'bound us':>13} {'bound x':>7} "
+            f"{'other pf us':>11} {'x':>6}")
     print(head)
     for dname in args.dtypes:
         dtype = DTYPES[dname]
@@ -145,14 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{dname:<5} {name:<8} {s:>6.0%} {r['dense']:>9.1f} {r['F.linear']:>8.1f} {r['kernel@0%']:>8.1f} {r['native']:>9.1f} "
                       f"{r['dense'] / r['native']:>6.2f}x {r['kernel@0%'] / r['native']:>5.2f}x {r['gather']:>9.1f} "
                       f"{r['dense'] / r['gather']:>6.2f}x {dense_bound:>5.1f}->{dense_bound * (1 - s):>5.1f} "
-                      f"{1 / (1 - s):>6.2f}x")
+                      f"{1 / (1 - s):>6.2f}x {_other(r)}")
         for s in SPARSITIES:
             # MLP = gate + up (same input, same shape) + down.
             mlp = {k: 2 * per_shape["gate/up"][s][k] + per_shape["down"][s][k]
-                   for k in ("dense", "F.linear", "native", "gather")}
+                   for k in ("dense", "F.linear", "native", "gather", "other pf") if k in per_shape["down"][s]}
             print(f"{dname:<5} {'MLP':<8} {s:>6.0%} {mlp['dense']:>9.1f} {mlp['F.linear']:>8.1f} {'':>8} {mlp['native']:>9.1f} "
                   f"{mlp['dense'] / mlp['native']:>6.2f}x {'':>6} {mlp['gather']:>9.1f} {mlp['dense'] / mlp['gather']:>6.2f}x"
-                  f"{'':>14} {1 / (1 - s):>6.2f}x")
+                  f"{'':>14} {1 / (1 - s):>6.2f}x {_other(mlp)}")
         print()
     if args.allocations:
         main_allocations(rounds=args.rounds)

@@ -241,3 +241,61 @@ def test_allocation_bench_times_every_shipped_allocation_on_real_decode_inputs()
         assert r["us"] > 0
         if name != "dense":
             assert 0.3 < r["zeroed"] < 0.5, (name, r)
+
+
+@pytest.mark.parametrize("level", ["l1", "l2"])
+def test_prefetch_level_changes_speed_not_results(level: str, native: None) -> None:
+    """The walks at either prefetch level give bit-identical results (prefetches carry no data), for the
+    bf16 walk, the fused parts and the int8 basis walk; `set_prefetch` reports the level it switched to."""
+    default = sg.prefetch_level()
+    assert default in ("l1", "l2")
+    x, weight = _case(0.4, torch.bfloat16, seed=5)
+    x = x.to(torch.bfloat16)
+    w_t = sg.transpose_weight(weight)
+    norms = torch.stack([weight.float().norm(dim=0)] * 2)
+    q = torch.randint(-127, 128, (IN, 576), dtype=torch.int8)
+    scales = torch.rand(IN) * 0.01
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        parts = torch.empty(2 * OUT, dtype=torch.bfloat16)
+        zeroed = sg.parts_kernel()(x, [w_t, w_t], norms, [0.0, 0.5], parts)
+        basis = torch.empty(576, dtype=torch.float32)
+        sg.basis_int8_kernel()(x, q, scales, basis)
+        return sg.sparse_gemv(x, w_t, backend="native"), parts, zeroed, basis
+
+    try:
+        reference = run()
+        assert sg.set_prefetch(level) == level and sg.prefetch_level() == level
+        switched = run()
+    finally:
+        assert sg.set_prefetch(default) == default
+    for a, b in zip(reference, switched, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert a == b
+    with pytest.raises(RuntimeError, match="'l1', 'l2' or 'auto'"):
+        sg.set_prefetch("l3")
+    assert sg.prefetch_level() == default
+
+
+_PREFETCH_SCRIPT = """
+import json, logging
+logging.basicConfig(level=logging.WARNING)
+from featurelens.kernels import sparse_gemv as sg
+print(json.dumps({"level": sg.prefetch_level(), "auto": sg.set_prefetch("auto")}))
+"""
+
+
+@pytest.mark.parametrize(("env", "expected"), [("l1", "l1"), ("l2", "l2"), ("bogus", None)])
+def test_prefetch_env_sets_the_level_at_load(env: str, expected: str | None, native: None) -> None:
+    """FEATURELENS_PREFETCH=l1|l2 picks the level when the extension loads; an unknown value is named in a
+    warning and auto (L2 on AMD, L1 elsewhere) is used."""
+    proc = subprocess.run([sys.executable, "-c", _PREFETCH_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FEATURELENS_PREFETCH": env}, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    is_amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
+    assert result["auto"] == ("l2" if is_amd else "l1")
+    assert result["level"] == (expected or result["auto"])
+    if expected is None:
+        assert "FEATURELENS_PREFETCH='bogus' is not one of l1, l2, auto; using auto" in proc.stderr

@@ -5,6 +5,9 @@
 
 #include <torch/extension.h>
 
+#include <immintrin.h>
+
+#include <cstdlib>
 #include <string>
 
 namespace featurelens {
@@ -27,6 +30,48 @@ inline Isa parse_isa(const std::string& name) {
   TORCH_CHECK(name == "avx2" || name == "avx512" || name == "auto", "isa must be 'avx2', 'avx512' or 'auto'");
   TORCH_CHECK(name != "avx512" || cpu_has_avx512(), "this CPU lacks AVX-512 F/BW/VL/BF16");
   return name == "avx2" ? Isa::kAvx2 : best_isa();
+}
+
+}  // namespace featurelens
+
+namespace featurelens {
+
+// Which cache level the sparse row walks' software prefetches fill: L1 (_MM_HINT_T0) or L2 (_MM_HINT_T1).
+// Measured 2026-12-07 on a 2-core Zen 4 EPYC (standalone harness of the bf16 sparse walk, 1 thread, weights
+// cold): filling L2 instead of L1 made the walk 1.4-2.0x faster (down 1536x576 at 0% 170 -> 85-93 us, at 40%
+// 104 -> 67-75 us; gate 576x1536 at 0% 113 -> 79 us). A likely reason: sixteen row streams' L1 prefetches
+// occupy the L1 miss buffers that the demand loads need. L1 was the choice before: an AVX2 AMD box measured
+// L2 within noise or worse with an older walk (2026-12-01), and the Intel and Zen 5 boxes were measured with
+// L1 only. So "auto" is L2 on AMD CPUs and L1 elsewhere; FEATURELENS_PREFETCH=l1|l2 overrides it, the
+// extension's `set_prefetch` switches it at run time, and `bench_kernels` times both levels on any box.
+// The int8 GEMM's single far-prefetched stream keeps L1: L2 measured 0.81-0.90x there on the same Zen 4.
+enum class Prefetch { kL1, kL2 };
+
+inline Prefetch auto_prefetch() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd") ? Prefetch::kL2 : Prefetch::kL1;
+}
+
+inline std::string prefetch_name(Prefetch p) { return p == Prefetch::kL2 ? "l2" : "l1"; }
+
+// "l1", "l2" or "auto" -> the level to use.
+inline Prefetch parse_prefetch(const std::string& name) {
+  TORCH_CHECK(name == "l1" || name == "l2" || name == "auto", "prefetch must be 'l1', 'l2' or 'auto', got '",
+              name, "'");
+  return name == "l1" ? Prefetch::kL1 : name == "l2" ? Prefetch::kL2 : auto_prefetch();
+}
+
+// The level at load: FEATURELENS_PREFETCH if it is "l1" or "l2", else auto. No exception here: this runs while
+// the extension is loaded (the Python wrapper warns about an invalid value).
+inline Prefetch initial_prefetch() {
+  const char* env = std::getenv("FEATURELENS_PREFETCH");
+  const std::string name = env ? env : "";
+  return name == "l1" ? Prefetch::kL1 : name == "l2" ? Prefetch::kL2 : auto_prefetch();
+}
+
+template <Prefetch P>
+inline void prefetch_line(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), P == Prefetch::kL2 ? _MM_HINT_T1 : _MM_HINT_T0);
 }
 
 }  // namespace featurelens

@@ -25,6 +25,8 @@
 
 #include <immintrin.h>
 
+#include "isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -55,6 +57,13 @@ constexpr int64_t kPrefetchLines = 4;  // first lines of the first pass's rows p
 // walking the next eight alongside the current ones keeps a whole pass of requests in flight. With it the
 // walk is memory-bound: an AVX-512 version (16 columns per FMA) measured the same, 0.98-1.12x, so there is
 // none (the int8 GEMM, which is not memory-bound at M > 1, has one).
+// Measured 2026-12-07 (2-core Zen 4, same harness), the same walk with its prefetches filling L2 instead of L1
+// (featurelens::Prefetch, isa.h), gate / down at 0/40/50%:   L1  113 / 67 / 47   170 / 104 / 82
+//                                                            L2   79 / 52 / 43    85-93 / 67-75 / 56-62
+// o (576x576) at 40%: 40 -> 27 us; qkv (576x960) 56 -> 40 us. Prefetching two passes ahead: within noise.
+
+using featurelens::Prefetch;
+Prefetch g_prefetch = featurelens::initial_prefetch();
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
@@ -71,11 +80,11 @@ inline __m256 load8(const int8_t* p) {  // int8 rows (`basis_gemv_int8`): the ro
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-template <typename T>
+template <Prefetch P, typename T>
 inline void prefetch_row(const T* row, int64_t c0, int64_t c1) {
   const char* p = reinterpret_cast<const char*>(row + c0);
   const char* end = std::min(reinterpret_cast<const char*>(row + c1), p + kPrefetchLines * 64);
-  for (; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+  for (; p < end; p += 64) featurelens::prefetch_line<P>(p);
 }
 
 // The rows of pass k (r) and of the pass after it (next: what to prefetch; a row of this pass past the end).
@@ -88,18 +97,18 @@ inline void pass_rows(const T* W, int64_t ld, const int64_t* idx, int64_t nnz, i
   }
 }
 
-template <typename T>
+template <Prefetch P, typename T>
 inline void prefetch_columns(const T* const next[8], int64_t c) {
-  for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(next[j] + c), _MM_HINT_T0);
+  for (int j = 0; j < 8; ++j) featurelens::prefetch_line<P>(next[j] + c);
 }
 
 // y[c0:c1] = sum_k val[k] * W[idx[k], c0:c1]
-template <typename T>
+template <Prefetch P, typename T>
 void accumulate_columns(const T* W, int64_t ld, const int64_t* idx, const float* val, int64_t nnz,
                         float* y, int64_t c0, int64_t c1) {
   constexpr int64_t line = 64 / sizeof(T);  // columns per cache line of a row
   std::fill(y + c0, y + c1, 0.0f);
-  for (int64_t k = 0; k < std::min(kRowsPerPass, nnz); ++k) prefetch_row(W + idx[k] * ld, c0, c1);
+  for (int64_t k = 0; k < std::min(kRowsPerPass, nnz); ++k) prefetch_row<P>(W + idx[k] * ld, c0, c1);
   int64_t k = 0;
   for (; k + 8 <= nnz; k += 8) {
     const T *r[8], *next[8];
@@ -122,7 +131,7 @@ void accumulate_columns(const T* W, int64_t ld, const int64_t* idx, const float*
     };
     int64_t c = c0;
     for (; c + line <= c1; c += line) {
-      prefetch_columns(next, c);
+      prefetch_columns<P>(next, c);
       for (int64_t cc = c; cc < c + line; cc += 8) columns8(cc);
     }
     for (; c + 8 <= c1; c += 8) columns8(c);
@@ -162,11 +171,15 @@ int64_t gather_active(const X* x, int64_t n, const float* norms, double threshol
 template <typename T>
 void walk_columns(const T* W, int64_t n_out, const int64_t* idx, const float* val, int64_t nnz, float* yp) {
   const int64_t n_blocks = (n_out + kColBlock - 1) / kColBlock;
+  const Prefetch level = g_prefetch;
   // at::parallel_for is OpenMP in torch's CPU build; each thread gets one contiguous range of blocks.
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     const int64_t c1 = std::min(b1 * kColBlock, n_out);
-    for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock)
-      accumulate_columns(W, n_out, idx, val, nnz, yp, c0, std::min(c0 + kSubBlock, c1));
+    for (int64_t c0 = b0 * kColBlock; c0 < c1; c0 += kSubBlock) {
+      const int64_t c = std::min(c0 + kSubBlock, c1);
+      if (level == Prefetch::kL2) accumulate_columns<Prefetch::kL2>(W, n_out, idx, val, nnz, yp, c0, c);
+      else accumulate_columns<Prefetch::kL1>(W, n_out, idx, val, nnz, yp, c0, c);
+    }
   });
 }
 
@@ -295,7 +308,18 @@ void basis_gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scales, tor
   if (!in_place) store_bf16(y.data(), n_out, out);
 }
 
+// The cache level the walks prefetch into: "l1", "l2" or "auto" (isa.h); returns the one in use.
+std::string set_prefetch(const std::string& name) {
+  g_prefetch = featurelens::parse_prefetch(name);
+  return featurelens::prefetch_name(g_prefetch);
+}
+
+std::string prefetch() { return featurelens::prefetch_name(g_prefetch); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("prefetch", &prefetch, "the cache level the row walks prefetch into: l1 or l2");
+  m.def("set_prefetch", &set_prefetch, "prefetch into 'l1', 'l2' or 'auto' (l2 on AMD); returns the one in use",
+        pybind11::arg("name"));
   m.def("basis_gemv_int8", &basis_gemv_int8, "out = x @ (q * scales[:, None]) (int8 basis rows, fp32 accumulate)",
         pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scales"), pybind11::arg("out"));
   m.def("sparse_gemv", &sparse_gemv, "y = x[active] @ w_t[active] (batch-1 sparse GEMV, fp32 accumulate)",
