@@ -237,10 +237,10 @@ def decode_bounds() -> dict[str, float]:
     --sparse-logits int8-rescored, the default, else bf16), and dense / int8 (projections and unembedding one
     byte per weight instead of two; the scales are negligible)."""
     from featurelens.server.model_assets import resolve_model
-    from featurelens.server.worker_sparsity import _weight_files
+    from featurelens.server.worker_sparsity import weight_files
     from safetensors import safe_open
 
-    files = _weight_files(resolve_model("default"))
+    files = weight_files(resolve_model("default"))
     proj = other = 0
     for key, path in files.items():
         with safe_open(path, framework="pt") as f:

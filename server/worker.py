@@ -192,11 +192,11 @@ class FeatureLensWorkerExtension:
             # The int8 unembedding: quantized requests' logits, and sparse requests' re-scored ones.
             from featurelens.kernels import int8_gemm
             from featurelens.server.worker_quant import Int8Head
-            from featurelens.server.worker_sparsity import _weight_files
+            from featurelens.server.worker_sparsity import weight_files
 
             try:
                 head = Int8Head(int8_gemm.weight_only_kernel(), rescore=rescore)
-                if head.install(model, _weight_files(self.model_runner.model_config.model)):
+                if head.install(model, weight_files(self.model_runner.model_config.model)):
                     self._fl_head = head
                     if self._fl_quant is not None:
                         self._fl_quant.head = head

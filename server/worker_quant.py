@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from featurelens.kernels.int8_gemm import WeightOnlyGemm
-from featurelens.server.worker_sparsity import FUSED, _weight_files, projection_weight, read_tensor
+from featurelens.server.worker_sparsity import FUSED, projection_weight, read_tensor, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class QuantRuntime:
     def __init__(self, model_path: str) -> None:
         from featurelens.kernels import int8_gemm
 
-        self._files = _weight_files(model_path)
+        self._files = weight_files(model_path)
         self.backend = int8_gemm.native_status()
         self.linear = int8_gemm.weight_only_kernel()  # x [M, in] -> [M, out], x's dtype
         self.rows: torch.Tensor | None = None  # the quantized rows of this step
@@ -138,7 +139,7 @@ class Int8Head:
         self.rescored_rows_total = 0
         self.weight_bytes = 0
 
-    def install(self, model: Any, files: dict[str, Any]) -> bool:
+    def install(self, model: Any, files: Mapping[str, str]) -> bool:
         """Wrap the unembedding's `quant_method.apply` with an int8 copy of it; False when it cannot be done
         (tensor parallel, no plain unquantized head, or a vocabulary padded differently than the checkpoint)."""
         from featurelens.kernels.int8_gemm import quantize_weight

@@ -36,12 +36,15 @@ projections, every row), readable with `featurelens_sparsity_stats`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -156,7 +159,7 @@ class SparseRuntime:
         self.profile = StepProfile() if profile else None
         self.levels = available_levels(thresholds_path)  # the served allocation's levels
         self.num_layers = num_layers
-        self._files = _weight_files(model_path)
+        self._files = weight_files(model_path)
         self._thr: dict[str, list[list[float]]] = {}
         for level in self.levels:
             table = load_thresholds(level, thresholds_path)
@@ -411,21 +414,23 @@ def _column_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.float().norm(dim=0).contiguous()
 
 
-def read_tensor(files: dict[str, str], key: str) -> torch.Tensor:
-    """One tensor of a (possibly sharded) HF model folder, by name (`files` from `_weight_files`)."""
+def read_tensor(files: Mapping[str, str], key: str) -> torch.Tensor:
+    """One tensor of a (possibly sharded) HF model folder, by name (`files` from `weight_files`)."""
     from safetensors import safe_open
 
     with safe_open(files[key], framework="pt") as f:
         return f.get_tensor(key)
 
 
-def projection_weight(files: dict[str, str], layer: int, proj: str) -> torch.Tensor:
+def projection_weight(files: Mapping[str, str], layer: int, proj: str) -> torch.Tensor:
     """[out, in] weight of HF projection `proj` (q_proj, ..., down_proj) of decoder layer `layer`."""
     return read_tensor(files, f"model.layers.{layer}.{PROJECTIONS[proj]}.weight")
 
 
-def _weight_files(model_path: str) -> dict[str, str]:
-    """Tensor name -> safetensors file of a (possibly sharded) HF model folder."""
+@functools.lru_cache(maxsize=4)
+def weight_files(model_path: str) -> Mapping[str, str]:
+    """Tensor name -> safetensors file of a (possibly sharded) HF model folder. Read once per folder and shared
+    (read-only) by sparse mode, quantized mode and the int8 head: each used to open every file's header."""
     from safetensors import safe_open
 
     files: dict[str, str] = {}
@@ -434,4 +439,4 @@ def _weight_files(model_path: str) -> dict[str, str]:
             files.update({key: str(path) for key in f.keys()})  # noqa: SIM118 - safe_open is not a dict
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_path}: sparse mode needs the weights' column norms")
-    return files
+    return MappingProxyType(files)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 from featurelens.server.interp import sparsity as sp
-from featurelens.server.worker_sparsity import PROJ_NAMES, SparseRuntime
+from featurelens.server.worker_sparsity import PROJ_NAMES, SparseRuntime, weight_files
 from featurelens.v1 import featurelens_pb2 as pb
 from tests_support import pair_in_one_batch
 
@@ -287,6 +287,24 @@ def test_a_rotation_file_with_an_unknown_group_is_refused(tmp_path):
         sp.load_rotations(tmp_path / "t.json")
     (tmp_path / "plain.json").write_text(json.dumps({"levels": {"25": {}}}))
     assert sp.load_rotations(tmp_path / "plain.json") is None
+
+
+def test_weight_files_maps_every_shard_once_and_is_read_only(tmp_path):
+    """Sparse mode, quantized mode and the int8 head share one name -> file map per model folder."""
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b.weight": torch.ones(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    files = weight_files(str(tmp_path))
+    assert dict(files) == {"a.weight": str(tmp_path / "model-00001-of-00002.safetensors"),
+                           "b.weight": str(tmp_path / "model-00002-of-00002.safetensors")}
+    assert weight_files(str(tmp_path)) is files  # cached: the headers are read once
+    with pytest.raises(TypeError):
+        files["c.weight"] = "elsewhere"  # type: ignore[index]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        weight_files(str(empty))
 
 
 def test_prompt_rows_run_dense_unless_the_server_sparsifies_prompts(fake):
