@@ -12,6 +12,8 @@ Backends, picked once per process by `backend="auto"`:
   `torch.utils.cpp_extension.load` into ~/.cache/featurelens/torch_extensions (first build ~30-60 s on the
   2-core dev box, then a cached import). Needs an x86-64 CPU with AVX2+FMA; AVX-512 machines run the same
   AVX2 code: the walk is memory-bound, and an AVX-512 variant measured the same on a Zen 5 core (0.98-1.12x).
+  Its software prefetches fill L2 on AMD CPUs and L1 elsewhere (`prefetch_level`, `set_prefetch`,
+  FEATURELENS_PREFETCH=l1|l2|auto): on a Zen 4 core L2 made the walk 1.4-2x faster (kernels/csrc/isa.h).
 - "torch": `index_select` of the active rows + a matmul. Correct everywhere, but it copies the active rows
   before reading them, which made it slower than dense below ~65% sparsity here; it is the fallback when the
   build fails (the reason is logged once) or FEATURELENS_SPARSE_NATIVE=0.
