@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true",
                        help="bench modes: time the worker's steps (forward, projections, sparse kernels, x T, "
                             "wrappers) and print them; sets FEATURELENS_SPARSE_PROFILE=1 for the engine")
+    bench.add_argument("--compare-thresholds", metavar="PATH", default=None,
+                       help="bench modes: instead of the full report, batch-1 decode of dense and the sparse "
+                            "--modes on two servers up together, this run's table and the thresholds file PATH, "
+                            "requests alternating between them (a side-by-side speed comparison of two tables)")
     bench.add_argument("--context-tokens", type=int, default=1536,
                        help="bench kv: tokens per held-out sequence and in the long prompt")
     bench.add_argument("--sequences", type=int, default=8, help="bench kv: held-out sequences scored")

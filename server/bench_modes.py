@@ -130,6 +130,74 @@ async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches
     return out
 
 
+async def _compare_engines(model: str, other: str, prompts: list[str], new_tokens: int,
+                           rounds: int) -> dict[str, dict[str, float]]:
+    """Batch-1 decode tokens/s of dense and each selected sparse level on two servers up at once: "served" (this
+    run's table: FEATURELENS_SPARSITY_THRESHOLDS or the shipped one) and "other" (`other`). Requests alternate
+    between the servers (which goes first flips every round), so load from other processes, and the idle
+    server's share of the cores, hit both tables alike; comparing two separate runs instead mixes in the
+    box's drift between them (up to 0.3x on the dev boxes). Quantized mode is off on both: it is not compared."""
+    from featurelens.client import AsyncClient
+    from featurelens.server.app import start_server
+    from featurelens.server.config import Settings
+
+    servers: dict[str, Any] = {}
+    try:
+        for label, table in (("served", None), ("other", other)):
+            extra = {"sparsity_thresholds": table} if table else {}
+            servers[label] = await start_server(Settings(model=model, port=0, metrics_port=-1, quantized_mode="none",
+                                                         max_in_flight=10_000, **extra))
+        modes = [(name, level) for name, level in _modes() if level >= 0]
+        samples: dict[str, dict[str, list[float]]] = {label: {} for label in servers}
+        clients = {label: AsyncClient(f"127.0.0.1:{srv.port}", timeout_s=3600) for label, srv in servers.items()}
+        async with contextlib.AsyncExitStack() as stack:
+            for client in clients.values():
+                await stack.enter_async_context(client)
+                for _name, level in modes:  # warm-up: the first sparse call per projection transposes weights
+                    await _stream(client.stub, _request("Hello", level, 4))
+            for r in range(rounds):
+                order = list(clients) if r % 2 == 0 else list(reversed(clients))
+                for name, level in modes:
+                    for rep in range(B1_REPEATS):
+                        for label in order:
+                            prompt = prompts[(r * B1_REPEATS + rep) % len(prompts)]
+                            ids, _, first, end = await _stream(clients[label].stub,
+                                                               _request([prompt], level, new_tokens))
+                            samples[label].setdefault(name, []).append((len(ids) - 1) / (end - first))
+    finally:
+        for srv in servers.values():
+            await srv.stop(grace_s=1.0)
+    return {label: {name: statistics.median(v) for name, v in per.items()} for label, per in samples.items()}
+
+
+def compare_table(speeds: dict[str, dict[str, float]], served: str, other: str) -> list[str]:
+    """The lines `--compare-thresholds` prints: per mode, each server's batch-1 tokens/s, its ratio to the same
+    server's dense, and other / served."""
+    lines = [f"batch-1 decode, two servers up together: served = {served}; other = {other}",
+             f"{'mode':<10} {'served tok/s':>12} {'x dense':>7} {'other tok/s':>11} {'x dense':>7} {'other/served':>12}"]
+    a, b = speeds["served"], speeds["other"]
+    for name in a:
+        lines.append(f"{name:<10} {a[name]:>12.1f} {a[name] / a['dense']:>6.2f}x {b[name]:>11.1f} "
+                     f"{b[name] / b['dense']:>6.2f}x {b[name] / a[name]:>11.2f}x")
+    return lines
+
+
+def check_thresholds_file(path: str) -> str:
+    """"" when `path` is a thresholds file sparse mode can serve, else why not (checked before any engine starts)."""
+    from featurelens.server.interp.sparsity import available_levels
+
+    if not os.path.isfile(path):
+        return f"--compare-thresholds: no such file: {path}"
+    try:
+        levels = available_levels(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"--compare-thresholds: {path} is not a thresholds file: {type(error).__name__}: {error}"
+    missing = [lv for name, lv in _modes() if lv > 0 and str(lv) not in levels]
+    if missing:
+        return f"--compare-thresholds: {path} has no level(s) {missing} (it has {levels})"
+    return ""
+
+
 def _bench_quality(n_prompts: int, new_tokens: int) -> dict[str, dict[str, float]]:
     import torch
     from featurelens.server.interp import sparsity_calibrate as cal
@@ -286,6 +354,18 @@ def main(args: argparse.Namespace) -> int:
     # Capped so the default run (--num-prompts 64 --max-new-tokens 64 are the shared bench defaults) stays short.
     n_prompts, args.max_new_tokens = min(args.num_prompts, 32), min(args.max_new_tokens, 48)
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(n_prompts)]
+    other = getattr(args, "compare_thresholds", None)
+    if other:
+        problem = check_thresholds_file(other)
+        if problem:
+            print(problem)
+            return 2
+        print(f"bench modes --compare-thresholds: {n_prompts} prompts x {args.max_new_tokens} tokens, "
+              f"{args.rounds} rounds x {B1_REPEATS} requests per mode and server, servers alternating", flush=True)
+        speeds = asyncio.run(_compare_engines(args.model, other, prompts, args.max_new_tokens, args.rounds))
+        print("\n".join(compare_table(speeds, _sparsity_table(), other)))
+        print(f"total {time.perf_counter() - started:.0f} s")
+        return 0
     batches = args.concurrency or [1, 32]
     print(f"bench modes: engine agreement over {n_prompts} prompts x {args.max_new_tokens} tokens; decode at "
           f"batch {batches}; prefill ~500 tokens; {args.rounds} rounds, modes interleaved", flush=True)
