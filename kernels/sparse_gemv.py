@@ -17,7 +17,8 @@ Backends, picked once per process by `backend="auto"`:
 - "torch": `index_select` of the active rows + a matmul. Correct everywhere, but it copies the active rows
   before reading them, which made it slower than dense below ~65% sparsity here; it is the fallback when the
   build fails (the reason is logged once) or FEATURELENS_SPARSE_NATIVE=0.
-On GPU use `featurelens.kernels.triton_sparse.sparse_gemv_triton` (same contract).
+On GPU use `featurelens.kernels.triton_sparse.sparse_gemv_triton` (same contract); `parts_kernel("cuda")` gives
+the engine its Triton `sparse_gemv_parts_triton`.
 
 `sparse_gemv_parts(x, w_ts, norms, thresholds, out)` is the engine's batch-1 entry for a fused projection module
 (q|k|v, gate|up): every part with its own threshold in one call, the result written into `out`, the number of
@@ -216,9 +217,21 @@ def sparse_gemv_parts_torch(x: torch.Tensor, w_ts: list[torch.Tensor], norms: to
     return zeroed
 
 
-def parts_kernel() -> Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, list[float], torch.Tensor], int]:
-    """The native `sparse_gemv_parts` (called directly: a checking wrapper costs more than the GEMV at decode
-    sizes) when the extension builds, else `sparse_gemv_parts_torch`."""
+def parts_kernel(device: torch.device | str = "cpu"
+                 ) -> Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, list[float], torch.Tensor], int]:
+    """The engine's batch-1 kernel for `device`: on CUDA the Triton kernel (`triton_sparse.sparse_gemv_parts_triton`)
+    when Triton imports, else the torch gather; on CPU the native `sparse_gemv_parts` (called directly: a
+    checking wrapper costs more than the GEMV at decode sizes) when the extension builds, else
+    `sparse_gemv_parts_torch`."""
+    if torch.device(device).type == "cuda":
+        try:
+            from featurelens.kernels.triton_sparse import sparse_gemv_parts_triton
+        except ImportError as error:  # no Triton in this install: the gather still skips the rows
+            _log_fallback_once(f"Triton unavailable on GPU: {error}")
+            return sparse_gemv_parts_torch
+        return sparse_gemv_parts_triton
+    if torch.device(device).type != "cpu":  # the native kernel reads host memory only
+        return sparse_gemv_parts_torch
     if native_available():
         return _native_module()[0].sparse_gemv_parts
     return sparse_gemv_parts_torch

@@ -81,3 +81,24 @@ def sparse_gemv_triton(
     _sparse_gemv_kernel[grid](vals, idx, w_t, y, idx.numel(), n_out, w_t.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     y = y.to(x.dtype)
     return y.unsqueeze(0) if squeeze_batch else y
+
+
+def sparse_gemv_parts_triton(x: torch.Tensor, w_ts: list[torch.Tensor], norms: torch.Tensor, thresholds: list[float],
+                             out: torch.Tensor) -> int:
+    """The engine's batch-1 entry on GPU, the contract of the native `sparse_gemv_parts`: x [in]; w_ts one
+    contiguous [in, out_p] per part (q|k|v, gate|up); norms [parts, in] float32 WINA column norms; out
+    [sum out_p] receives each part's result in its columns, in out's dtype. Returns the number of inputs
+    zeroed over all parts. One kernel launch per part; the count rides on the gather's host sync."""
+    offset, zeroed = 0, 0
+    flat = out.view(-1)
+    for w_t, col_norms, threshold in zip(w_ts, norms, thresholds, strict=True):
+        idx, vals = gather_active(x, col_norms, threshold)
+        n_out = w_t.shape[1]
+        y = torch.empty(n_out, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(n_out, BLOCK_N),)
+        _sparse_gemv_kernel[grid](vals, idx, w_t, y, idx.numel(), n_out, w_t.stride(0), BLOCK_N=BLOCK_N,
+                                  BLOCK_K=BLOCK_K)
+        flat[offset:offset + n_out] = y.to(out.dtype)
+        zeroed += x.numel() - idx.numel()
+        offset += n_out
+    return zeroed

@@ -176,11 +176,14 @@ class SparseRuntime:
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
         from featurelens.kernels.sparse_gemv import parts_kernel
 
-        self.gemv_parts = parts_kernel()  # (x, w_ts, norms [parts, in], thresholds, out) -> zeroed inputs
+        self.gemv_parts = parts_kernel(device)  # (x, w_ts, norms [parts, in], thresholds, out) -> zeroed inputs
         from featurelens.kernels.sparse_gemv import native_available, native_status, prefetch_level
 
-        log.info("sparse mode: batch-1 kernels %s%s", native_status(),
-                 f", prefetching weight rows into {prefetch_level()}" if native_available() else "")
+        if device.type == "cuda":
+            log.info("sparse mode: batch-1 kernel %s", getattr(self.gemv_parts, "__name__", self.gemv_parts))
+        else:
+            log.info("sparse mode: batch-1 kernels %s%s", native_status(),
+                     f", prefetching weight rows into {prefetch_level()}" if native_available() else "")
 
         # x T (inputs read in another basis) on the fast path: the native GEMV at threshold 0 on CPU; elsewhere
         # (GPU, or no extension, where the fallback would gather every row) a plain matmul.

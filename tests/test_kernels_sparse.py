@@ -39,10 +39,17 @@ def native() -> None:
 _TRITON_SCRIPT = """
 import sys
 from safetensors.torch import load_file, save_file
-from featurelens.kernels.triton_sparse import sparse_gemv_triton
+import torch
+from featurelens.kernels.triton_sparse import sparse_gemv_parts_triton, sparse_gemv_triton
 cases = load_file(sys.argv[1])
 out = {}
-for name in sorted({key.split(".")[0] for key in cases}):
+parts = {key.split(".", 1)[1]: value for key, value in cases.items() if key.startswith("parts.")}
+if parts:
+    result = torch.full((parts["w0"].shape[1] + parts["w1"].shape[1],), float("nan"))
+    zeroed = sparse_gemv_parts_triton(parts["x"], [parts["w0"], parts["w1"]], parts["norms"],
+                                      parts["thresholds"].tolist(), result)
+    out["parts.out"], out["parts.zeroed"] = result, torch.tensor(zeroed)
+for name in sorted({key.split(".")[0] for key in cases} - {"parts"}):
     norms = cases.get(name + ".norms")
     threshold = float(cases[name + ".threshold"]) if norms is not None else 0.0
     out[name] = sparse_gemv_triton(cases[name + ".x"], cases[name + ".w_t"], norms, threshold)
@@ -75,6 +82,13 @@ def triton_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.
     norms = column_norms(weight)
     flat.update({"wina.x": x, "wina.w_t": sg.transpose_weight(weight), "wina.norms": norms,
                  "wina.threshold": torch.tensor(_wina_threshold(x, norms))})
+    # The engine's GPU entry: two parts (like gate|up) of one input, each with its own WINA threshold.
+    x, w0 = _case(0.2, seed=7)
+    w1 = _case(0.2, seed=8)[1][:57]
+    parts_norms = torch.stack([column_norms(w0), column_norms(w1)])
+    flat.update({"parts.x": x, "parts.w0": sg.transpose_weight(w0), "parts.w1": sg.transpose_weight(w1),
+                 "parts.norms": parts_norms,
+                 "parts.thresholds": torch.tensor([_wina_threshold(x, parts_norms[0]), 0.0])})
     tmp = tmp_path_factory.mktemp("triton")
     save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "in.safetensors"))
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(tmp / "in.safetensors"), str(tmp / "out.safetensors")],
@@ -299,3 +313,28 @@ def test_prefetch_env_sets_the_level_at_load(env: str, expected: str | None, nat
     assert result["level"] == (expected or result["auto"])
     if expected is None:
         assert "FEATURELENS_PREFETCH='bogus' is not one of l1, l2, auto; using auto" in proc.stderr
+
+
+def test_triton_parts_entry_matches_the_torch_reference(triton_results: dict[str, torch.Tensor]) -> None:
+    """`sparse_gemv_parts_triton` (what the engine's fast path runs on GPU) fills every part's columns with the
+    masked GEMV under that part's threshold and counts the zeroed inputs as the reference does."""
+    from featurelens.server.interp.sparsity import column_norms
+
+    x, w0 = _case(0.2, seed=7)
+    w1 = _case(0.2, seed=8)[1][:57]
+    norms = torch.stack([column_norms(w0), column_norms(w1)])
+    thresholds = [_wina_threshold(x, norms[0]), 0.0]
+    expected = torch.empty(OUT + 57)
+    zeroed = sg.sparse_gemv_parts_torch(x, [sg.transpose_weight(w0), sg.transpose_weight(w1)], norms, thresholds,
+                                        expected)
+    torch.testing.assert_close(triton_results["parts.out"], expected, rtol=1e-5, atol=1e-4)
+    assert int(triton_results["parts.zeroed"]) == zeroed > 0
+
+
+def test_parts_kernel_is_chosen_by_device() -> None:
+    assert sg.parts_kernel("cpu") in (sg.sparse_gemv_parts_torch, getattr(sg._native_module()[0], "sparse_gemv_parts", None))
+    assert sg.parts_kernel("meta") is sg.sparse_gemv_parts_torch  # neither CPU nor CUDA: the torch gather
+    pytest.importorskip("triton")
+    from featurelens.kernels.triton_sparse import sparse_gemv_parts_triton
+
+    assert sg.parts_kernel("cuda") is sparse_gemv_parts_triton  # chosen by device type; no GPU needed to pick it
