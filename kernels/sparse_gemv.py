@@ -83,8 +83,9 @@ def load_extension(name: str, source: Path, disable_env: str) -> tuple[ModuleTyp
 def _native_module() -> tuple[ModuleType | None, str]:
     """Build/import the extension once; (module, "") on success, (None, reason) otherwise."""
     module, reason = load_extension(_EXTENSION_NAME, _SOURCE, "FEATURELENS_SPARSE_NATIVE")
-    if module is not None and prefetch_env_problem():
-        log.warning("sparse GEMV: %s", prefetch_env_problem())
+    problem = prefetch_env_problem() if module is not None else ""
+    if problem:
+        log.warning("sparse GEMV: %s", problem)
     return module, reason
 
 
@@ -191,9 +192,7 @@ def sparse_gemv(
 
     use_native = backend == "native" or (backend == "auto" and x.device.type == "cpu" and native_available())
     if use_native:
-        module, reason = _native_module()
-        if module is None:
-            raise RuntimeError(f"native sparse GEMV unavailable: {reason}")
+        module = _native_or_raise()
         norms = col_norms.float().contiguous() if col_norms is not None else torch.empty(0)
         y = module.sparse_gemv(x.contiguous(), w_t.contiguous(), norms, float(threshold))
         y = y.to(x.dtype)
@@ -202,19 +201,34 @@ def sparse_gemv(
     return y.unsqueeze(0) if squeeze_batch else y
 
 
+def parts_into(x: torch.Tensor, w_ts: list[torch.Tensor], norms: torch.Tensor, thresholds: list[float],
+               out: torch.Tensor, gemv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float],
+                                                 tuple[torch.Tensor, int]]) -> int:
+    """The `sparse_gemv_parts` contract over any one-part GEMV (the torch and Triton entries share it):
+    gemv(x, w_t, col_norms, threshold) -> (y [out_p] float32, inputs kept). Part p's result lands in its columns
+    of `out` in out's dtype; returns the number of inputs zeroed over all parts."""
+    offset, zeroed = 0, 0
+    flat = out.view(-1)
+    for w_t, col_norms, threshold in zip(w_ts, norms, thresholds, strict=True):
+        y, kept = gemv(x, w_t, col_norms, threshold)
+        zeroed += x.numel() - kept
+        flat[offset:offset + w_t.shape[1]] = y.to(out.dtype)
+        offset += w_t.shape[1]
+    return zeroed
+
+
+def _gather_counted(x: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor, threshold: float
+                    ) -> tuple[torch.Tensor, int]:
+    active = _active_mask(x, col_norms, threshold)  # once per part: for the count and the product
+    return _gather_matmul(x, w_t, active), int(active.sum())
+
+
 def sparse_gemv_parts_torch(x: torch.Tensor, w_ts: list[torch.Tensor], norms: torch.Tensor, thresholds: list[float],
                             out: torch.Tensor) -> int:
     """Fallback and reference of the native `sparse_gemv_parts` (same contract): x [in]; w_ts one [in, out_p] per
     part; norms [parts, in] float32; out [sum out_p] (any float dtype) receives the parts in order. Returns the
     number of inputs zeroed over all parts (WINA score below the part's threshold, or x_i == 0)."""
-    offset, zeroed = 0, 0
-    flat = out.view(-1)
-    for w_t, col_norms, threshold in zip(w_ts, norms, thresholds, strict=True):
-        active = _active_mask(x, col_norms, threshold)  # once per part: for the count and the product
-        zeroed += x.numel() - int(active.sum())
-        flat[offset:offset + w_t.shape[1]] = _gather_matmul(x, w_t, active).to(out.dtype)
-        offset += w_t.shape[1]
-    return zeroed
+    return parts_into(x, w_ts, norms, thresholds, out, _gather_counted)
 
 
 def parts_kernel(device: torch.device | str = "cpu"

@@ -74,13 +74,19 @@ def sparse_gemv_triton(
         x = x[0]
     if x.dim() != 1 or w_t.dim() != 2 or x.shape[0] != w_t.shape[0] or not w_t.is_contiguous():
         raise ValueError(f"x {tuple(x.shape)} does not match a contiguous w_t [in, out] {tuple(w_t.shape)}")
+    y = _gemv_fp32(x, w_t, col_norms, threshold)[0].to(x.dtype)
+    return y.unsqueeze(0) if squeeze_batch else y
+
+
+def _gemv_fp32(x: torch.Tensor, w_t: torch.Tensor, col_norms: torch.Tensor | None, threshold: float
+               ) -> tuple[torch.Tensor, int]:
+    """(y [out] float32, inputs kept): one kernel launch over the active rows of a contiguous w_t."""
     idx, vals = gather_active(x, col_norms, threshold)
     n_out = w_t.shape[1]
     y = torch.empty(n_out, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n_out, BLOCK_N),)
     _sparse_gemv_kernel[grid](vals, idx, w_t, y, idx.numel(), n_out, w_t.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    y = y.to(x.dtype)
-    return y.unsqueeze(0) if squeeze_batch else y
+    return y, idx.numel()
 
 
 def sparse_gemv_parts_triton(x: torch.Tensor, w_ts: list[torch.Tensor], norms: torch.Tensor, thresholds: list[float],
@@ -89,16 +95,6 @@ def sparse_gemv_parts_triton(x: torch.Tensor, w_ts: list[torch.Tensor], norms: t
     contiguous [in, out_p] per part (q|k|v, gate|up); norms [parts, in] float32 WINA column norms; out
     [sum out_p] receives each part's result in its columns, in out's dtype. Returns the number of inputs
     zeroed over all parts. One kernel launch per part; the count rides on the gather's host sync."""
-    offset, zeroed = 0, 0
-    flat = out.view(-1)
-    for w_t, col_norms, threshold in zip(w_ts, norms, thresholds, strict=True):
-        idx, vals = gather_active(x, col_norms, threshold)
-        n_out = w_t.shape[1]
-        y = torch.empty(n_out, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(n_out, BLOCK_N),)
-        _sparse_gemv_kernel[grid](vals, idx, w_t, y, idx.numel(), n_out, w_t.stride(0), BLOCK_N=BLOCK_N,
-                                  BLOCK_K=BLOCK_K)
-        flat[offset:offset + n_out] = y.to(out.dtype)
-        zeroed += x.numel() - idx.numel()
-        offset += n_out
-    return zeroed
+    from featurelens.kernels.sparse_gemv import parts_into
+
+    return parts_into(x, w_ts, norms, thresholds, out, _gemv_fp32)

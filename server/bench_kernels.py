@@ -235,14 +235,14 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     basis_int8 = basis_int8_kernel() if stored_int8 else None
     q32 = {n: q for n in names
            if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}
-    rot = {n: q.to(torch.bfloat16).contiguous() for n, q in q32.items()}
     rot8 = {n: q for n in names if (q := rotation_of(stored_int8, int(n.split(".")[0]),
                                                      parts_of[n.split(".")[1]][0])) is not None}
+    rot = {n: q.to(torch.bfloat16).contiguous() for n, q in q32.items() if n not in rot8}  # bf16-walked bases only
     inverses = {n: basis_inverse(q, torch.float64) for n, q in q32.items()}  # once per module, not per part
     sparse_w = {n: [basis_weight(w, q32[n], inverses[n]) for w in ws] if n in q32 else ws
                 for n, ws in weights.items()}
     all_in = {n: torch.ones((1, q.shape[0])) for n, q in rot.items()}
-    rot_out = {n: torch.empty(q.shape[0], dtype=torch.bfloat16) for n, q in rot.items()}
+    rot_out = {n: torch.empty(q.shape[0], dtype=torch.bfloat16) for n, q in q32.items()}
     w_t = {n: [w.T.contiguous().to(torch.bfloat16) for w in ws] for n, ws in sparse_w.items()}
     norms = {n: torch.stack([column_norms(w).float() for w in ws]).contiguous() for n, ws in sparse_w.items()}
     dense = {n: engine_linear(torch.cat(ws).to(torch.bfloat16).contiguous()) for n, ws in weights.items()}
