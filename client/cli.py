@@ -1,7 +1,7 @@
-"""The `featurelens` command.
+"""The `featurelens-client` command: `generate`, `info` and `tokenize` against a running server.
 
-Client commands (`generate`, `info`, `tokenize`) need only the client install; `serve`, `prepare-model` and
-`bench` need `featurelens[server]` and import it lazily so the client stays light.
+It needs only the client distribution (grpcio + protobuf). The server's `featurelens` command offers the same
+three commands beside `serve`, `bench` and the offline tools.
 """
 
 from __future__ import annotations
@@ -66,51 +66,9 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from featurelens.server.app import serve
-    from featurelens.server.config import SettingsError, settings_from_args
-    from pydantic import ValidationError
-
-    try:
-        return asyncio.run(serve(settings_from_args(args)))
-    except (ValidationError, SettingsError) as error:  # a bad setting: one clear message, not a traceback
-        print(f"featurelens serve: invalid settings: {error}", file=sys.stderr)
-        return 2
-
-
-def _cmd_prepare_model(args: argparse.Namespace) -> int:
-    from featurelens.server.model_assets import resolve_model
-
-    print(resolve_model(args.model))
-    return 0
-
-
-TOOLS = {"sae": "featurelens.server.interp.sae_cli", "risk": "featurelens.server.interp.risk_cli"}
-
-
-def _cmd_tool(module: str) -> Any:
-    """`featurelens sae ...` / `featurelens risk ...`: offline tooling that lives with the server."""
-
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return int(importlib.import_module(module).main(args.rest) or 0)
-
-    return run
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from featurelens.server import bench
-
-    return bench.main(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featurelens", description="featurelens: LLM serving you can see inside")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_client_commands(sub: Any) -> None:
+    """`generate`, `info`, `tokenize` on a subparsers object: the client's commands, shared with the server's
+    `featurelens` command."""
     gen = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
@@ -134,60 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(tok)
     tok.set_defaults(func=_cmd_tokenize)
 
-    serve = sub.add_parser("serve", help="run the gRPC server (needs featurelens[server])")
-    try:
-        from featurelens.server.config import add_settings_arguments
-    except ImportError:
-        serve.set_defaults(func=lambda _args: _missing_server())
-    else:
-        add_settings_arguments(serve)
-        serve.set_defaults(func=_cmd_serve)
 
-    prep = sub.add_parser("prepare-model", help="convert/cache the default model and print its folder")
-    prep.add_argument("--model", default="default")
-    prep.set_defaults(func=_cmd_prepare_model)
-
-    sub.add_parser("sae", help="build corpus, harvest, train and evaluate SAEs (see: featurelens sae --help)")
-    sub.add_parser("risk", help="build risk data, train and evaluate the probe (see: featurelens risk --help)")
-
-    bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("which", choices=["generate", "interp", "cache", "soak", "modes", "kv"])
-    bench.add_argument("--duration-s", type=float, default=60.0, help="bench soak: how long to run")
-    bench.add_argument("--redis-url", default=None, help="bench cache: Redis to use (default 127.0.0.1:6379/15)")
-    bench.add_argument("--model", default="default")
-    bench.add_argument("--num-prompts", type=int, default=64)
-    bench.add_argument("--max-new-tokens", type=int, default=64)
-    bench.add_argument("--concurrency", type=int, action="append",
-                       help="levels to measure (default 1 and 32)")
-    bench.add_argument("--rounds", type=int, default=2, help="bench modes, interp: timed rounds (median)")
-    bench.add_argument("--modes", nargs="+", default=None,
-                       help="bench modes: a subset of dense sparse-25 sparse-40 sparse-50 int8 (dense is always run)")
-    bench.add_argument("--quality-prompts", type=int, default=200,
-                       help="bench modes: chat prompts (x 32 tokens) for the offline teacher-forced agreement")
-    bench.add_argument("--profile", action="store_true",
-                       help="bench modes: time the worker's steps (forward, projections, sparse kernels, x T, "
-                            "wrappers) and print them; sets FEATURELENS_SPARSE_PROFILE=1 for the engine")
-    bench.add_argument("--compare-thresholds", metavar="PATH", default=None,
-                       help="bench modes: instead of the full report, batch-1 decode of dense and the sparse "
-                            "--modes on two servers up together, this run's table and the thresholds file PATH, "
-                            "requests alternating between them (a side-by-side speed comparison of two tables)")
-    bench.add_argument("--context-tokens", type=int, default=1536,
-                       help="bench kv: tokens per held-out sequence and in the long prompt")
-    bench.add_argument("--sequences", type=int, default=8, help="bench kv: held-out sequences scored")
-    bench.set_defaults(func=_cmd_bench)
+def build_parser(prog: str = "featurelens-client") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="featurelens client: call a featurelens server")
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-def _missing_server() -> int:
-    print("`featurelens serve` needs the server extra: pip install 'featurelens[server]'", file=sys.stderr)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:  # pass everything, --help included, to the tool's own parser
-        return int(_cmd_tool(TOOLS[argv[0]])(argparse.Namespace(rest=argv[1:])))
     args = build_parser().parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed client command; gRPC errors become one line and exit status 1."""
     try:
         return int(args.func(args) or 0)
     except grpc.RpcError as error:

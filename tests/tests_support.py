@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import redis
+from featurelens.v1 import featurelens_pb2 as pb
 
 
 def free_port() -> int:
@@ -161,3 +162,20 @@ def wait_serving(channel, proc: subprocess.Popen, timeout_s: float) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError("server never became SERVING")
+
+
+# Requests of the mode tests (sparse, quantized) against the shared engine.
+PROMPT = [pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="What is the capital of France?")]
+
+
+def gen(n=12, mode=pb.INFERENCE_MODE_UNSPECIFIED, sparsity=0, request_id="", text=None, stream=False):
+    cls = pb.GenerateStreamRequest if stream else pb.GenerateRequest
+    prompt = {"text": text} if text else {"chat": pb.ChatMessages(messages=PROMPT)}
+    return cls(**prompt, sampling=pb.SamplingOptions(temperature=0.0),
+               stopping=pb.StoppingOptions(max_new_tokens=n, ignore_eos=True),
+               logprobs=pb.LogprobOptions(token_logprobs=True, top_logprobs=3), mode=mode,
+               sparsity_percent=sparsity, request_id=request_id)
+
+
+def logprobs_of(reply) -> list[tuple[int, float, list]]:
+    return [(t.token_id, t.logprob, [(a.token_id, a.logprob) for a in t.top_logprobs]) for t in reply.tokens]

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 from featurelens.server.interp.risk_probe import Probe, calibrate, load_probe
+from featurelens.server.paths import ASSETS_DIR
 from featurelens.v1 import featurelens_pb2 as pb
 
-PROBES_DIR = Path(__file__).resolve().parent.parent / "assets" / "probes"
+PROBES_DIR = ASSETS_DIR / "probes"
 
 
 @dataclass

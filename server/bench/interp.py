@@ -1,0 +1,150 @@
+"""`featurelens bench interp`: what interpretability costs, measured side by side in one run.
+
+* throughput at one concurrency: plain vs features on every request vs steering on every request vs both vs
+  hallucination-risk scoring on every request (the shipped probe), with the mean request latency of each;
+* bytes per token crossing worker → frontend vs a dense residual capture of the same layers;
+* the feature channel: ZMQ push socket vs collective_rpc polling (a second server start);
+* steering vs HF transformers + a forward hook doing the same nudge on the same model and prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from featurelens.server.bench.common import add_load, add_rounds, parser, prompts, saes_for_bench
+from featurelens.v1 import featurelens_pb2 as pb
+
+
+async def _run_variants(saes: list[str], transport: str, prompts: list[str], max_new_tokens: int,
+                        concurrency: int, variants: list[str], rounds: int = 1) -> dict[str, dict[str, float]]:
+    """Per variant: tok/s, ratio to plain, mean request latency and its ratio, bytes per token.
+
+    One untimed pass of every variant first (prefix cache and first-use costs then favour none of them),
+    then `rounds` timed passes with the variants interleaved, in alternating order so slow drift of the
+    machine cancels; ratios are the median over rounds of each round's ratio to that round's plain run."""
+    from statistics import median
+
+    from featurelens.client import AsyncClient
+    from featurelens.server.app import start_server
+    from featurelens.server.config import Settings
+
+    running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=concurrency, max_in_flight=10_000,
+                                          sae=saes, feature_transport=transport))
+    layers = sorted(running.engine.saes)
+    feature_sel = [pb.FeatureSelection(layer=layer, top_k=8) for layer in layers]
+    steer = [pb.SteeringIntervention(layer=layers[0], feature_id=3, op=pb.STEERING_OP_NUDGE, strength=4.0)]
+    receiver = running.engine.features
+    runs: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}  # (tok/s, latency, bytes/token)
+    try:
+        async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
+
+            async def run(variant: str) -> tuple[float, float, float]:
+                interp = pb.InterpretabilityOptions(features=feature_sel if "features" in variant else [],
+                                                    score_risk="risk" in variant)
+                steering = steer if "steering" in variant else []
+                queue = list(prompts)
+                tokens = 0
+                durations: list[float] = []
+                bytes_before = receiver.bytes_received
+
+                async def worker() -> None:
+                    nonlocal tokens
+                    while queue:
+                        request = pb.GenerateRequest(
+                            text=queue.pop(), sampling=pb.SamplingOptions(temperature=0.0),
+                            stopping=pb.StoppingOptions(max_new_tokens=max_new_tokens, ignore_eos=True),
+                            interpretability=interp, steering=steering)
+                        began = time.perf_counter()
+                        reply = await client.stub.Generate(request)
+                        durations.append(time.perf_counter() - began)
+                        tokens += len(reply.tokens)
+
+                started = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                elapsed = time.perf_counter() - started
+                # Each generated token's codes come from the row that predicted it: one row per token.
+                sent = receiver.bytes_received - bytes_before
+                return tokens / elapsed, sum(durations) / max(1, len(durations)), sent / max(1, tokens)
+
+            for variant in variants:
+                await run(variant)
+            for r in range(rounds):
+                for variant in variants if r % 2 == 0 else variants[::-1]:
+                    runs[variant].append(await run(variant))
+    finally:
+        await running.stop(grace_s=1.0)
+    out: dict[str, dict[str, float]] = {}
+    plain = runs.get("plain")
+    for variant, results in runs.items():
+        out[variant] = {"tok_s": median(r[0] for r in results), "latency_s": median(r[1] for r in results),
+                        "bytes_per_token": median(r[2] for r in results)}
+        if plain:
+            out[variant]["vs_plain"] = median(r[0] / p[0] for r, p in zip(results, plain, strict=True))
+            out[variant]["latency_vs_plain"] = median(r[1] / p[1] for r, p in zip(results, plain, strict=True))
+    out["_dense_bf16_bytes_per_token"] = {"bytes_per_token": 576 * 2 * len(layers)}
+    return out
+
+
+def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, layer: int) -> float:
+    """The same nudge with HF transformers: forward hook on the decoder layer, batched generate()."""
+    import torch
+    from featurelens.server.model_assets import resolve_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model("default")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    direction = torch.nn.functional.normalize(torch.randn(576), dim=0).to(torch.bfloat16) * 4.0
+
+    def hook(module: Any, inputs: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden += direction
+        return output
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    tokens = 0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(prompts), concurrency):
+            batch = tokenizer(prompts[i:i + concurrency], return_tensors="pt", padding=True)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False)
+            tokens += (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
+    handle.remove()
+    return tokens / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser("interp", __doc__)
+    add_load(ap, concurrency_help="the concurrency to measure (default 32)")
+    add_rounds(ap)
+    args = ap.parse_args(argv)
+    concurrency = (args.concurrency or [32])[0]
+    rounds = max(1, args.rounds)
+    texts = prompts(args.num_prompts)
+    saes = saes_for_bench()
+    print(f"bench interp: {len(texts)} prompts × {args.max_new_tokens} tokens at concurrency {concurrency}; "
+          f"{rounds} timed rounds after a warm-up, variants interleaved; "
+          f"SAEs: {', '.join(Path(s).name for s in saes)}", flush=True)
+    variants = ["plain", "features", "steering", "features+steering", "risk"]
+    zmq = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, concurrency, variants, rounds))
+    rpc = asyncio.run(_run_variants(saes, "rpc", texts, args.max_new_tokens, concurrency, ["features"], rounds))
+    hf_tp = _hf_steering(texts, args.max_new_tokens, concurrency, layer=12)
+    dense = zmq.pop("_dense_bf16_bytes_per_token")["bytes_per_token"]
+    rpc.pop("_dense_bf16_bytes_per_token")
+    print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9} {'mean latency s':>15} {'vs plain':>9} {'bytes/token':>12}")
+    for variant, r in zmq.items():
+        sent = f"{r['bytes_per_token']:>12.1f}" if r["bytes_per_token"] else f"{'-':>12}"
+        print(f"{variant:<20} {r['tok_s']:>8.1f} {r['vs_plain']:>8.2f}x {r['latency_s']:>15.2f} "
+              f"{r['latency_vs_plain']:>8.2f}x {sent}")
+    print(f"{'features (rpc poll)':<20} {rpc['features']['tok_s']:>8.1f}   ZMQ/rpc = "
+          f"{zmq['features']['tok_s'] / rpc['features']['tok_s']:.2f}x (separate server start)")
+    for variant in ("features", "risk"):
+        print(f"bytes/token {variant:<10} {zmq[variant]['bytes_per_token']:>7.1f}   dense bf16 residuals {dense:.0f}   "
+              f"{dense / zmq[variant]['bytes_per_token']:.1f}x fewer")
+    print(f"steering: ours {zmq['steering']['tok_s']:.1f} tok/s vs HF transformers+hook {hf_tp:.1f} tok/s = "
+          f"{zmq['steering']['tok_s'] / hf_tp:.2f}x")
+    return 0

