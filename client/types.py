@@ -133,9 +133,10 @@ class ModelInfo:
     interpretability_available: bool
     kv_cache_dtype: str  # "auto" (the model's dtype) or an fp8 variant; engine-wide
     kv_cache_tokens: int  # tokens the server's KV cache holds across all running requests
+    dtype: str  # the model's dtype as the engine runs it ("bfloat16", "float32", ...)
     raw: pb.GetModelInfoResponse
 
     @classmethod
     def from_pb(cls, m: pb.GetModelInfoResponse) -> ModelInfo:
         return cls(m.model, m.num_layers, m.hidden_size, m.vocab_size, m.max_model_len, m.server_version,
-                   m.interpretability_available, m.kv_cache_dtype, m.kv_cache_tokens, m)
+                   m.interpretability_available, m.kv_cache_dtype, m.kv_cache_tokens, m.dtype, m)

@@ -379,6 +379,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 risk_available=self.engine.risk_probe is not None,
                 risk_probe_id=self.engine.risk_probe.probe_id if self.engine.risk_probe else "",
                 kv_cache_dtype=s.kv_cache_dtype, kv_cache_tokens=self.engine.kv_cache_tokens,
+                dtype=self.engine.dtype,
             )
             for entry in self.engine.saes.values():
                 info.saes.add(sae_id=entry.sae_id, layer=entry.layer, hook_name=entry.cfg.hook_name or "",

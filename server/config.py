@@ -22,7 +22,9 @@ class Settings(BaseSettings):
 
     # -- model and engine --
     model: str = Field("default", description="'default' (SmolLM2-135M-Instruct, offline), a local HF folder or a hub id")
-    dtype: str = Field("bfloat16", description="weights/activations dtype for vLLM (bfloat16 is fastest on CPU)")
+    dtype: str = Field("auto", description="weights/activations dtype for vLLM: 'auto' = bfloat16 on CPUs with "
+                       "AVX512-BF16 or AMX, float32 on other CPUs (bf16 is emulated there), vLLM's own rule on GPUs; "
+                       "or bfloat16 / float16 / float32")
     max_model_len: int = Field(2048, description="context length the engine is built for (tokens)")
     max_num_seqs: int = Field(64, description="max requests batched together in one engine step")
     enforce_eager: bool = Field(True, description="eager mode; interpretability hooks need it")

@@ -199,6 +199,13 @@ async def test_model_info(stub):
     assert info.limits.max_new_tokens > 0 and info.max_model_len == 2048
 
 
+async def test_model_info_reports_the_dtype_auto_chose_for_this_cpu(stub):
+    from featurelens.server.engine import resolve_dtype
+
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.dtype == resolve_dtype("auto", on_cpu=True)[0]
+
+
 async def test_reflection_lists_the_service(served):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

@@ -568,7 +568,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_features_per_token: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_steering_strength: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_in_flight_requests: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens")
+    __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens", "dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -583,6 +583,7 @@ class GetModelInfoResponse(_message.Message):
     RISK_PROBE_ID_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_layers: int
     hidden_size: int
@@ -597,7 +598,8 @@ class GetModelInfoResponse(_message.Message):
     risk_probe_id: str
     kv_cache_dtype: str
     kv_cache_tokens: int
-    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., modes: _Optional[_Iterable[_Union[ModeInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., interpretability_available: _Optional[bool] = ..., risk_available: _Optional[bool] = ..., risk_probe_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+    dtype: str
+    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., modes: _Optional[_Iterable[_Union[ModeInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., interpretability_available: _Optional[bool] = ..., risk_available: _Optional[bool] = ..., risk_probe_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "chat")
