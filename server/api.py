@@ -1,7 +1,8 @@
 """The gRPC servicer: validate → translate to an engine request → stream results back.
 
-Every handler turns ApiError into its gRPC status; an RPC whose capability has not landed answers
-UNIMPLEMENTED with a message saying so. Unary Generate is the stream collected, so both always agree.
+Every handler turns ApiError into its gRPC status: INVALID_ARGUMENT naming the field for bad input (bytes that
+do not parse included, see add_to_server), FAILED_PRECONDITION for a capability this server has not loaded.
+Unary Generate is the stream collected, so both always agree.
 """
 
 from __future__ import annotations
@@ -428,8 +429,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         async def body() -> pb.ScoreHallucinationResponse:
             probe = self.engine.risk_probe
             if probe is None:
-                raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
-                               "ScoreHallucination: no risk probe is loaded on this server (GetModelInfo.risk_available)")
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "ScoreHallucination: no risk probe is loaded on this server (GetModelInfo.risk_available; "
+                               "start it with --risk-probe)")
             if not self.engine.interpretability_available:
                 raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                                "ScoreHallucination: the server runs in compiled mode, where hooks do not fire")
@@ -542,3 +544,69 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             return pb.GetFeatureResponse(feature=self._feature_pb(request.layer, catalog.sae_id, feature))
 
         return await self._unary(context, "GetFeature", body)
+
+
+# -- registration --------------------------------------------------------------------------------------------
+
+
+class MalformedRequest:
+    """What the request deserializer hands a handler for bytes that are not a valid message of its type."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message_type, self.error = message_type, error
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    """Parse or return MalformedRequest. gRPC turns a raising deserializer into UNKNOWN/INTERNAL with no word
+    on the cause; the caller sent bad bytes, which is INVALID_ARGUMENT and says which message was expected."""
+    name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as error:  # DecodeError, and anything else the parser raises on hostile bytes
+            return MalformedRequest(name, error)
+
+    return parse
+
+
+def _refuse_malformed(request: MalformedRequest) -> ApiError:
+    return invalid("request", f"not a valid {request.message_type} message ({request.error})")
+
+
+def _guarded(method: Any, streaming: bool) -> Any:
+    if streaming:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, MalformedRequest):
+                error = _refuse_malformed(request)
+                await context.abort(error.code, error.message)
+            async for item in method(request, context):
+                yield item
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            error = _refuse_malformed(request)
+            await context.abort(error.code, error.message)
+        return await method(request, context)
+
+    return unary
+
+
+def add_to_server(servicer: FeatureLensServicer, server: grpc.aio.Server) -> None:
+    """Registers every RPC of featurelens.v1.FeatureLensService, built from the service descriptor, with
+    request bytes that do not parse refused as INVALID_ARGUMENT before any handler runs."""
+    from google.protobuf import symbol_database
+
+    service = pb.DESCRIPTOR.services_by_name["FeatureLensService"]
+    messages = symbol_database.Default()
+    handlers = {}
+    for method in service.methods:
+        request_class = messages.GetSymbol(method.input_type.full_name)
+        response_class = messages.GetSymbol(method.output_type.full_name)
+        factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = factory(_guarded(getattr(servicer, method.name), method.server_streaming),
+                                        request_deserializer=_lenient(request_class),
+                                        response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from featurelens.server.api import SERVER_VERSION, FeatureLensServicer
+from featurelens.server.api import SERVER_VERSION, FeatureLensServicer, add_to_server
 from featurelens.server.cache import make_cache
 from featurelens.server.config import Settings
 from featurelens.server.engine import Engine
@@ -30,7 +30,6 @@ from featurelens.server.security import (
     open_methods,
 )
 from featurelens.v1 import featurelens_pb2 as pb
-from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -108,7 +107,7 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
                        lru_max_bytes=settings.cache_lru_bytes, metrics=metrics)
     log.info("feature cache: %s", "redis" if settings.redis_url else "in-process LRU")
     servicer = FeatureLensServicer(engine, settings, metrics=metrics, cache=cache)
-    pb_grpc.add_FeatureLensServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert_file:

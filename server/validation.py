@@ -219,16 +219,3 @@ def _stopping_kwargs(stopping: pb.StoppingOptions, settings: Settings,
     }
     return kwargs, list(stopping.stop_token_ids)
 
-
-def validate_interpretability_unavailable(request: Any) -> None:
-    """Until in-engine interpretability lands, feature/risk/steering options are refused, never faked."""
-    interp = request.interpretability
-    if interp.features or interp.include_prompt_features:
-        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
-                       "interpretability.features: per-token SAE features are not implemented on this server yet")
-    if interp.score_risk:
-        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
-                       "interpretability.score_risk: hallucination-risk scoring is not implemented on this server yet")
-    if len(request.steering):
-        raise ApiError(grpc.StatusCode.UNIMPLEMENTED,
-                       "steering: steering interventions are not implemented on this server yet")

@@ -117,6 +117,7 @@ class StandInEngine(WordTokenizer):
         self.sparse_logits = "int8-rescored"
         self.quantized = {"backend": "native", "weight_bytes": 0}
         self.kv_cache_tokens = 4096
+        self.dtype = "bfloat16"
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
                                           trained_top_k=None)
         self.tokenizer = WordTokenizer()
@@ -354,7 +355,7 @@ def mutated(draw: Callable[[st.SearchStrategy[Any]], Any], rpc: str) -> bytes:
 def parse_or_none(rpc: str, data: bytes) -> Message | None:
     try:
         return request_class(rpc).FromString(data)
-    except DecodeError:  # malformed bytes are gRPC's to refuse (INTERNAL/INVALID_ARGUMENT), never the servicer's
+    except DecodeError:  # malformed bytes are refused before any handler (tests/e2e/test_malformed_bytes.py)
         return None
 
 
