@@ -295,9 +295,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         """Top-k codes of every prompt token, from the cache or computed by a 1-token engine pass. Both
         paths return fp16-rounded activations, so a cached answer equals a recomputed one exactly."""
         entries = [self.engine.saes[layer] for layer in capture]
-        options: dict[str, Any] = {"top_k": capture}
-        if mode != pb.INFERENCE_MODE_DENSE:  # dense keys stay as they were before modes existed
-            options["mode"] = MODE_LABELS[mode] + (str(sparsity_percent) if sparsity_percent else "")
+        options: dict[str, Any] = {"top_k": capture, "engine": self.engine.codes_identity,
+                                   "mode": MODE_LABELS.get(mode, "dense") + (str(sparsity_percent) if sparsity_percent else "")}
         key = cache_key(self.engine.shape.model_id, ",".join(e.sae_id for e in entries),
                         ",".join(e.version for e in entries), list(capture), ids, options)
         cached = await self.cache.get(key)

@@ -91,6 +91,7 @@ class Engine:
         self.shape: ModelShape | None = None
         self.model_path: str = ""
         self.dtype = settings.dtype  # what vLLM was given (resolve_dtype), then the model's actual dtype
+        self.codes_identity = ""  # weights, dtype, KV dtype, SAE matmul dtype: see _codes_identity
         self.saes: dict[int, Any] = {}
         self.features: Any = None
         self.vectors: dict[str, int] = {}
@@ -144,11 +145,23 @@ class Engine:
             eos_token_ids=tuple(sorted(eos)),
         )
         self.dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
+        self.codes_identity = self._codes_identity()
         cache = self.llm.vllm_config.cache_config
         self.kv_cache_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size)
         log.info("engine started in %.1fs: %s; dtype %s; KV cache %s, %d tokens", time.perf_counter() - started,
                  self.shape, self.dtype, cache.cache_dtype, self.kv_cache_tokens)
         await self._setup_interpretability()
+
+    def _codes_identity(self) -> str:
+        """Everything engine-wide that changes the SAE codes a prompt gets: the weights, the dtype the model
+        runs in, the KV cache element type and the SAE encode's matmul dtype. Part of every feature-cache
+        key, so replicas started with other settings never share codes through Redis."""
+        from featurelens.server.model_assets import weights_fingerprint
+
+        s = self.settings
+        parts = {"weights": weights_fingerprint(self.model_path), "dtype": self.dtype,
+                 "kv_cache_dtype": s.kv_cache_dtype, "sae_gemm": s.sae_gemm_dtype}
+        return ";".join(f"{k}={v}" for k, v in parts.items())
 
     async def _setup_interpretability(self) -> None:
         from featurelens.server.interp.capture import FeatureReceiver

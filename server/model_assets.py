@@ -86,6 +86,32 @@ def gguf_fingerprint(gguf: Path) -> str:
     return hashlib.sha256(f"{content}:{CONVERSION_VERSION}:{SAVE_DTYPE}".encode()).hexdigest()[:12]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def weights_fingerprint(model: str, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A short identity of a model's weights, cheap enough for start-up on multi-GB checkpoints: per weight or
+    config file its name, size, first MiB (a safetensors header: names, dtypes, shapes) and `samples` evenly
+    spaced windows of the tensor bytes. Retrained or re-quantized weights change it; so does a new revision
+    of a hub snapshot (another folder). A name that is not a folder (a hub id vLLM downloads) is its own
+    identity."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return "name:" + model
+    digest = hashlib.blake2b(digest_size=10, person=b"fl-weights")
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.suffix == ".json"))
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if f.suffix in WEIGHT_SUFFIXES and size > (1 << 20):
+                for i in range(samples):
+                    fh.seek((1 << 20) + (size - (1 << 20) - sample_bytes) * i // max(1, samples - 1))
+                    digest.update(fh.read(sample_bytes))
+    return digest.hexdigest()
+
+
 def default_model_dir(cache_dir: Path | None = None) -> Path:
     gguf = find_smollm2_gguf()
     return Path(cache_dir or cache_root()) / f"{MODEL_NAME}-{gguf_fingerprint(gguf)}"

@@ -97,6 +97,21 @@ async def test_feature_activations_cached_equal_recomputed(stub):
     assert list(first.tokens) == list(second.tokens)
 
 
+async def test_feature_cache_keys_carry_the_engine_identity(served, stub):
+    """A replica whose weights, dtype, KV dtype or SAE matmul dtype differ must not reuse these codes."""
+    identity = served.engine.codes_identity
+    assert "weights=" in identity and f"dtype={served.engine.dtype}" in identity and "sae_gemm=" in identity
+    request = pb.GetFeatureActivationsRequest(text="Keys name the engine that computed the codes.",
+                                              features=[pb.FeatureSelection(layer=27, top_k=6)])
+    assert not (await stub.GetFeatureActivations(request)).cached
+    assert (await stub.GetFeatureActivations(request)).cached
+    served.engine.codes_identity = identity.replace("kv_cache_dtype=", "kv_cache_dtype=other-")
+    try:
+        assert not (await stub.GetFeatureActivations(request)).cached
+    finally:
+        served.engine.codes_identity = identity
+
+
 async def test_include_prompt_features_on_generate(stub):
     reply = await stub.Generate(gen(features=[(6, 4)], prompt_features=True, n=3))
     tokens = await stub.Tokenize(pb.TokenizeRequest(text=PROMPT))

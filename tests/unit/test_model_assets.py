@@ -148,3 +148,27 @@ def test_greedy_generation_knows_paris(hf_model):
                              pad_token_id=tok.pad_token_id)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_weights_fingerprint_follows_the_weights(tmp_path):
+    """Cache keys carry it: new weights (same names and shapes) must change it; a copy must not."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((1024, 1024)).astype(np.float32)}  # 4 MiB: sampled beyond the header
+    (tmp_path / "m1").mkdir()
+    save_file(tensors, str(tmp_path / "m1" / "model.safetensors"))
+    (tmp_path / "m1" / "config.json").write_text('{"hidden_size": 1024}')
+    first = ma.weights_fingerprint(str(tmp_path / "m1"))
+    assert ma.weights_fingerprint(str(tmp_path / "m1")) == first
+    import shutil
+
+    shutil.copytree(tmp_path / "m1", tmp_path / "m2")
+    assert ma.weights_fingerprint(str(tmp_path / "m2")) == first
+    tensors["a"] = tensors["a"] + 1.0  # retrained: same header, other values
+    save_file(tensors, str(tmp_path / "m2" / "model.safetensors"))
+    assert ma.weights_fingerprint(str(tmp_path / "m2")) != first
+    (tmp_path / "m1" / "config.json").write_text('{"hidden_size": 1024, "rope_theta": 1e6}')
+    assert ma.weights_fingerprint(str(tmp_path / "m1")) != first
+    assert ma.weights_fingerprint("org/some-model") == "name:org/some-model"
