@@ -19,6 +19,7 @@ import numpy as np
 from featurelens.server.cache import CachedFeatures, FeatureCache, LayerCodes, LruFeatureCache, cache_key
 from featurelens.server.config import Settings
 from featurelens.server.engine import Engine
+from featurelens.server.interp.capture import FeatureChannelError
 from featurelens.server.interp.steering import parse_vector
 from featurelens.server.interp_plan import (
     InterpPlan,
@@ -124,6 +125,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         except ApiError as error:
             code = error.code
             await self._fail(context, error)
+        except FeatureChannelError as error:  # the worker's codes stopped coming: retry, maybe elsewhere
+            code = grpc.StatusCode.UNAVAILABLE
+            await self._fail(context, ApiError(code, f"features: {error}; retry the request"))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise

@@ -130,6 +130,7 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
             await engine.start()
         if engine.features is not None:
             engine.features.on_step = metrics.observe_step_timing
+            _watch_receiver(running)
         metrics.set_engine_info(engine.shape.model_id, [e.sae_id for e in engine.saes.values()], SERVER_VERSION,
                                 settings.kv_cache_dtype)
         started = time.perf_counter()
@@ -150,6 +151,21 @@ def _start_metrics(settings: Settings) -> tuple[Metrics, MetricsServer | None]:
     http = start_metrics_server(settings.metrics_port, settings.metrics_host, metrics)
     log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, http.port)
     return metrics, http
+
+
+def _watch_receiver(running: RunningServer) -> None:
+    """A failed feature receiver turns health NOT_SERVING at once (its waiting RPCs get UNAVAILABLE) and back
+    to SERVING when it runs again, unless the server is stopping."""
+    features = running.engine.features
+
+    def failed(error: BaseException) -> None:
+        running._tasks.append(asyncio.create_task(running.set_serving(False)))
+
+    def recovered() -> None:
+        if not running.stopped.is_set() and not running.engine.errored:
+            running._tasks.append(asyncio.create_task(running.set_serving(True)))
+
+    features.on_failure, features.on_recovered = failed, recovered
 
 
 async def _watch_engine(running: RunningServer) -> None:

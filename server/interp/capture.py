@@ -2,7 +2,7 @@
 
 The worker pushes one msgpack message per engine step over ZMQ (PUSH → PULL on an IPC socket): one record per
 request that asked (its small integer tag, first position, row count, top-k codes per layer, risk-probe
-features per layer; format in server/worker.py). This side files them per request so a handler can await the
+features per layer; format in server/worker/extension.py). This side files them per request so a handler can await the
 codes of a given (layer, token position).
 
 Why a side channel and not a `collective_rpc` per step: a utility RPC is served by the engine-core loop
@@ -15,31 +15,55 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import zmq.asyncio
+    from vllm.v1.engine.async_llm import AsyncLLM
+
 log = logging.getLogger(__name__)
+
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
+
+
+class FeatureChannelError(RuntimeError):
+    """The worker → frontend channel failed while a request waited on it: its codes may be lost."""
 
 
 @dataclass
 class RequestFeatures:
     """The codes of one request as they arrive: top-k codes filed by (layer, position), the risk probe's
     features present at (layer, position) (risk captures ship only those), and per position the probe's
-    linear term summed over its layers (the worker computes it per layer; a request's layers of one step
-    arrive in one record, so a position's sum is complete when a waiter sees it)."""
+    linear term per layer, summed (a request's layers of one step arrive in one record, so a position's sum is
+    complete when a waiter sees it).
+
+    Idempotent per (request, layer, position): a preempted request is prefilled again and its positions are
+    sent again; they replace what was filed, never add to it. Bounded: a top-k row is dropped once read (reads
+    of a layer go by increasing position, and rows re-sent for positions already read are ignored), so what a
+    stream holds is its unread rows plus the probe's features (at most its feature count per layer and
+    position) and one float per position and probe layer.
+    """
 
     tag: int = 0
     rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     risk_rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    risk_scores: dict[int, float] = field(default_factory=dict)
+    risk_terms: dict[int, dict[int, float]] = field(default_factory=dict)  # position -> {layer: linear term}
+    risk_scores: dict[int, float] = field(default_factory=dict)  # position -> sum of its layers' terms
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    read_through: dict[int, int] = field(default_factory=dict)  # layer -> highest position read
+    error: BaseException | None = None
 
     def add(self, layer: int, first: int, count: int, k: int, indices: np.ndarray, values: np.ndarray) -> None:
         indices, values = indices.reshape(count, k), values.reshape(count, k)
-        for row in range(count):
+        start = max(0, self.read_through.get(layer, -1) + 1 - first)  # rows re-sent for positions already read
+        for row in range(start, count):
             self.rows[(layer, first + row)] = (indices[row], values[row])
         self.arrived.set()
 
@@ -48,18 +72,29 @@ class RequestFeatures:
         begin = 0
         for position, (count, score) in enumerate(zip(counts.tolist(), scores.tolist(), strict=True), first):
             self.risk_rows[(layer, position)] = (indices[begin:begin + count], values[begin:begin + count])
-            self.risk_scores[position] = self.risk_scores.get(position, 0.0) + score
+            terms = self.risk_terms.setdefault(position, {})
+            terms[layer] = score
+            self.risk_scores[position] = sum(terms.values())
             begin += count
         self.arrived.set()
 
+    def fail(self, error: BaseException) -> None:
+        """Wake every waiter of this request with `error` (the channel broke; its codes may never come)."""
+        self.error = error
+        self.arrived.set()
+
     async def get(self, layer: int, position: int, timeout_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
-        return await self._wait(self.rows, (layer, position), timeout_s, f"codes for layer {layer} position {position}")
+        """The top-k codes at (layer, position), removed once read (each is read once)."""
+        row = await self._wait(self.rows, (layer, position), timeout_s, f"codes for layer {layer} position {position}")
+        del self.rows[(layer, position)]
+        self.read_through[layer] = max(self.read_through.get(layer, -1), position)
+        return row
 
     async def get_risk(self, layer: int, position: int, timeout_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
         return await self._wait(self.risk_rows, (layer, position), timeout_s,
                                 f"risk codes for layer {layer} position {position}")
 
-    def risk_codes_arrived(self, layers: Any, position: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def risk_codes_arrived(self, layers: Iterable[int], position: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """The risk codes of a position whose score has arrived (they travel in the same record)."""
         return {layer: self.risk_rows[(layer, position)] for layer in layers}
 
@@ -67,10 +102,12 @@ class RequestFeatures:
         """The risk probe's linear term at `position`, summed over its layers."""
         return await self._wait(self.risk_scores, position, timeout_s, f"the risk score of position {position}")
 
-    async def _wait(self, table: dict[Any, Any], where: Any, timeout_s: float, what: str) -> Any:
+    async def _wait(self, table: dict[_Key, _Value], where: _Key, timeout_s: float, what: str) -> _Value:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while where not in table:
+            if self.error is not None:
+                raise FeatureChannelError(f"{what}: the feature channel failed ({self.error})") from self.error
             self.arrived.clear()
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -91,7 +128,7 @@ class FeatureReceiver:
     the worker connects to. transport="rpc": polls the worker with `collective_rpc("featurelens_drain")`
     (kept for `featurelens bench interp`, which measures both)."""
 
-    def __init__(self, transport: str = "zmq", llm: Any = None, poll_interval_s: float = 0.002) -> None:
+    def __init__(self, transport: str = "zmq", llm: AsyncLLM | None = None, poll_interval_s: float = 0.002) -> None:
         self.transport = transport
         self._llm = llm
         self._poll_interval_s = poll_interval_s
@@ -100,32 +137,62 @@ class FeatureReceiver:
         self._open: dict[str, RequestFeatures] = {}
         self._by_tag: dict[int, RequestFeatures] = {}
         self._next_tag = 0
-        self.on_step: Any = None  # called with (encode_seconds, risk_seconds) of every engine step that sent codes
+        # called with (encode_seconds, risk_seconds) of every engine step that sent codes
+        self.on_step: Callable[[float, float], None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._socket = None
+        # Called when the receiving loop raised (the open requests are failed, the loop restarts) and when it
+        # runs again: the app turns health NOT_SERVING and back.
+        self.on_failure: Callable[[BaseException], None] | None = None
+        self.on_recovered: Callable[[], None] | None = None
+        self.failures = 0
+        self._socket: zmq.asyncio.Socket | None = None
         self.bytes_received = 0
         self.rows_received = 0  # (layer, token) rows of top-k codes
 
     def start(self) -> None:
         if self.transport == "rpc":
-            self._task = asyncio.create_task(self._poll())
+            if self._llm is None:
+                raise ValueError("feature transport 'rpc' polls the engine: FeatureReceiver needs its llm")
+            llm = self._llm
+            self._task = asyncio.create_task(self._supervise(lambda: self._poll(llm)))
             return
         import zmq
         import zmq.asyncio
 
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        self._socket.setsockopt(zmq.RCVHWM, 100_000)
-        self._socket.bind(self.endpoint)
-        self._task = asyncio.create_task(self._run())
+        assert self.endpoint is not None  # set for every transport but rpc
+        socket = self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.bind(self.endpoint)
+        self._task = asyncio.create_task(self._supervise(lambda: self._run(socket)))
 
-    async def _run(self) -> None:
+    async def _supervise(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Runs the receiving loop; if it raises, the requests waiting on it fail at once (their records may be
+        lost) instead of timing out, health goes NOT_SERVING, and the loop starts again."""
         while True:
-            self._dispatch(await self._socket.recv(copy=True))
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - anything: a silent death would stall every feature RPC
+                self.failures += 1
+                log.exception("feature receiver failed (%d so far); failing %d open requests, restarting",
+                              self.failures, len(self._open))
+                for features in self._open.values():
+                    features.fail(error)
+                if self.on_failure is not None:
+                    self.on_failure(error)
+                await asyncio.sleep(0.2)
+                if self.on_recovered is not None:
+                    self.on_recovered()
 
-    async def _poll(self) -> None:
+    async def _run(self, socket: zmq.asyncio.Socket) -> None:
+        while True:
+            self._dispatch(await socket.recv(copy=True))
+
+    async def _poll(self, llm: AsyncLLM) -> None:
         while True:
             if self._open:
-                payloads = await self._llm.collective_rpc("featurelens_drain")
+                payloads = await llm.collective_rpc("featurelens_drain")
                 self._dispatch(payloads[0])
             await asyncio.sleep(self._poll_interval_s)
 
@@ -173,3 +240,4 @@ class FeatureReceiver:
             self._task.cancel()
         if self._socket is not None:
             self._socket.close(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)  # the IPC socket's folder

@@ -57,3 +57,52 @@ async def test_real_prometheus_scrapes_the_server(served, stub, tmp_path):
         assert info and info[0]["metric"]["model"] == "SmolLM2-135M-Instruct"
     finally:
         prom.stop()
+
+
+async def test_a_failed_feature_receiver_is_unavailable_then_recovers(served, stub):
+    """The receiver task raising (a bug, a bad message) must not leave health SERVING while feature RPCs time
+    out: the waiting RPC gets UNAVAILABLE within a second, health turns NOT_SERVING, and once the receiver
+    runs again health is SERVING and features flow."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    receiver = served.engine.features
+    real_file = receiver._file
+
+    def broken(records):
+        receiver._file = real_file
+        raise RuntimeError("injected receiver failure")
+
+    statuses: list[str] = []
+    async with grpc.aio.insecure_channel(served.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def watch() -> None:
+            while True:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                if not statuses or statuses[-1] != name:
+                    statuses.append(name)
+                await asyncio.sleep(0.02)
+
+        watcher = asyncio.create_task(watch())
+        receiver._file = broken
+        started = time.perf_counter()
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetFeatureActivations(_features("The receiver fails while this request waits."))
+            took = time.perf_counter() - started
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "feature channel failed" in refused.value.details()
+            assert took < 5.0  # one engine pass plus the failure; not the 30 s code timeout
+            for _ in range(100):
+                if statuses[-1:] == ["SERVING"] and "NOT_SERVING" in statuses:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            receiver._file = real_file
+            watcher.cancel()
+    assert statuses[-2:] == ["NOT_SERVING", "SERVING"], statuses
+    after = await stub.GetFeatureActivations(_features("After the restart features flow again."))
+    assert after.tokens and after.tokens[0].features

@@ -143,3 +143,99 @@ def test_cpu_attention_is_kept_off_the_amx_kernel(monkeypatch):
     monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *a, **k: "vec16")
     worker._avoid_amx_attention()
     assert cpu_attn._get_attn_isa() == "vec16"  # other kernels untouched
+
+
+def _risk_record(tag: int, first: int, count: int, values, indices, probe) -> list:
+    record = _StepRecord(tag, first=first, count=count)
+    counts, pair_i, pair_v, _, scores = probe.select(values, indices.astype(np.uint16), 12)
+    pack_codes(record, 22, values, indices.astype(np.uint16), False, top_k=4, risk=(counts, pair_i, pair_v, scores))
+    return record.as_list()
+
+
+def test_a_prefill_sent_again_after_preemption_replaces_what_was_filed():
+    """vLLM recomputes a preempted request from its prompt: the same positions arrive twice. Risk terms are
+    filed per (layer, position), so the second copy replaces the first instead of doubling the score."""
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="rpc")
+        received = receiver.open("req")
+        values, indices = codes(6, 12, 4096, seed=3)
+        probe = ProbeLayer.build(4096, np.unique(indices).tolist()[:40], [0.5] * 40, "identity")
+        message = msgspec.msgpack.encode([[[_risk_record(received.tag, 10, 6, values, indices, probe)], [0.0, 0.0]]])
+        receiver._dispatch(message)
+        once = [await received.get_risk_score(10 + r, timeout_s=1) for r in range(6)]
+        receiver._dispatch(message)  # the re-prefill
+        again = [await received.get_risk_score(10 + r, timeout_s=1) for r in range(6)]
+        assert again == once and any(score != 0 for score in once)
+
+    asyncio.run(run())
+
+
+def test_a_long_stream_holds_only_its_unread_rows():
+    """A 2,000-token stream: each row is dropped once read, and rows re-sent for read positions are ignored,
+    so the per-stream state stays at the unread rows (here at most one step's) plus one float per position."""
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="rpc")
+        received = receiver.open("long")
+        values, indices = codes(1, 16, 4096, seed=4)
+        probe = ProbeLayer.build(4096, indices[0, :3].tolist(), [1.0, -1.0, 0.5], "identity")
+        most = 0
+        for position in range(2000):
+            receiver._dispatch(msgspec.msgpack.encode(
+                [[[_risk_record(received.tag, position, 1, values, indices, probe)], [0.0, 0.0]]]))
+            most = max(most, len(received.rows))
+            await received.get(22, position, timeout_s=1)
+            await received.get_risk_score(position, timeout_s=1)
+        assert most == 1 and not received.rows
+        assert len(received.risk_scores) == 2000 and len(received.risk_rows) == 2000
+        receiver._dispatch(msgspec.msgpack.encode(  # a late copy of an early step
+            [[[_risk_record(received.tag, 5, 1, values, indices, probe)], [0.0, 0.0]]]))
+        assert not received.rows
+
+    asyncio.run(run())
+
+
+def test_a_failing_receiver_fails_its_waiters_at_once_and_restarts(tmp_path):
+    """The receiving loop raising must not stall feature RPCs for their 30 s timeout: the open requests fail
+    at once, the owner hears of it (health NOT_SERVING) and the loop runs again (SERVING)."""
+    import zmq
+    from featurelens.server.interp.capture import FeatureChannelError
+
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="zmq")
+        events: list[str] = []
+        receiver.on_failure = lambda error: events.append(f"failed: {error}")
+        receiver.on_recovered = lambda: events.append("recovered")
+        receiver.start()
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(receiver.endpoint)
+        try:
+            waiting = receiver.open("waiting")
+            real_file = receiver._file
+
+            def broken(records):
+                receiver._file = real_file
+                raise RuntimeError("decoder bug")
+
+            receiver._file = broken
+            push.send(msgspec.msgpack.encode([[[], [0.0, 0.0]]]))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(FeatureChannelError, match="decoder bug"):
+                await waiting.get(12, 0, timeout_s=30)
+            assert loop.time() - started < 1.0
+            await asyncio.sleep(0.5)
+            assert events == ["failed: decoder bug", "recovered"] and receiver.failures == 1
+            fresh = receiver.open("fresh")  # the restarted loop files records again
+            values, indices = codes(1, 8, 4096, seed=5)
+            record = _StepRecord(fresh.tag, first=0, count=1)
+            pack_codes(record, 12, values, indices.astype(np.uint16), False, top_k=8)
+            push.send(msgspec.msgpack.encode([[[record.as_list()], [0.0, 0.0]]]))
+            got_i, _ = await fresh.get(12, 0, timeout_s=5)
+            np.testing.assert_array_equal(got_i, indices[0])
+        finally:
+            push.close(linger=0)
+            folder = os.path.dirname(receiver.endpoint.removeprefix("ipc://"))
+            await receiver.stop()
+        assert not os.path.exists(folder)  # the socket's temporary folder is removed
+
+    asyncio.run(run())
