@@ -1,4 +1,4 @@
-"""Hot-path kernels: fused SAE top-k encode (more to come: sparse WINA GEMV, int8 GEMV)."""
+"""Hot-path kernels: fused SAE top-k encode, row-wise top-k, sparse WINA GEMV and int8 GEMMs."""
 
 from featurelens.kernels.sae_encode import topk_encode
 

@@ -42,6 +42,7 @@ def _activate(pre: torch.Tensor, threshold: torch.Tensor | None, architecture: A
     """Dense activation for the architectures whose top-k is taken *after* the nonlinearity."""
     acts = torch.relu(pre)
     if architecture == "jumprelu":
+        assert threshold is not None, "jumprelu encode needs a threshold tensor"  # checked by topk_encode
         # Same expression as SAELens JumpReLUSAE.encode: mask built from the pre-activation, cast, multiply.
         acts = acts * (pre > threshold).to(acts.dtype)
     return acts

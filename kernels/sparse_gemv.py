@@ -247,7 +247,7 @@ def parts_kernel(device: torch.device | str = "cpu"
     if torch.device(device).type != "cpu":  # the native kernel reads host memory only
         return sparse_gemv_parts_torch
     if native_available():
-        return _native_module()[0].sparse_gemv_parts
+        return _native_or_raise().sparse_gemv_parts
     return sparse_gemv_parts_torch
 
 
@@ -261,5 +261,5 @@ def basis_int8_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, t
     """x T for a basis stored as int8 rows with per-row scales (`sparsity.load_rotations_int8`): the native walk
     (one byte per entry, the scale folded into x_i) when the extension builds, else `basis_gemv_int8_torch`."""
     if native_available():
-        return _native_module()[0].basis_gemv_int8
+        return _native_or_raise().basis_gemv_int8
     return basis_gemv_int8_torch

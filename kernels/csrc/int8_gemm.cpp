@@ -1,9 +1,8 @@
 // int8-weight GEMMs for the quantized inference mode. Two schemes:
 //   weight-only (W8A16, what the engine serves): y[m, o] = sw[o] * sum_k wq[o, k] * x[m, k], fp32 accumulation;
 //   W8A8: y[m, o] = sx[m] * sw[o] * sum_k xq[m, k] * wq[o, k], exact int32 accumulation.
-// Measured on SmolLM2-135M (held-out perplexity, HF float32): dense 24.03, weight-only 23.97 (x1.00), W8A8 with
-// per-token activations 24.78 (x1.03) — the activation quantization costs the quality, so the mode is
-// weight-only; W8A8 stays for comparison (`featurelens bench modes`) and for a CPU with fast int8 dot products.
+// On SmolLM2-135M weight-only keeps held-out perplexity at x1.00 of dense and W8A8 with per-token activations
+// costs x1.03 (docs/modes.md) — the activation quantization costs the quality, so the mode is weight-only; W8A8 stays for comparison (`featurelens bench modes`) and for a CPU with fast int8 dot products.
 //
 // Weights: int8, [out, in] row-major, symmetric per-output-channel scales sw (quantize_weight in
 // kernels/int8_gemm.py). Activations: quantized here, per row (token), symmetric dynamic: sx = max|x| / 127,
@@ -11,9 +10,8 @@
 // both paths compute the same integer dot products (exact int32 accumulation) and differ only in rounding of
 // the final float scaling.
 //
-// Why hand-written: at decode sizes (M = 1..16) vLLM's oneDNN int8 primitive measured 3.0 ms for SmolLM2's
-// gate_up projection at M = 1 on the 2-core AVX2 dev box, 7x slower than the bf16 F.linear it should beat
-// (see docs/modes.md). This kernel reads each weight row once for all M rows (it stays in L1 across them),
+// Why hand-written: at decode sizes (M = 1..16) vLLM's oneDNN int8 primitive measured several times slower than
+// the bf16 F.linear it should beat (see docs/modes.md). This kernel reads each weight row once for all M rows (it stays in L1 across them),
 // widens int8 -> int16 (vpmovsxbw) and multiplies-adds pairs into int32 (vpmaddwd): 16 weights per 3 ops.
 // The weight-only GEMM has AVX-512 paths too, picked at run time where the CPU has them (section below).
 #include <torch/extension.h>
@@ -36,13 +34,11 @@ template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
 // Every 64 bytes of weights read, the line kStreamAhead bytes further down the thread's range of weight rows is
-// prefetched (`stop` = the end of that range). Measured 2026-12-07 on a 2-core Emerald Rapids (standalone
-// harness, M = 1, one SmolLM2 block, weights cycled through a 570 MB pool): the row-ahead prefetch alone read
-// 4.7-6.0 GB/s; a line 1 / 2 / 3-4 / 6-8 KB ahead 8.5 / 9.4-10.1 / 8.7-10.6 / 9.5-11.1 GB/s, a pure
-// streaming read 11.4-13.0 GB/s. The hardware prefetcher there does not run far enough ahead of one stream.
+// prefetched (`stop` = the end of that range). On an Intel AMX box the hardware prefetcher does not run far
+// enough ahead of one stream: with the row-ahead prefetch alone the kernel read about half the bandwidth of a
+// pure streaming read, and a line ~2 KB ahead recovered much of the gap (further ahead gained little).
 // These prefetches fill L1. Filling L2 instead (as the sparse walk does on AMD, isa.h) measured slower for this
-// single stream on a 2-core Zen 4 (2026-12-07, one SmolLM2 block, weights cold): M = 1 / 2 / 4 / 8 took
-// 284 / 347 / 441 / 658 us into L1 against 329 / 428 / 490 / 654 us into L2.
+// single stream on Zen 4 (figures: docs/modes.md).
 constexpr int64_t kStreamAhead = 2048;
 
 inline void prefetch_stream(const int8_t* p, const int8_t* stop) {
@@ -206,16 +202,12 @@ void run_w8a16_avx2(const torch::Tensor& x, const torch::Tensor& wq, const torch
 //   M >= 4 with bf16 activations (the engine's dtype): 32 weights dequantized to bf16 (exact for int8), then
 //     one vdpbf16ps (32 products) per activation row, 8 rows per pass. bf16 x bf16 products are exact in fp32
 //     and accumulate in fp32, so both equal the fp32 reference up to summation order.
-// Measured against alternatives in a standalone harness (1 thread, one SmolLM2 block = qkv + o + gate_up +
-// down, weights cold, 2-core Zen 5; copy-bandwidth bound ~109 us at M = 1), us per block:
-//   M                                   1     2     4     8    16    32
-//   AVX2 path                         163   425   742  1532     -  5352
-//   fp32 FMA rows (used for M <= 3)   118   127   341   592  1119  2108
-//   bf16 dpbf16, 8 rows (M >= 4)        -   146   203   355   641  1170
-//   4 rows dequantized into an L1 bf16 buffer, 4x4 register tile      173   226   383   702  1089
-// and for M = 1: four weight rows sharing each activation load 198 us (four streams defeat the prefetcher);
-// prefetching 2/8/16 rows ahead or 2 lines within 2%. Masked loads on every chunk (not just the tail) made
-// the cold M = 2..4 runs 3-4x slower, so full chunks use plain loads.
+// Chosen against alternatives timed in a standalone harness (1 thread, one SmolLM2 block, weights cold, Zen 5;
+// figures in docs/modes.md): fp32 FMA rows are fastest up to M = 3 and dpbf16 over 8 rows from M = 4, both
+// well ahead of the AVX2 path and of dequantizing 4 rows into an L1 bf16 buffer with a 4x4 register tile.
+// For M = 1, four weight rows sharing each activation load were slower (four streams defeat the prefetcher);
+// prefetching 2/8/16 rows ahead or 2 lines changed nothing. Masked loads on every chunk (not just the tail)
+// made the cold M = 2..4 runs 3-4x slower, so full chunks use plain loads.
 using featurelens::Isa;
 Isa g_isa = featurelens::best_isa();
 

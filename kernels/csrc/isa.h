@@ -33,14 +33,12 @@ inline Isa parse_isa(const std::string& name) {
 }
 
 // Which cache level the sparse row walks' software prefetches fill: L1 (_MM_HINT_T0) or L2 (_MM_HINT_T1).
-// Measured 2026-12-07 on a 2-core Zen 4 EPYC (standalone harness of the bf16 sparse walk, 1 thread, weights
-// cold): filling L2 instead of L1 made the walk 1.4-2.0x faster (down 1536x576 at 0% 170 -> 85-93 us, at 40%
-// 104 -> 67-75 us; gate 576x1536 at 0% 113 -> 79 us). A likely reason: sixteen row streams' L1 prefetches
-// occupy the L1 miss buffers that the demand loads need. L1 was the choice before: an AVX2 AMD box measured
-// L2 within noise or worse with an older walk (2026-12-01), and the Intel and Zen 5 boxes were measured with
-// L1 only. So "auto" is L2 on AMD CPUs and L1 elsewhere; FEATURELENS_PREFETCH=l1|l2 overrides it, the
-// extension's `set_prefetch` switches it at run time, and `bench_kernels` times both levels on any box.
-// The int8 GEMM's single far-prefetched stream keeps L1: L2 measured 0.81-0.90x there on the same Zen 4.
+// On a Zen 4 core filling L2 instead of L1 made the bf16 sparse walk 1.4-2x faster; a likely reason: sixteen
+// row streams' L1 prefetches occupy the L1 miss buffers that the demand loads need. Elsewhere L1 is what was
+// measured (an older walk on an AVX2 AMD box saw L2 within noise or worse). So "auto" is L2 on AMD CPUs and
+// L1 elsewhere; FEATURELENS_PREFETCH=l1|l2 overrides it, the extension's `set_prefetch` switches it at run
+// time, and `featurelens bench kernels` times both levels on any box (figures: docs/modes.md).
+// The int8 GEMM's single far-prefetched stream keeps L1: L2 measured slower there on Zen 4.
 enum class Prefetch { kL1, kL2 };
 
 inline Prefetch auto_prefetch() {

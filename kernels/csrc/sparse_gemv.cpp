@@ -38,29 +38,21 @@ constexpr int64_t kColBlock = 64;      // parallel grain: 64 output columns = 4 
 constexpr int64_t kSubBlock = 2048;    // columns per pass over the active rows: y's slice (8 KiB) stays in L1
 constexpr int64_t kRowsPerPass = 8;    // active rows accumulated per pass over y
 constexpr int64_t kPrefetchLines = 4;  // first lines of the first pass's rows prefetched before the walk
-// Measured 2026-12-01 (1 thread, as in the vLLM worker; bf16; weights cycled through an 85 MB pool so they
-// come from DRAM; median of 9), us per GEMV for gate (576->1536) / down (1536->576) at 0% / 50% sparsity:
-//   previous structure (256-column passes, whole row segments prefetched 8 ahead)  330 / 154   309 / 232
-//   full-range passes, 4 lines of the rows 8 ahead prefetched                     205 / 111   262 / 177
-//   ... and 8 rows per pass over y instead of 4 (measured under load, relative)    -8% / -11%  -6% / -3%
-//   torch F.linear, dense bf16                                                     278 / -     243 / -
-// Prefetching whole rows 8/16/32 ahead, into L2 instead of L1, or 16-64 rows ahead: within noise or worse.
-// A panel layout ([out/64][in][64], every row split in 128-byte pieces) streamed fastest dense (157 us, the
-// best of all at 0%) but gained almost nothing from skipping rows (174 us at 50%): the pieces are too
-// short for a skip to save DRAM time, so rows stay whole.
-// Measured 2026-12-02 (2-core Zen 5, same method, standalone harness of the walk), gate / down at 0/40/50%:
-//   4 lines of the rows 8 ahead prefetched at the start of each pass   67.5 / 47.3 / 41.5   97.8 / 60.7 / 51.2
-//   this walk: while a pass reads its rows at column c, it prefetches the next pass's rows at column c,
-//   one line per row per line of columns                               61.2 / 34.4 / 27.2   53.5 / 35.9 / 30.8
-//   (the next pass's rows 32/64/128 columns further on: 2-10% slower; 4 rows per pass: down 1.3x slower).
-// The hardware prefetcher follows eight row streams at once poorly when each starts at an arbitrary offset;
-// walking the next eight alongside the current ones keeps a whole pass of requests in flight. With it the
-// walk is memory-bound: an AVX-512 version (16 columns per FMA) measured the same, 0.98-1.12x, so there is
-// none (the int8 GEMM, which is not memory-bound at M > 1, has one).
-// Measured 2026-12-07 (2-core Zen 4, same harness), the same walk with its prefetches filling L2 instead of L1
-// (featurelens::Prefetch, isa.h), gate / down at 0/40/50%:   L1  113 / 67 / 47   170 / 104 / 82
-//                                                            L2   79 / 52 / 43    85-93 / 67-75 / 56-62
-// o (576x576) at 40%: 40 -> 27 us; qkv (576x960) 56 -> 40 us. Prefetching two passes ahead: within noise.
+// Why this walk (alternatives timed in a standalone harness: 1 thread as in the vLLM worker, bf16, weights
+// coming from DRAM; figures in docs/modes.md):
+// - full-range passes beat 256-column passes, and 8 rows per pass over y beat 4 rows. Prefetching whole rows,
+//   further ahead, or 16-64 rows ahead was within noise or worse.
+// - A panel layout ([out/64][in][64], every row split in 128-byte pieces) streamed fastest dense but gained
+//   almost nothing from skipping rows: the pieces are too short for a skip to save DRAM time, so rows stay
+//   whole.
+// - While a pass reads its rows at column c, it prefetches the next pass's rows at column c (one line per row
+//   per line of columns). The hardware prefetcher follows eight row streams at once poorly when each starts
+//   at an arbitrary offset; walking the next eight alongside the current ones keeps a whole pass of requests
+//   in flight (prefetching further along the row was slower). With it the walk is memory-bound: an AVX-512
+//   version (16 columns per FMA) measured the same, so there is none (the int8 GEMM, which is not
+//   memory-bound at M > 1, has one).
+// - The prefetches fill L2 on AMD CPUs (featurelens::Prefetch, isa.h); prefetching two passes ahead: within
+//   noise.
 
 using featurelens::Prefetch;
 Prefetch g_prefetch = featurelens::initial_prefetch();
