@@ -49,7 +49,7 @@ def build_generate_request(prompt: str | Sequence[dict[str, str]], *, stream: bo
                            logprobs: bool = False, top_logprobs: int = 0, request_id: str = "",
                            interpretability: pb.InterpretabilityOptions | None = None,
                            steering: Sequence[pb.SteeringIntervention] = (),
-                           mode: int = pb.INFERENCE_MODE_UNSPECIFIED, sparsity_percent: int = 0) -> Any:
+                           mode: pb.InferenceMode = pb.INFERENCE_MODE_UNSPECIFIED, sparsity_percent: int = 0) -> Any:
     """A GenerateRequest (or GenerateStreamRequest) from keyword arguments; `prompt` is text or chat
     messages like [{"role": "user", "content": "Hi"}]."""
     message = (pb.GenerateStreamRequest if stream else pb.GenerateRequest)(request_id=request_id, mode=mode,
