@@ -22,14 +22,19 @@ logistic score run here, per request, so the worker keeps no per-request state t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from featurelens.server.interp.risk_probe import Probe, calibrate, load_probe
 from featurelens.server.paths import ASSETS_DIR
 from featurelens.v1 import featurelens_pb2 as pb
+
+if TYPE_CHECKING:
+    from featurelens.server.interp.registry import SaeEntry
 
 PROBES_DIR = ASSETS_DIR / "probes"
 
@@ -88,14 +93,14 @@ class RiskProbe:
         """layer → sae_id the weights belong to."""
         return self._layers
 
-    def check_saes(self, saes: dict[int, Any]) -> None:
+    def check_saes(self, saes: Mapping[int, SaeEntry]) -> None:
         for layer, sae_id in self.layers.items():
             entry = saes.get(layer)
             if entry is None or entry.sae_id != sae_id:
                 loaded = entry.sae_id if entry else "none"
                 raise ValueError(f"risk probe {self.probe_id} needs SAE {sae_id!r} at layer {layer}; loaded: {loaded}")
 
-    def label(self, risk: float) -> int:
+    def label(self, risk: float) -> pb.RiskLabel:
         if risk >= self.high:
             return pb.RISK_LABEL_HIGH
         return pb.RISK_LABEL_MEDIUM if risk >= self.medium else pb.RISK_LABEL_LOW
@@ -188,7 +193,7 @@ class RunningRisk:
         linear = self.linear if self.scored else float(self.probe.vector @ self.state)
         return calibrate(self.probe.probe, self.probe.probe.bias + linear)
 
-    def response_risk(self, explain: Any = None, top: int = 5) -> pb.ResponseRisk:
+    def response_risk(self, explain: Callable[[int, int], str] | None = None, top: int = 5) -> pb.ResponseRisk:
         value = self.risk()
         out = pb.ResponseRisk(score=value, label=self.probe.label(value), probe_id=self.probe.probe_id)
         weights = self.probe.weights
@@ -200,7 +205,7 @@ class RunningRisk:
         return out
 
 
-def _probe_columns(table: np.ndarray, indices: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
+def _probe_columns(table: np.ndarray, indices: npt.ArrayLike, values: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Codes (feature ids, activations) at one layer → the probe's columns among them and their values
     (float64); features the probe does not use and zero activations ("not fired") are dropped."""
     ids = np.asarray(indices, dtype=np.int64)

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 POOLINGS = ("mean", "max", "last_prompt")
 TRANSFORMS = ("identity", "log1p")
@@ -151,10 +151,21 @@ def risk_label(probe: Probe, risk: float) -> str:
     return "MEDIUM" if risk >= probe.thresholds["medium"] else "LOW"
 
 
-def contributions(probe: Probe, pooled: Mapping[FeatureKey, float], top: int = 5) -> list[dict[str, Any]]:
+class Contribution(TypedDict):
+    """One row of `contributions`."""
+
+    layer: int
+    sae_id: str
+    feature_id: int
+    activation: float
+    weight: float
+    contribution: float
+
+
+def contributions(probe: Probe, pooled: Mapping[FeatureKey, float], top: int = 5) -> list[Contribution]:
     """The explanation: features whose weight × pooled activation pushed the logit most."""
     sae_ids = {(f.layer, f.feature_id): f.sae_id for f in probe.features}
-    rows = [{"layer": k[0], "sae_id": sae_ids[k], "feature_id": k[1], "activation": pooled.get(k, 0.0),
+    rows: list[Contribution] = [{"layer": k[0], "sae_id": sae_ids[k], "feature_id": k[1], "activation": pooled.get(k, 0.0),
              "weight": w, "contribution": w * pooled.get(k, 0.0)} for k, w in probe.weights.items()]
     rows.sort(key=lambda r: -abs(r["contribution"]))
     return [r for r in rows if r["contribution"] != 0.0][:top]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from featurelens.kernels.sae_encode import topk_encode
+from featurelens.kernels.sae_encode import Architecture, Gemm, topk_encode
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ class SaeConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SaeConfig:
         d = dict(raw)
-        meta = d.get("metadata") if isinstance(d.get("metadata"), dict) else {}
+        raw_meta = d.get("metadata")
+        meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
         if "hook_point" in d and "hook_name" not in d:  # pre-3.0 SAELens name
             d["hook_name"] = d.pop("hook_point")
         for key in ("hook_name", "model_name"):
@@ -170,7 +171,7 @@ class SaeConfig:
 class Sae(torch.nn.Module):
     """Base SAE: standard ReLU encoder. Subclasses override `_activate` and register themselves."""
 
-    architecture: ClassVar[str] = "standard"
+    architecture: ClassVar[Architecture] = "standard"
 
     def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu") -> None:
         super().__init__()
@@ -183,7 +184,7 @@ class Sae(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in, **kw), requires_grad=False)
         # Tensors in a third-party file that we do not use; kept so save_sae writes them back.
         self.extra_tensors: dict[str, torch.Tensor] = {}
-        self.gemm: Any = None  # a faster `x @ W_enc` for encode_topk (set by `use_fast_gemm`)
+        self.gemm: Gemm | None = None  # a faster `x @ W_enc` for encode_topk (set by `use_fast_gemm`)
 
     def use_fast_gemm(self, compute_dtype: str | torch.dtype | None = None) -> bool:
         """Serve `encode_topk` with oneDNN's matmul where available (see kernels.sae_encode.onednn_gemm),
@@ -272,7 +273,7 @@ class Sae(torch.nn.Module):
         lead = sae_in.shape[:-1]
         values, indices = topk_encode(
             sae_in.reshape(-1, self.cfg.d_in), self.W_enc, self.b_enc, self._b_dec_in(), k,
-            threshold=getattr(self, "threshold", None), architecture=self.architecture,  # type: ignore[arg-type]
+            threshold=getattr(self, "threshold", None), architecture=self.architecture,
             gemm=self.gemm,
         )
         return values.reshape(*lead, k), indices.reshape(*lead, k)
@@ -296,11 +297,16 @@ class TopKSae(Sae):
 
     @property
     def max_k(self) -> int:
-        return int(self.cfg.k)  # type: ignore[arg-type]
+        return self._k
+
+    @property
+    def _k(self) -> int:
+        assert self.cfg.k is not None  # SaeConfig refuses a topk SAE without k
+        return int(self.cfg.k)
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         # SAELens TopK: pick the k largest pre-activations, relu only those, zero the rest.
-        top = torch.topk(pre, k=int(self.cfg.k), dim=-1)  # type: ignore[arg-type]
+        top = torch.topk(pre, k=self._k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
 
 

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import grpc
 import torch
 from featurelens.server.validation import ApiError, invalid
 from featurelens.v1 import featurelens_pb2 as pb
+
+if TYPE_CHECKING:
+    from featurelens.server.interp.registry import SaeEntry
+    from featurelens.server.interp.sae import Sae
 
 OPS = {pb.STEERING_OP_NUDGE: "nudge", pb.STEERING_OP_PIN: "pin", pb.STEERING_OP_SCALE: "scale",
        pb.STEERING_OP_ABLATE: "ablate", pb.STEERING_OP_ADD: "add"}
@@ -31,11 +36,25 @@ POSITIONS = {pb.TOKEN_POSITIONS_UNSPECIFIED: "all", pb.TOKEN_POSITIONS_ALL: "all
 VECTOR_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
-def parse_interventions(interventions: Any, *, num_layers: int, saes: dict[int, Any], vectors: dict[str, int],
-                        max_interventions: int, max_strength: float) -> list[dict[str, Any]]:
+class SteeringSpec(TypedDict):
+    """One validated intervention as it rides to the worker in `extra_args` (plain data only)."""
+
+    layer: int
+    op: str  # "nudge" | "pin" | "scale" | "ablate" | "add"
+    strength: float
+    positions: str  # "all" | "prompt" | "generated"
+    norm: bool  # preserve_norm
+    feature: NotRequired[int]  # every op but "add"
+    vector: NotRequired[str]  # "add": a registered vector id
+    cond: NotRequired[list[int | float]]  # [feature_id, threshold]: only rows where that feature is above it
+
+
+def parse_interventions(interventions: Sequence[pb.SteeringIntervention], *, num_layers: int,
+                        saes: Mapping[int, SaeEntry], vectors: Mapping[str, int],
+                        max_interventions: int, max_strength: float) -> list[SteeringSpec]:
     """Repeated SteeringIntervention → list of plain specs, or ApiError naming the field.
 
-    `saes` maps layer → object with `d_sae`; `vectors` maps registered vector id → its length.
+    `saes` maps layer → its SAE entry (`sae_id`, `d_sae`); `vectors` maps registered vector id → its length.
     """
     if len(interventions) > max_interventions:
         raise invalid("steering", f"at most {max_interventions} interventions allowed, got {len(interventions)}")
@@ -53,7 +72,7 @@ def parse_interventions(interventions: Any, *, num_layers: int, saes: dict[int, 
             raise invalid(f"{where}.strength", f"|strength| must be <= {max_strength:g}, got {item.strength:g}")
         if item.positions not in POSITIONS:
             raise invalid(f"{where}.positions", f"unknown value {item.positions}")
-        spec: dict[str, Any] = {"layer": item.layer, "op": op, "strength": float(item.strength),
+        spec: SteeringSpec = {"layer": item.layer, "op": op, "strength": float(item.strength),
                                 "positions": POSITIONS[item.positions], "norm": bool(item.preserve_norm)}
         target = item.WhichOneof("target")
         sae = saes.get(item.layer)
@@ -90,7 +109,7 @@ def parse_interventions(interventions: Any, *, num_layers: int, saes: dict[int, 
     return specs
 
 
-def parse_vector(vector_id: str, values: Any, hidden_size: int) -> torch.Tensor:
+def parse_vector(vector_id: str, values: Sequence[float], hidden_size: int) -> torch.Tensor:
     if not VECTOR_ID.match(vector_id):
         raise invalid("vector_id", "must match [a-z0-9][a-z0-9._-]{0,62}")
     if len(values) != hidden_size:
@@ -113,7 +132,8 @@ def row_mask(positions: torch.Tensor, num_prompt_tokens: int | torch.Tensor, whe
 
 @torch.no_grad()
 def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: int | torch.Tensor,
-                   specs: list[dict[str, Any]], sae: Any, vectors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+                   specs: list[SteeringSpec], sae: Sae | None, vectors: Mapping[str, torch.Tensor]
+                   ) -> torch.Tensor | None:
     """The float32 change to residual rows `x` [n, d] that share one steering list at one layer, or None if
     no row is touched. `positions` [n] are the rows' token positions and `num_prompt_tokens` their request's
     prompt length (an int, or an [n] tensor when rows of several requests with the same list are stacked);
@@ -129,24 +149,29 @@ def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: 
     for spec in specs:
         mask = row_mask(positions, num_prompt_tokens, spec["positions"])
         if "cond" in spec:
+            assert codes is not None, "a steering condition needs the layer's SAE"  # parse_interventions checks
             feature, threshold = spec["cond"]
-            mask = mask & (codes[:, feature] > threshold)
+            mask = mask & (codes[:, int(feature)] > threshold)
         if not bool(mask.any()):
             continue
         s = spec["strength"]
         if spec["op"] == "add":
             change = s * vectors[spec["vector"]].to(x32).expand_as(x32)
         else:
+            assert sae is not None, f"{spec['op']} needs the layer's SAE"  # parse_interventions checks
             f = spec["feature"]
             direction = sae.W_dec[f].float()
             if spec["op"] == "nudge":
                 change = (s / direction.norm().clamp_min(1e-12)) * direction.expand_as(x32)
-            elif spec["op"] == "pin":
-                change = (s - codes[:, f:f + 1]) * direction
-            elif spec["op"] == "scale":
-                change = (s - 1.0) * codes[:, f:f + 1] * direction
-            else:  # ablate
-                change = -codes[:, f:f + 1] * direction
+            else:
+                assert codes is not None  # encoded above for pin, scale and ablate
+                a_f = codes[:, f:f + 1]
+                if spec["op"] == "pin":
+                    change = (s - a_f) * direction
+                elif spec["op"] == "scale":
+                    change = (s - 1.0) * a_f * direction
+                else:  # ablate
+                    change = -a_f * direction
         delta += change * mask[:, None]
         touched |= mask
         if spec["norm"]:
