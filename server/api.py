@@ -64,11 +64,14 @@ def _finish_reason(completion: Any, plan: GenerationPlan) -> int:
     return pb.FINISH_REASON_ERROR if reason else pb.FINISH_REASON_UNSPECIFIED
 
 
-def _cache_salt(steering_salt: str | None, sparsity_percent: int, mode: int = 0) -> str | None:
+def _cache_salt(steering_salt: str | None, sparsity_percent: int, mode: int = 0, num_prompt_tokens: int = 0,
+                sparse_prompt: bool = False) -> str | None:
     """Prefix-cache namespace: sparse-mode and int8 KV differ from dense KV, so each mode (and sparse level)
-    gets its own."""
+    gets its own. Sparse mode runs the prompt dense and generated tokens sparse (unless --sparse-prompt), so its
+    KV also depends on where the prompt ends: the boundary is part of its namespace."""
     if sparsity_percent:
-        return f"sparse{sparsity_percent}-{steering_salt or 'plain'}"
+        boundary = "" if sparse_prompt else f"-p{num_prompt_tokens}"
+        return f"sparse{sparsity_percent}{boundary}-{steering_salt or 'plain'}"
     if mode == pb.INFERENCE_MODE_QUANTIZED:
         return f"int8-{steering_salt or 'plain'}"
     return steering_salt
@@ -205,8 +208,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         try:
             params = self._sampling_params(plan, interp, engine_id, received)
             async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
-                                                     _cache_salt(interp.cache_salt(), plan.sparsity_percent,
-                                                                 plan.mode)):
+                                                     self._salt(interp, plan.prompt_token_ids, plan.sparsity_percent,
+                                                                plan.mode)):
                 completion = output.outputs[0]
                 chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id)
                 tokens = self._tokens(completion, plan)
@@ -287,6 +290,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                            risk.label == pb.RISK_LABEL_HIGH)
         return risk
 
+    def _salt(self, interp: InterpPlan | None, prompt_ids: list[int], sparsity_percent: int, mode: int) -> str | None:
+        steering = interp.cache_salt(self.engine.vector_digests, len(prompt_ids)) if interp is not None else None
+        return _cache_salt(steering, sparsity_percent, mode, len(prompt_ids), self.settings.sparse_prompt)
+
     # -- features ----------------------------------------------------------------------------------------
 
     def _request_mode(self, request: Any) -> tuple[int, int]:
@@ -314,7 +321,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         received = self.engine.features.open(engine_id)
         try:
             async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id, received),
-                                                _cache_salt(None, sparsity_percent, mode)):
+                                                self._salt(None, ids, sparsity_percent, mode)):
                 pass
             layers = []
             for layer in capture:

@@ -6,8 +6,10 @@ into vLLM calls and makes sure a request that ends early (cancel, deadline, erro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -95,6 +97,7 @@ class Engine:
         self.saes: dict[int, Any] = {}
         self.features: Any = None
         self.vectors: dict[str, int] = {}
+        self.vector_digests: dict[str, str] = {}  # id -> hash of the values: part of steered requests' KV salt
         self.risk_probe: Any = None
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
         self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
@@ -289,6 +292,8 @@ class Engine:
     async def register_vector(self, vector_id: str, values: list[float]) -> None:
         await self.llm.collective_rpc("featurelens_register_vector", args=(vector_id, values))
         self.vectors[vector_id] = len(values)
+        self.vector_digests[vector_id] = hashlib.blake2b(struct.pack(f"<{len(values)}f", *values),
+                                                         digest_size=12).hexdigest()
 
     @staticmethod
     def model_id_for(requested: str, path: str) -> str:

@@ -50,11 +50,19 @@ class InterpPlan:
             spec["tag"] = tag
         return {"featurelens": spec}
 
-    def cache_salt(self) -> str | None:
-        """Steered requests get their own prefix-cache namespace: the same steering may share, nothing else."""
+    def cache_salt(self, vector_digests: dict[str, str], num_prompt_tokens: int) -> str | None:
+        """Steered requests get their own prefix-cache namespace: only requests that would compute the same KV
+        share it. The salt covers the specs, the content of every vector they add (re-registering an id
+        changes it), and, when a spec steers only PROMPT or only GENERATED positions, where this prompt ends:
+        a multi-turn follow-up whose prompt holds the last answer must not reuse KV that was steered (or not)
+        under the other boundary."""
         if not self.steer:
             return None
-        return hashlib.sha256(json.dumps(self.steer, sort_keys=True).encode()).hexdigest()[:32]
+        vectors = sorted({spec["vector"] for spec in self.steer if "vector" in spec})
+        content = {"steer": self.steer, "vectors": {v: vector_digests.get(v, "") for v in vectors}}
+        if any(spec["positions"] != "all" for spec in self.steer):
+            content["prompt_tokens"] = num_prompt_tokens
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def parse_feature_selection(selections: Any, engine: Any, max_k: int, field_name: str) -> dict[int, int]:

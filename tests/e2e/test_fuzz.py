@@ -119,6 +119,7 @@ class StandInEngine(WordTokenizer):
         self.kv_cache_tokens = 4096
         self.dtype = "bfloat16"
         self.codes_identity = "weights=toy;dtype=bfloat16"
+        self.vector_digests = {"v1": "toy"}
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
                                           trained_top_k=None)
         self.tokenizer = WordTokenizer()

@@ -341,3 +341,41 @@ async def test_search_features_by_text_and_by_example(stub):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.SearchFeatures(pb.SearchFeaturesRequest(layer=layer, text_query="x", page_size=101))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("page_size:")
+
+
+LONG_PROMPT = ("Notes from the field trip. " * 30).strip() + "\n"  # > one 128-token KV block with its answer
+
+
+async def _tokens_of(stub, text: str) -> list[int]:
+    return list((await stub.Tokenize(pb.TokenizeRequest(text=text))).token_ids)
+
+
+async def test_multi_turn_follow_up_with_generated_steering_equals_a_fresh_run(stub, served):
+    """Turn 1 steers only GENERATED positions; turn 2's prompt holds turn 1's answer, whose positions are
+    prompt positions now (unsteered). vLLM caches the full blocks turn 1 filled, answer tokens included:
+    turn 2 must not reuse them, so its output equals the same request after the prefix cache is reset."""
+    steer = [nudge(6, 3, 60.0, positions=pb.TOKEN_POSITIONS_GENERATED)]
+    first = await stub.Generate(gen(text=LONG_PROMPT, n=48, steering=steer))
+    follow_up = LONG_PROMPT + first.text + "\nAnd then"
+    prompt_ids, follow_ids = await _tokens_of(stub, LONG_PROMPT), await _tokens_of(stub, follow_up)
+    turn_one = prompt_ids + [t.token_id for t in first.tokens]
+    block = served.engine.llm.vllm_config.cache_config.block_size
+    shared = next((i for i, (a, b) in enumerate(zip(turn_one, follow_ids, strict=False)) if a != b), len(turn_one))
+    assert len(prompt_ids) < block <= shared, "turn 2 must share a full block holding turn 1's answer tokens"
+    again = await stub.Generate(gen(text=follow_up, n=8, steering=steer))
+    assert await served.engine.llm.reset_prefix_cache()
+    fresh = await stub.Generate(gen(text=follow_up, n=8, steering=steer))
+    assert logprobs_of(again) == logprobs_of(fresh)
+
+
+async def test_re_registering_a_vector_changes_what_it_computes(stub, served):
+    size = served.engine.shape.hidden_size
+    steer = [pb.SteeringIntervention(layer=5, vector_id="salted", op=pb.STEERING_OP_ADD, strength=120.0)]
+    await stub.RegisterSteeringVector(pb.RegisterSteeringVectorRequest(vector_id="salted", values=[1.0 / math.sqrt(size)] * size))
+    first = await stub.Generate(gen(text=LONG_PROMPT, n=6, steering=steer))
+    await stub.RegisterSteeringVector(pb.RegisterSteeringVectorRequest(
+        vector_id="salted", values=[(-1.0) ** i / math.sqrt(size) for i in range(size)]))
+    second = await stub.Generate(gen(text=LONG_PROMPT, n=6, steering=steer))
+    assert await served.engine.llm.reset_prefix_cache()
+    fresh = await stub.Generate(gen(text=LONG_PROMPT, n=6, steering=steer))
+    assert logprobs_of(second) == logprobs_of(fresh) != logprobs_of(first)

@@ -329,6 +329,10 @@ def test_sparse_requests_get_their_own_prefix_cache_namespace():
     assert _cache_salt(None, 0) is None and _cache_salt("steer", 0) == "steer"  # dense: unchanged
     salts = {_cache_salt(None, 25), _cache_salt(None, 40), _cache_salt("steer", 40)}
     assert len(salts) == 3 and None not in salts
+    # The prompt runs dense and generated tokens sparse: KV depends on where the prompt ends, so a follow-up
+    # turn whose prompt holds the last (sparse) answer gets another namespace; with --sparse-prompt it does not.
+    assert _cache_salt(None, 40, num_prompt_tokens=12) != _cache_salt(None, 40, num_prompt_tokens=30)
+    assert _cache_salt(None, 40, 0, 12, sparse_prompt=True) == _cache_salt(None, 40, 0, 30, sparse_prompt=True)
 
 
 # -- the real engine over gRPC -----------------------------------------------------------------------------

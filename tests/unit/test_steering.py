@@ -193,3 +193,21 @@ def test_stacked_requests_steer_as_they_would_alone():
     torch.testing.assert_close(stacked, torch.cat(alone))
     assert stacked[:3, :].abs().sum() > 0  # prompt rows of a: only SCALE/ABLATE, NUDGE is generated-only
     assert alone[1][0].abs().sum() > 0 and not torch.equal(alone[1][0], alone[1][1])
+
+
+def test_steering_salt_follows_vector_content_and_the_prompt_boundary():
+    """KV blocks are shared only by requests that would compute the same entries."""
+    from featurelens.server.interp_plan import InterpPlan
+
+    add_all = InterpPlan(steer=[{"layer": 3, "op": "add", "strength": 2.0, "positions": "all", "norm": False,
+                                 "vector": "v"}])
+    generated = InterpPlan(steer=[{"layer": 3, "op": "add", "strength": 2.0, "positions": "generated",
+                                   "norm": False, "vector": "v"}])
+    assert InterpPlan().cache_salt({}, 10) is None
+    # re-registering "v" with other values changes the namespace
+    assert add_all.cache_salt({"v": "aaa"}, 10) != add_all.cache_salt({"v": "bbb"}, 10)
+    # steering every position: the boundary does not matter, multi-turn prefixes are shared
+    assert add_all.cache_salt({"v": "aaa"}, 10) == add_all.cache_salt({"v": "aaa"}, 25)
+    # steering only generated (or only prompt) positions: the boundary is part of the namespace
+    assert generated.cache_salt({"v": "aaa"}, 10) != generated.cache_salt({"v": "aaa"}, 25)
+    assert generated.cache_salt({"v": "aaa"}, 10) != add_all.cache_salt({"v": "aaa"}, 10)
