@@ -174,7 +174,7 @@ def sparse_gemv(
     Args:
         x: [in] or [1, in] activations (float32 or bfloat16). Zero entries are always skipped.
         w_t: [in, out] contiguous transposed weight (float32 or bfloat16), see `transpose_weight`.
-        col_norms: optional [in] float32 ||W[:, i]||_2 (`interp.sparsity.column_norms`); with it, inputs whose
+        col_norms: optional [in] float32 ||W[:, i]||_2 (the server's `modes.sparsity.column_norms`); with it, inputs whose
             WINA score |x_i| * col_norms[i] is below `threshold` are skipped as well (mask fused in).
         threshold: WINA threshold for this layer/projection; ignored without col_norms.
         backend: "auto" (native when it builds), "native" (raise if it cannot) or "torch".

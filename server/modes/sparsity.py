@@ -16,7 +16,7 @@ sparsity level ("25", "40", "50"). Four ways to reach a level:
   where it costs least;
 - projection (`curve_allocation` over all projections, weighted by size): each projection at its own
   sparsity, from per-projection sensitivity curves (a Fisher estimate of the output KL, see
-  sparsity_calibrate.projection_sensitivity).
+  offline.sparsity.calibrate.projection_sensitivity).
 
 Inputs in another basis (optional, named by the thresholds file's "rotation" entry): the projections of a
 group (the MLP's gate/up, which share one input; or attention's q/k/v) read x' = x T_l instead of x, with
@@ -25,7 +25,7 @@ and zeroes the inputs x'_i with W''s column norms. Two bases:
 - "pca" (`principal_rotation`): T orthogonal, the eigenvectors of the input's second moment E[x xᵀ] in block l,
   largest first. It puts most of the input's energy in few coordinates, so zeroing the same fraction of them
   removes less of it (the idea of LaRoSa's layerwise rotations; here per block, with WINA's score).
-- "fisher" (`fisher_basis`, the shipped table since 2026-12-06): T = L P with L the square root of the input's
+- "fisher" (`fisher_basis`, the shipped table's basis): T = L P with L the square root of the input's
   Fisher matrix, so that the estimated KL of zeroing coordinates is the sum of their squares, and P the
   principal rotation of the input in that metric.
 
@@ -39,6 +39,7 @@ import json
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from featurelens.server.paths import ASSETS_DIR
@@ -163,7 +164,10 @@ def load_rotations_int8(path: str | Path = DEFAULT_THRESHOLDS) -> dict[str, tupl
     return load_rotation_file(path)[1]
 
 
-def rotation_of(rotations: Mapping[str, torch.Tensor] | None, layer: int, proj: str) -> torch.Tensor | None:
+_Basis = TypeVar("_Basis")  # a basis as stored: T (a tensor), or its int8 rows and scales
+
+
+def rotation_of(rotations: Mapping[str, _Basis] | None, layer: int, proj: str) -> _Basis | None:
     """The input rotation of projection `proj` in block `layer`, or None (its inputs are not rotated)."""
     if not rotations or proj not in PROJECTION_GROUP:
         return None

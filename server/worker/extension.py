@@ -27,8 +27,8 @@ record per request:
                                                       # linear term sum(w * f(x)) over them (f: its input
                                                       # transform); values float16 throughout
 
-Sparse-mode requests are handled by the wrapped projections of server/worker_sparsity.py, quantized-mode
-requests by those of server/worker_quant.py, on their rows only.
+Sparse-mode requests are handled by the wrapped projections of server/worker/sparse.py, quantized-mode
+requests by those of server/worker/quant.py, on their rows only.
 """
 
 from __future__ import annotations
@@ -37,10 +37,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import zmq
+    from featurelens.server.interp.sae import Sae
+    from featurelens.server.interp.steering import SteeringSpec
+    from featurelens.server.worker.harvest_sink import HarvestSink
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,7 @@ class _RequestRows:
     end: int
     num_prompt_tokens: int
     capture: dict[int, dict[str, Any]]
-    steer: dict[int, list[dict[str, Any]]]
+    steer: dict[int, list[SteeringSpec]]
     risk: dict[int, int] = field(default_factory=dict)  # layer → codes the risk probe reads there
     prompt: bool = False  # capture every prompt position, not only those that predict a generated token
     sparse: str | None = None
@@ -80,7 +86,7 @@ class _BatchView:
     requests: list[_RequestRows] = field(default_factory=list)
     layers: set[int] = field(default_factory=set)
     # layer → [(steering list, row indices, prompt length per row)]: requests with the same list steer together
-    steer_groups: dict[int, list[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]]] = field(
+    steer_groups: dict[int, list[tuple[list[SteeringSpec], torch.Tensor, torch.Tensor]]] = field(
         default_factory=dict)
     capture_at: dict[int, list[_RequestRows]] = field(default_factory=dict)
     kept: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # key → (first row, first position, count)
@@ -142,7 +148,7 @@ class FeatureLensWorkerExtension:
         hidden_size = int(self.model_runner.model_config.get_hidden_size())
         device = next(model.parameters()).device
         sae_gemm = config.get("sae_gemm", "bfloat16")
-        self._fl_saes: dict[int, Any] = {}
+        self._fl_saes: dict[int, Sae] = {}
         for entry in config.get("saes", []):
             sae = load_sae(entry["path"], device=device, dtype=entry.get("dtype", "float32"))
             layer = validate_for_model(sae, hidden_size, len(layers))
@@ -153,10 +159,10 @@ class FeatureLensWorkerExtension:
         self._fl_vectors: dict[str, torch.Tensor] = {}
         self._fl_probe: dict[int, ProbeLayer] = {}
         self._fl_view = _EMPTY
-        self._fl_harvest: Any = None
+        self._fl_harvest: HarvestSink | None = None
         self._fl_harvest_layers: set[int] = set()
         self._fl_is_sender = int(getattr(self, "rank", 0)) == 0
-        self._fl_socket = None
+        self._fl_socket: zmq.Socket[bytes] | None = None
         self._fl_buffer: list[Any] = []  # used when the frontend polls with featurelens_drain instead of ZMQ
         if self._fl_is_sender and config.get("endpoint"):
             self._fl_socket = _sender_context().socket(zmq.PUSH)
@@ -187,7 +193,8 @@ class FeatureLensWorkerExtension:
             except (OSError, KeyError, RuntimeError) as error:
                 # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
                 log.warning("quantized mode unavailable: %s: %s", type(error).__name__, error)
-        rescore = self._fl_sparse is not None and sparsity.get("logits", "int8-rescored") == "int8-rescored"
+        rescore = (self._fl_sparse is not None and sparsity is not None
+                   and sparsity.get("logits", "int8-rescored") == "int8-rescored")
         if self._fl_quant is not None or rescore:
             # The int8 unembedding: quantized requests' logits, and sparse requests' re-scored ones.
             from featurelens.kernels import int8_gemm
@@ -195,12 +202,12 @@ class FeatureLensWorkerExtension:
             from featurelens.server.worker.sparse import weight_files
 
             try:
-                head = Int8Head(int8_gemm.weight_only_kernel(), rescore=rescore)
-                if head.install(model, weight_files(self.model_runner.model_config.model)):
-                    self._fl_head = head
+                int8_head = Int8Head(int8_gemm.weight_only_kernel(), rescore=rescore)
+                if int8_head.install(model, weight_files(self.model_runner.model_config.model)):
+                    self._fl_head = int8_head
                     if self._fl_quant is not None:
-                        self._fl_quant.head = head
-                        self._fl_quant.weight_bytes += head.weight_bytes
+                        self._fl_quant.head = int8_head
+                        self._fl_quant.weight_bytes += int8_head.weight_bytes
             except (OSError, KeyError, RuntimeError) as error:
                 log.warning("int8 unembedding unavailable: %s: %s", type(error).__name__, error)
         head = self._fl_head
@@ -248,7 +255,7 @@ class FeatureLensWorkerExtension:
         return sparse.report() if sparse is not None else {}
 
     def featurelens_sparse_profile(self, reset: bool = False) -> dict[str, dict[str, float]]:
-        """Step timings by kind of step (worker_sparsity.StepProfile), {} unless the worker runs with
+        """Step timings by kind of step (worker.sparse.StepProfile), {} unless the worker runs with
         FEATURELENS_SPARSE_PROFILE=1; `reset` clears them after reading."""
         sparse = getattr(self, "_fl_sparse", None)
         if sparse is None or sparse.profile is None:
@@ -293,7 +300,7 @@ class FeatureLensWorkerExtension:
     def _fl_begin_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Map rows of the flattened batch to requests that carry a featurelens spec."""
         self._fl_view = _EMPTY
-        self._fl_positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        self._fl_positions: torch.Tensor | None = kwargs.get("positions", args[1] if len(args) > 1 else None)
         sparse = getattr(self, "_fl_sparse", None)
         if sparse is not None:
             sparse.step = None
@@ -316,9 +323,10 @@ class FeatureLensWorkerExtension:
         if not specs:
             return
         positions = self._fl_positions
+        assert positions is not None, "the model's forward was called without positions"
         query_start = runner.query_start_loc.np
         view = _BatchView()
-        steering: dict[int, dict[str, tuple[list[dict[str, Any]], list[_RequestRows]]]] = {}
+        steering: dict[int, dict[str, tuple[list[SteeringSpec], list[_RequestRows]]]] = {}
         for i, state, spec in specs:
             start, end = int(query_start[i]), int(query_start[i + 1])
             if end <= start:
@@ -341,6 +349,7 @@ class FeatureLensWorkerExtension:
         # Positions on the host, copied once per step for whoever needs them (capture and sparse mode).
         host = positions.cpu().numpy() if view.capture_at or sparse_rows else None
         if view.capture_at:
+            assert host is not None  # copied above whenever a request captures
             self._fl_keep_rows(view, host)
         self._fl_view = view
         if sparse is not None:
@@ -377,8 +386,10 @@ class FeatureLensWorkerExtension:
             # Rows of all requests with the same steering list at this layer are edited in one pass; rows of
             # other requests are never written (index_add_ touches only the listed rows).
             for specs, index, prompt_lengths in view.steer_groups.get(layer, ()):
+                positions = self._fl_positions
+                assert positions is not None  # a view with steering was built from them (_fl_begin_step)
                 stream = hidden.index_select(0, index) + residual.index_select(0, index)
-                delta = steering_delta(stream, self._fl_positions.index_select(0, index), prompt_lengths, specs, sae,
+                delta = steering_delta(stream, positions.index_select(0, index), prompt_lengths, specs, sae,
                                        self._fl_vectors)
                 if delta is not None:
                     hidden.index_add_(0, index, delta.to(hidden.dtype))
@@ -388,7 +399,7 @@ class FeatureLensWorkerExtension:
 
         return hook
 
-    def _fl_capture(self, view: _BatchView, layer: int, sae: Any, hidden: torch.Tensor, residual: torch.Tensor,
+    def _fl_capture(self, view: _BatchView, layer: int, sae: Sae, hidden: torch.Tensor, residual: torch.Tensor,
                     members: list[_RequestRows]) -> None:
         """One SAE encode for the kept rows of every capturing request at this layer; per request, the top-k
         codes it asked for (indices uint16 when d_sae allows, values float16) and/or the risk probe's
@@ -403,11 +414,11 @@ class FeatureLensWorkerExtension:
         k = max(max(rows.capture[layer]["k"] if layer in rows.capture else 0, rows.risk.get(layer, 0))
                 for rows, *_ in spans)
         began = time.perf_counter()
-        values, indices = sae.encode_topk(stream, k)
+        top_values, top_indices = sae.encode_topk(stream, k)
         # To numpy once for the whole batch: slicing per request is then ~1 µs instead of a torch op each.
-        values = values.float().clamp(max=65504.0).to(torch.float16).cpu().numpy()
+        values = top_values.float().clamp(max=65504.0).to(torch.float16).cpu().numpy()
         wide = sae.cfg.d_sae > 65536
-        indices = indices.to(torch.int32).cpu().numpy()
+        indices = top_indices.to(torch.int32).cpu().numpy()
         if not wide:
             indices = indices.astype(np.uint16)
         view.encode_s += time.perf_counter() - began
@@ -436,8 +447,9 @@ class FeatureLensWorkerExtension:
 
     def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
         quant = getattr(self, "_fl_quant", None)
-        if getattr(self, "_fl_sparse", None) is not None:
-            self._fl_sparse.end(quantized=quant is not None and quant.rows is not None)
+        sparse = getattr(self, "_fl_sparse", None)
+        if sparse is not None:
+            sparse.end(quantized=quant is not None and quant.rows is not None)
         if quant is not None:
             quant.end()
         view = self._fl_view
@@ -500,10 +512,10 @@ def pack_codes(record: _StepRecord, layer: int, values: np.ndarray, indices: np.
         record.risk.append([layer, counts.tobytes(), wide, idx.tobytes(), vals.tobytes(), scores.tobytes()])
 
 
-_SENDER_CONTEXT: Any = None
+_SENDER_CONTEXT: zmq.Context[zmq.Socket[bytes]] | None = None
 
 
-def _sender_context() -> Any:
+def _sender_context() -> zmq.Context[zmq.Socket[bytes]]:
     """Our own ZMQ context for the feature socket, its I/O thread kept off the worker's cores. vLLM's CPU
     worker binds its process to its cores (2-core box: core 0; the other is left to the engine core and the
     frontend), and every thread it starts inherits that: ZMQ's I/O thread, woken by every step's send, then
@@ -524,7 +536,7 @@ def _sender_context() -> Any:
     return _SENDER_CONTEXT
 
 
-def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]], dict[int, str],
+def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, list[SteeringSpec]], dict[int, str],
                                            dict[int, int], bool, frozenset[int]]:
     """A request's spec by layer — capture, steering lists and their signatures (a list as a string, so
     requests with equal lists steer in one pass), risk k, the prompt flag, every layer it touches — parsed on
@@ -534,7 +546,7 @@ def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, 
         import json
 
         capture = {c["layer"]: c for c in spec.get("capture", ())}
-        steer: dict[int, list[dict[str, Any]]] = {}
+        steer: dict[int, list[SteeringSpec]] = {}
         for s in spec.get("steer", ()):
             steer.setdefault(s["layer"], []).append(s)
         signatures = {layer: json.dumps(specs, sort_keys=True) for layer, specs in steer.items()}

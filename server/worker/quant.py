@@ -1,5 +1,5 @@
 """Per-request int8 quantized mode (int8 weights, weight-only) inside the vLLM worker (installed by
-server/worker.py).
+server/worker/extension.py).
 
 The engine keeps serving its full-precision weights; at set-up every decoder projection also gets an int8
 copy (symmetric per-output-channel weights, quantized from the model's safetensors by
@@ -124,7 +124,7 @@ class Int8Head:
 
     Why sparse mode re-scores: at batch 1 the 49152 x 576 head is a fifth of SmolLM2's weight bytes and sparse
     mode never zeroes its inputs, so it caps the decode speed-up (~1.65x at 50%). int8 reads half the bytes
-    (one thread, Emerald Rapids, 2026-12-07: 2.7-3.0 ms against 5.6 ms for vLLM's bf16 linear); the int8 logits'
+    (and on one thread took about half the time of vLLM's bf16 linear, docs/modes.md); the int8 logits'
     error (per-row scales; perplexity x1.000 in quantized mode) cannot move a token from beyond the 64th place
     to the first, so after the exact re-score the argmax, and every probability above ~1e-6, are the dense
     head's. The tail's logits stay int8: sampled and reported logprobs differ from dense only through them."""

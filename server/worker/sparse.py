@@ -1,4 +1,4 @@
-"""Per-request WINA sparse mode inside the vLLM worker (installed by server/worker.py).
+"""Per-request WINA sparse mode inside the vLLM worker (installed by server/worker/extension.py).
 
 vLLM fuses Llama's projections (qkv_proj = q|k|v, gate_up_proj = gate|up), and the three q/k/v (two gate/up)
 thresholds differ, so one input mask cannot serve a fused matmul. Each fused module's `forward` is therefore
@@ -18,7 +18,7 @@ Which rows are sparse: a sparse request's rows at generated-token positions; its
 the server sparsifies prompts too (`--sparse-prompt`), see `SparseRuntime.rows_of`.
 
 Inputs in another basis: when the thresholds file ships input bases T (the default model's does, for q/k/v's
-and the MLP's inputs, stored as int8 rows with per-row scales; see server/interp/sparsity.py), such a module's
+and the MLP's inputs, stored as int8 rows with per-row scales; see server/modes/sparsity.py), such a module's
 sparse rows read x' = x T (one small GEMM per module and step; on the fast path the native int8 walk
 `basis_gemv_int8` for int8 bases) and are masked in that basis; the fast path multiplies x' by the weights in that basis, transposed
 ((W T⁻ᵀ)ᵀ), the mask path maps each masked copy back (x'_masked T⁻¹, float32) and runs the module's own GEMM.
@@ -30,7 +30,7 @@ of step (`featurelens_sparse_profile`; `featurelens bench modes` prints it). Off
 call pays an attribute check (two on the fast path).
 
 Column norms ||W[:, i]|| (of W T⁻ᵀ for projections read in another basis) come from the same safetensors files at set-up. Thresholds are the shipped per-layer,
-per-projection tables (server/interp/sparsity.py). Per request the worker counts the zeroed inputs (over all
+per-projection tables (server/modes/sparsity.py). Per request the worker counts the zeroed inputs (over all
 projections, every row), readable with `featurelens_sparsity_stats`.
 """
 
@@ -96,9 +96,8 @@ class StepProfile:
     it and the unembedding after it are outside); `projections` is the time inside the wrapped projection
     modules (the dense GEMM, the mask path or the fast path); on the fast path `kernels` is the native
     sparse_gemv_parts calls and `basis` the x T GEMVs, so `projections - kernels - basis` is the Python of the
-    wrappers. A step whose rows are all quantized-mode runs only the int8 wrappers (worker_quant), which call
-    none of these projections: such steps are not recorded ("quantized ..." is a mixed step). Added on
-    2026-12-06 after the same numbers were taken with a temporary patch (docs/modes.md)."""
+    wrappers. A step whose rows are all quantized-mode runs only the int8 wrappers (worker/quant.py), which call
+    none of these projections: such steps are not recorded ("quantized ..." is a mixed step)."""
 
     def __init__(self) -> None:
         self.totals: dict[str, dict[str, float]] = {}
@@ -272,7 +271,9 @@ class SparseRuntime:
         self.step = None
         if not requests:
             return
-        rows, levels, segments = [], [], []
+        rows: list[int] = []
+        levels: list[str] = []
+        segments: list[tuple[str, int, int]] = []
         for key, start, end, level in requests:
             segments.append((key, len(rows), len(rows) + end - start))
             rows.extend(range(start, end))
@@ -370,12 +371,15 @@ class _SparseProjection:
                 rotated = torch.empty_like(x)
                 self.runtime.basis_int8(x[0].contiguous(), *self.rotation_int8, rotated)
                 x = rotated
-            elif self.runtime.rotate_gemv is not None:
-                rotated = torch.empty_like(x)
-                self.runtime.rotate_gemv(x[0].contiguous(), [self.rotation_fast], self.all_inputs, [0.0], rotated)
-                x = rotated
             else:
-                x = x @ self.rotation_fast
+                rotation_fast, all_inputs = self.rotation_fast, self.all_inputs
+                assert rotation_fast is not None and all_inputs is not None  # made above / with the basis
+                if self.runtime.rotate_gemv is not None:
+                    rotated = torch.empty_like(x)
+                    self.runtime.rotate_gemv(x[0].contiguous(), [rotation_fast], all_inputs, [0.0], rotated)
+                    x = rotated
+                else:
+                    x = x @ rotation_fast
             if profile is not None:
                 profile.add("basis", time.perf_counter() - began)
         out = torch.empty((1, self.out_features), dtype=x.dtype, device=x.device)
@@ -400,7 +404,11 @@ class _SparseProjection:
             keep = absx * self.runtime.norms[self.layer][p] >= step.thresholds[:, self.layer, p:p + 1]
             step.zeroed += x.shape[1] - keep.sum(1)
             masked = basis.masked_fill(~keep, 0)
-            copies.append(masked if self.rotation is None else (masked @ self.inverse).to(xs.dtype))
+            if self.rotation is None:
+                copies.append(masked)
+            else:
+                assert self.inverse is not None  # inverted with the basis (SparseRuntime.inverse)
+                copies.append((masked @ self.inverse).to(xs.dtype))
         step.inputs += x.shape[1] * len(self.parts)
         result = self.dense(copies[0] if len(copies) == 1 else torch.cat(copies))
         stacked = result[0] if isinstance(result, tuple) else result
