@@ -12,14 +12,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 from featurelens.server.cache import CachedFeatures, FeatureCache, LayerCodes, LruFeatureCache, cache_key
 from featurelens.server.config import Settings
-from featurelens.server.engine import Engine
-from featurelens.server.interp.capture import FeatureChannelError
+from featurelens.server.engine import Engine, ModelShape
+from featurelens.server.interp.capture import FeatureChannelError, FeatureReceiver, RequestFeatures
 from featurelens.server.interp.steering import parse_vector
 from featurelens.server.interp_plan import (
     InterpPlan,
@@ -32,7 +32,8 @@ from featurelens.server.interp_plan import (
     token_codes,
 )
 from featurelens.server.metrics import Metrics
-from featurelens.server.security import request_id_var
+from featurelens.server.security import caller_namespace, request_id_var
+from featurelens.server.state import StoredVector, VectorStore, worker_key
 from featurelens.server.validation import (
     ApiError,
     GenerationPlan,
@@ -45,13 +46,19 @@ from featurelens.server.validation import (
 from featurelens.v1 import featurelens_pb2 as pb
 from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from featurelens.server.interp.catalog import FeatureCatalog
+    from featurelens.server.interp.risk import RunningRisk
+    from vllm import CompletionOutput, SamplingParams
+    from vllm.tokenizers import TokenizerLike
+
 log = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
 MODE_LABELS = {pb.INFERENCE_MODE_DENSE: "dense", pb.INFERENCE_MODE_SPARSE: "sparse",
                pb.INFERENCE_MODE_QUANTIZED: "quantized"}
 
 
-def _finish_reason(completion: Any, plan: GenerationPlan) -> int:
+def _finish_reason(completion: CompletionOutput, plan: GenerationPlan) -> pb.FinishReason:
     reason, stop_reason = completion.finish_reason, completion.stop_reason
     if reason == "length":
         return pb.FINISH_REASON_LENGTH
@@ -86,6 +93,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         self.cache = cache if cache is not None else LruFeatureCache(settings.cache_ttl_s,
                                                                      settings.cache_max_value_bytes)
         self.in_flight = 0
+        self.vectors: VectorStore | None = None  # set once the engine knows the model (app.start_server)
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -144,6 +152,30 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             self.in_flight -= 1
             self.metrics.observe_rpc(method, code, time.perf_counter() - started)
 
+    # RPCs reach the servicer as soon as gRPC listens, while the engine still starts (health NOT_SERVING):
+    # what only a started engine has is read through these, which say so instead of failing on None.
+
+    @property
+    def _shape(self) -> ModelShape:
+        shape = self.engine.shape
+        if shape is None:
+            raise RuntimeError("the engine has not started yet")
+        return shape
+
+    @property
+    def _features(self) -> FeatureReceiver:
+        features = self.engine.features
+        if features is None:
+            raise RuntimeError("the engine has not started yet: no feature channel")
+        return features
+
+    @property
+    def _tokenizer(self) -> TokenizerLike:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise RuntimeError("the engine has not started yet: no tokenizer")
+        return tokenizer
+
     async def _unary(self, context: grpc.aio.ServicerContext, method: str, body: Callable[[], Awaitable[Any]]) -> Any:
         async def once() -> AsyncIterator[Any]:
             yield await body()
@@ -153,15 +185,24 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     # -- generation ------------------------------------------------------------------------------------
 
-    def _plan(self, request: Any, request_id: str) -> tuple[GenerationPlan, InterpPlan]:
-        shape = self.engine.shape
-        assert shape is not None
+    async def _plan(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[GenerationPlan, InterpPlan]:
+        shape = self._shape
         plan = validate_generate(request, self.engine, self.settings, shape.max_model_len, shape.vocab_size,
-                                 request_id, sparsity_levels=self.engine.sparsity_levels,
+                                 self._request_id(request, context), sparsity_levels=self.engine.sparsity_levels,
                                  quantized_available=self.engine.quantized is not None)
-        return plan, plan_interpretability(request, self.engine, self.settings)
+        vectors = await self._resolve_vectors(request.steering, context)
+        interp = plan_interpretability(request, self.engine, self.settings,
+                                       {vector_id: len(v.values) for vector_id, v in vectors.items()})
+        namespace = caller_namespace(context.invocation_metadata())
+        for spec in interp.steer:  # the workers know vectors by content: see state.worker_key
+            if "vector" in spec:
+                vector = vectors[spec["vector"]]
+                key = spec["vector"] = worker_key(namespace, vector)
+                interp.vectors[key] = vector.values
+        return plan, interp
 
-    def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str, received: Any = None) -> Any:
+    def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str,
+                         received: RequestFeatures | None = None) -> SamplingParams:
         """vLLM SamplingParams; `received` is the request's open RequestFeatures (its tag rides in the spec)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -177,7 +218,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         return SamplingParams(**plan.sampling_kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
                               skip_reading_prefix_cache=True if interp.include_prompt else None)
 
-    def _tokens(self, completion: Any, plan: GenerationPlan) -> list[pb.Token]:
+    def _tokens(self, completion: CompletionOutput, plan: GenerationPlan) -> list[pb.Token]:
         tokens = []
         logprobs = completion.logprobs or []
         for i, token_id in enumerate(completion.token_ids):
@@ -197,7 +238,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         """One generation as stream chunks (features attached); the last carries finish reason and usage.
         The request is aborted in the engine if the consumer stops early."""
         engine_id = f"{plan.request_id}-{uuid.uuid4().hex[:8]}"
-        received = self.engine.features.open(engine_id) if interp.receives else None
+        received = self._features.open(engine_id) if interp.receives else None
         running_risk = interp.risk.start() if interp.risk is not None else None
         n_prompt = len(plan.prompt_token_ids)
         mode = MODE_LABELS.get(plan.mode, "dense")
@@ -205,6 +246,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             self.metrics.count_steering(spec["op"])
         started = last = time.perf_counter()
         generated = 0
+        if interp.vectors:
+            await self.engine.use_vectors(interp.vectors)
         try:
             params = self._sampling_params(plan, interp, engine_id, received)
             async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
@@ -247,18 +290,21 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                     self.metrics.observe_request(mode, now - started, n_prompt, generated)
                     if running_risk is not None and generated:
                         if running_risk.scored:  # the explanation's pooled features, once
+                            assert received is not None  # a risk request receives its codes
                             running_risk.pool([received.risk_codes_arrived(interp.risk_capture, p)
                                                for p in range(n_prompt - 1, n_prompt - 1 + generated)])
                         chunk.risk.CopyFrom(self._response_risk(running_risk, mode))
                 yield chunk
         finally:
             if received is not None:
-                self.engine.features.close(engine_id)
+                self._features.close(engine_id)
+            if interp.vectors:
+                await self.engine.release_vectors(interp.vectors)
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         async def body() -> AsyncIterator[pb.GenerateStreamResponse]:
-            plan, interp = self._plan(request, self._request_id(request, context))
+            plan, interp = await self._plan(request, context)
             async for chunk in self._chunks(plan, interp):
                 yield chunk
 
@@ -267,8 +313,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def body() -> pb.GenerateResponse:
-            plan, interp = self._plan(request, self._request_id(request, context))
-            response = pb.GenerateResponse(request_id=plan.request_id, model=self.engine.shape.model_id,
+            plan, interp = await self._plan(request, context)
+            response = pb.GenerateResponse(request_id=plan.request_id, model=self._shape.model_id,
                                            mode=plan.mode)
             pieces = []
             async for chunk in self._chunks(plan, interp):
@@ -284,31 +330,31 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
         return await self._unary(context, "Generate", body)
 
-    def _response_risk(self, running: Any, mode: str) -> pb.ResponseRisk:
+    def _response_risk(self, running: RunningRisk, mode: str) -> pb.ResponseRisk:
         risk = running.response_risk(self.engine.explain)
-        self.metrics.observe_response_risk(self.engine.shape.model_id, mode, risk.score,
+        self.metrics.observe_response_risk(self._shape.model_id, mode, risk.score,
                                            risk.label == pb.RISK_LABEL_HIGH)
         return risk
 
     def _salt(self, interp: InterpPlan | None, prompt_ids: list[int], sparsity_percent: int, mode: int) -> str | None:
-        steering = interp.cache_salt(self.engine.vector_digests, len(prompt_ids)) if interp is not None else None
+        steering = interp.cache_salt(len(prompt_ids)) if interp is not None else None
         return _cache_salt(steering, sparsity_percent, mode, len(prompt_ids), self.settings.sparse_prompt)
 
     # -- features ----------------------------------------------------------------------------------------
 
-    def _request_mode(self, request: Any) -> tuple[int, int]:
+    def _request_mode(self, request: Any) -> tuple[pb.InferenceMode, int]:
         return check_mode(request.mode, request.sparsity_percent, self.engine.sparsity_levels,
                           self.engine.quantized is not None)
 
     async def _prompt_codes(self, ids: list[int], capture: dict[int, int], request_id: str,
-                            mode: int = pb.INFERENCE_MODE_DENSE,
+                            mode: pb.InferenceMode = pb.INFERENCE_MODE_DENSE,
                             sparsity_percent: int = 0) -> tuple[CachedFeatures, bool]:
         """Top-k codes of every prompt token, from the cache or computed by a 1-token engine pass. Both
         paths return fp16-rounded activations, so a cached answer equals a recomputed one exactly."""
         entries = [self.engine.saes[layer] for layer in capture]
         options: dict[str, Any] = {"top_k": capture, "engine": self.engine.codes_identity,
                                    "mode": MODE_LABELS.get(mode, "dense") + (str(sparsity_percent) if sparsity_percent else "")}
-        key = cache_key(self.engine.shape.model_id, ",".join(e.sae_id for e in entries),
+        key = cache_key(self._shape.model_id, ",".join(e.sae_id for e in entries),
                         ",".join(e.version for e in entries), list(capture), ids, options)
         cached = await self.cache.get(key)
         if cached is not None and [lc.layer for lc in cached.layers] == list(capture):
@@ -318,7 +364,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                               stop_token_ids=frozenset(), token_logprobs=False, top_logprobs=0,
                               mode=mode, request_id=request_id, sparsity_percent=sparsity_percent)
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
-        received = self.engine.features.open(engine_id)
+        received = self._features.open(engine_id)
         try:
             async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id, received),
                                                 self._salt(None, ids, sparsity_percent, mode)):
@@ -329,7 +375,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 layers.append(LayerCodes(layer=layer, indices=np.stack([r[0] for r in rows]).astype(np.uint32),
                                          values=np.stack([r[1] for r in rows]).astype(np.float16)))
         finally:
-            self.engine.features.close(engine_id)
+            self._features.close(engine_id)
         result = CachedFeatures(token_ids=np.asarray(ids, dtype=np.uint32), layers=layers)
         await self.cache.set(key, result)
         return result, False
@@ -345,7 +391,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             capture = parse_feature_selection(request.features, self.engine, self.settings.max_features_per_token,
                                               "features")
             mode, sparsity_percent = self._request_mode(request)
-            ids = prompt_token_ids(request, self.engine, self.engine.shape.max_model_len)
+            ids = prompt_token_ids(request, self.engine, self._shape.max_model_len)
             codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
                                                      sparsity_percent)
             response = pb.GetFeatureActivationsResponse(cached=cached)
@@ -360,29 +406,85 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
         return await self._unary(context, "GetFeatureActivations", body)
 
+    # -- steering vectors: shared state, one namespace per caller ------------------------------------------
+
+    def _vector_store(self) -> VectorStore:
+        if self.vectors is None:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "vector_id: the vector store is not ready yet; retry")
+        return self.vectors
+
+    async def _resolve_vectors(self, steering: Any, context: grpc.aio.ServicerContext) -> dict[str, StoredVector]:
+        """The caller's registered vectors that `steering` adds, from the shared store (any replica may have
+        registered them). Unknown ids are left out: validation then names the field."""
+        ids = {item.vector_id for item in steering if item.WhichOneof("target") == "vector_id"}
+        if not ids:
+            return {}
+        store, namespace = self._vector_store(), caller_namespace(context.invocation_metadata())
+        found = {}
+        for vector_id in sorted(ids):
+            vector = await store.get(namespace, vector_id)
+            if vector is not None:
+                found[vector_id] = vector
+        return found
+
+    def _vector_message(self, vector: StoredVector) -> pb.SteeringVector:
+        return pb.SteeringVector(vector_id=vector.vector_id, dimension=len(vector.values), l2_norm=vector.l2_norm,
+                                 digest=vector.digest)
+
     async def RegisterSteeringVector(self, request: pb.RegisterSteeringVectorRequest,
                                      context: grpc.aio.ServicerContext) -> pb.RegisterSteeringVectorResponse:
         async def body() -> pb.RegisterSteeringVectorResponse:
-            vector = parse_vector(request.vector_id, request.values, self.engine.shape.hidden_size)
-            await self.engine.register_vector(request.vector_id, vector.tolist())
+            vector = parse_vector(request.vector_id, request.values, self._shape.hidden_size)
+            stored = StoredVector(request.vector_id, tuple(vector.tolist()))
+            await self._vector_store().put(caller_namespace(context.invocation_metadata()), stored)
             return pb.RegisterSteeringVectorResponse(vector_id=request.vector_id, dimension=vector.numel(),
                                                      l2_norm=float(vector.norm()))
 
         return await self._unary(context, "RegisterSteeringVector", body)
 
+    async def ListSteeringVectors(self, request: pb.ListSteeringVectorsRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.ListSteeringVectorsResponse:
+        async def body() -> pb.ListSteeringVectorsResponse:
+            store = self._vector_store()
+            vectors = await store.list(caller_namespace(context.invocation_metadata()))
+            return pb.ListSteeringVectorsResponse(vectors=[self._vector_message(v) for v in vectors],
+                                                  store=store.backend)
+
+        return await self._unary(context, "ListSteeringVectors", body)
+
+    async def GetSteeringVector(self, request: pb.GetSteeringVectorRequest,
+                                context: grpc.aio.ServicerContext) -> pb.GetSteeringVectorResponse:
+        async def body() -> pb.GetSteeringVectorResponse:
+            vector = await self._vector_store().get(caller_namespace(context.invocation_metadata()), request.vector_id)
+            if vector is None:
+                raise ApiError(grpc.StatusCode.NOT_FOUND, f"vector_id: no registered vector {request.vector_id!r}")
+            return pb.GetSteeringVectorResponse(vector=self._vector_message(vector), values=vector.values)
+
+        return await self._unary(context, "GetSteeringVector", body)
+
+    async def DeleteSteeringVector(self, request: pb.DeleteSteeringVectorRequest,
+                                   context: grpc.aio.ServicerContext) -> pb.DeleteSteeringVectorResponse:
+        async def body() -> pb.DeleteSteeringVectorResponse:
+            namespace = caller_namespace(context.invocation_metadata())
+            if not await self._vector_store().delete(namespace, request.vector_id):
+                raise ApiError(grpc.StatusCode.NOT_FOUND, f"vector_id: no registered vector {request.vector_id!r}")
+            return pb.DeleteSteeringVectorResponse()
+
+        return await self._unary(context, "DeleteSteeringVector", body)
+
     # -- model info and tokenization ---------------------------------------------------------------------
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         async def body() -> pb.TokenizeResponse:
-            ids = prompt_token_ids(request, self.engine, self.engine.shape.max_model_len + 1)
-            return pb.TokenizeResponse(token_ids=ids, tokens=self.engine.tokenizer.convert_ids_to_tokens(ids))
+            ids = prompt_token_ids(request, self.engine, self._shape.max_model_len + 1)
+            return pb.TokenizeResponse(token_ids=ids, tokens=self._tokenizer.convert_ids_to_tokens(ids))
 
         return await self._unary(context, "Tokenize", body)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
         async def body() -> pb.GetModelInfoResponse:
-            shape, s = self.engine.shape, self.settings
+            shape, s = self._shape, self.settings
             info = pb.GetModelInfoResponse(
                 model=shape.model_id, num_layers=shape.num_layers, hidden_size=shape.hidden_size,
                 vocab_size=shape.vocab_size, max_model_len=shape.max_model_len, server_version=SERVER_VERSION,
@@ -424,13 +526,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
         return await self._unary(context, "GetModelInfo", body)
 
-    # -- capabilities that land in later issues ------------------------------------------------------------
-
-    async def _unimplemented(self, context: grpc.aio.ServicerContext, method: str, what: str) -> Any:
-        async def body() -> Any:
-            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, f"{method}: {what} is not implemented on this server yet")
-
-        return await self._unary(context, method, body)
+    # -- hallucination risk -----------------------------------------------------------------------------
 
     async def ScoreHallucination(self, request: pb.ScoreHallucinationRequest,
                                  context: grpc.aio.ServicerContext) -> pb.ScoreHallucinationResponse:
@@ -454,9 +550,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 raise invalid("response", "must not be empty")
             messages = [{"role": "user", "content": request.text}] if kind == "text" else chat_messages(request.chat)
             prompt_ids = self.engine.encode_chat(messages)
-            response_ids = self.engine.tokenizer.encode(request.response, add_special_tokens=False)
-            ids = prompt_ids + response_ids + [self.engine.tokenizer.eos_token_id]
-            limit = self.engine.shape.max_model_len
+            response_ids = self._tokenizer.encode(request.response, add_special_tokens=False)
+            ids = prompt_ids + response_ids + [self._tokenizer.eos_token_id]
+            limit = self._shape.max_model_len
             if len(ids) >= limit:
                 raise invalid("response", f"prompt + response are {len(ids)} tokens; the context is {limit}")
             mode, sparsity_percent = self._request_mode(request)
@@ -480,7 +576,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     # -- feature explanations and search ----------------------------------------------------------------
 
-    def _catalog_for(self, layer: int, sae_id: str) -> Any:
+    def _catalog_for(self, layer: int, sae_id: str) -> FeatureCatalog:
         entry = self.engine.saes.get(layer)
         if entry is None:
             raise invalid("layer", f"no SAE at layer {layer}; layers with SAEs: {sorted(self.engine.saes)}")
@@ -524,7 +620,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 if not request.example_text.strip():
                     raise invalid("example_text", "must not be empty")
                 ids = self.engine.encode_text(request.example_text)
-                limit_tokens = self.engine.shape.max_model_len - 1
+                limit_tokens = self._shape.max_model_len - 1
                 if len(ids) > limit_tokens:
                     raise invalid("example_text", f"{len(ids)} tokens, more than the {limit_tokens} the model takes")
                 entry = self.engine.saes[request.layer]

@@ -29,6 +29,7 @@ from featurelens.server.security import (
     load_tokens,
     open_methods,
 )
+from featurelens.server.state import make_vector_store
 from featurelens.v1 import featurelens_pb2 as pb
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -85,6 +86,8 @@ class RunningServer:
         for task in self._tasks:
             task.cancel()
         await self.servicer.cache.close()
+        if self.servicer.vectors is not None:
+            await self.servicer.vectors.close()
         if self.metrics_http is not None:
             self.metrics_http.stop()
         await self.engine.shutdown()
@@ -111,6 +114,7 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert_file:
+        assert settings.tls_key_file is not None  # Settings refuses a certificate without its key
         credentials = load_server_credentials(settings.tls_cert_file, settings.tls_key_file,
                                               settings.tls_client_ca_file)
         port = server.add_secure_port(address, credentials)
@@ -131,7 +135,12 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
         if engine.features is not None:
             engine.features.on_step = metrics.observe_step_timing
             _watch_receiver(running)
-        metrics.set_engine_info(engine.shape.model_id, [e.sae_id for e in engine.saes.values()], SERVER_VERSION,
+        shape = engine.shape
+        assert shape is not None  # known once the engine has started
+        servicer.vectors = make_vector_store(settings.redis_url, shape.model_id,
+                                             settings.max_vectors_per_caller, settings.max_vector_bytes_per_caller)
+        log.info("steering vectors: %s store", servicer.vectors.backend)
+        metrics.set_engine_info(shape.model_id, [e.sae_id for e in engine.saes.values()], SERVER_VERSION,
                                 settings.kv_cache_dtype)
         started = time.perf_counter()
         await engine.warmup()
@@ -157,6 +166,7 @@ def _watch_receiver(running: RunningServer) -> None:
     """A failed feature receiver turns health NOT_SERVING at once (its waiting RPCs get UNAVAILABLE) and back
     to SERVING when it runs again, unless the server is stopping."""
     features = running.engine.features
+    assert features is not None  # called once the engine has its receiver
 
     def failed(error: BaseException) -> None:
         running._tasks.append(asyncio.create_task(running.set_serving(False)))

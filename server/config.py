@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(8, description="stop sequences per request")
     max_stop_sequence_chars: int = Field(256, description="characters per stop sequence")
     max_interventions: int = Field(16, description="steering interventions per request")
+    max_vectors_per_caller: int = Field(256, ge=1, description="registered steering vectors per caller (namespace)")
+    max_vector_bytes_per_caller: int = Field(64 << 20, ge=1, description="bytes of registered steering vectors "
+                                             "per caller (float32 values)")
     max_features_per_token: int = Field(64, description="top-k SAE features per token")
     max_top_logprobs: int = Field(20, description="alternatives per position with logprobs")
     max_steering_strength: float = Field(1000.0, description="bound on |strength| of an intervention")
@@ -134,8 +137,8 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
-        if None not in (self.risk_medium_threshold, self.risk_high_threshold) and \
-                self.risk_medium_threshold > self.risk_high_threshold:
+        medium, high = self.risk_medium_threshold, self.risk_high_threshold
+        if medium is not None and high is not None and medium > high:
             raise ValueError("risk_medium_threshold must not exceed risk_high_threshold")
         return self
 

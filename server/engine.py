@@ -6,20 +6,31 @@ into vLLM calls and makes sure a request that ends early (cancel, deadline, erro
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
 import os
-import struct
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featurelens.server.config import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from featurelens.server.interp.capture import FeatureReceiver
+    from featurelens.server.interp.catalog import FeatureCatalog
+    from featurelens.server.interp.registry import SaeEntry
+    from featurelens.server.interp.risk import RiskProbe
+    from vllm import RequestOutput, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.tokenizers import TokenizerLike
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "featurelens.server.worker.extension.FeatureLensWorkerExtension"
+WORKER_VECTOR_CACHE = 64  # unpinned steering vectors kept in the workers for the next request
 
 
 def check_kv_cache_dtype(dtype: str) -> None:
@@ -88,27 +99,40 @@ class Engine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.llm: Any = None
-        self.tokenizer: Any = None
+        self.llm: AsyncLLM | None = None
+        self.tokenizer: TokenizerLike | None = None
         self.shape: ModelShape | None = None
         self.model_path: str = ""
         self.dtype = settings.dtype  # what vLLM was given (resolve_dtype), then the model's actual dtype
         self.codes_identity = ""  # weights, dtype, KV dtype, SAE matmul dtype: see _codes_identity
-        self.saes: dict[int, Any] = {}
-        self.features: Any = None
-        self.vectors: dict[str, int] = {}
-        self.vector_digests: dict[str, str] = {}  # id -> hash of the values: part of steered requests' KV salt
-        self.risk_probe: Any = None
+        self.saes: dict[int, SaeEntry] = {}
+        self.features: FeatureReceiver | None = None
+        # Steering vectors the workers hold (state.worker_key -> pins by running requests); unpinned ones stay
+        # cached up to WORKER_VECTOR_CACHE and are dropped oldest first.
+        self._worker_vectors: OrderedDict[str, int] = OrderedDict()
+        self._vector_lock = asyncio.Lock()
+        self.risk_probe: RiskProbe | None = None
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
         self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
         self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
         self.sparse_logits = "dense"  # sparse requests' logits: "int8-rescored" once the worker installed it
         self.kv_cache_tokens = 0  # tokens the engine's KV cache holds (blocks x block size), known once started
-        self._catalogs: dict[int, Any] = {}
+        self._catalogs: dict[int, FeatureCatalog | None] = {}
         # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
         self.interpretability_available = settings.enforce_eager
 
     # -- lifecycle -----------------------------------------------------------------------------------
+
+    def _running(self) -> AsyncLLM:
+        """The AsyncLLM. RPCs can reach the servicer while it starts (health NOT_SERVING) and after shutdown."""
+        if self.llm is None:
+            raise RuntimeError("the vLLM engine is not running (not started yet, or shut down)")
+        return self.llm
+
+    def _tok(self) -> TokenizerLike:
+        if self.tokenizer is None:
+            raise RuntimeError("the vLLM engine has not started yet: no tokenizer")
+        return self.tokenizer
 
     async def start(self) -> None:
         from featurelens.server.model_assets import resolve_model
@@ -174,7 +198,7 @@ class Engine:
         self.saes = build_registry(self._sae_args(), self.shape.hidden_size, self.shape.num_layers)
         self.features = FeatureReceiver(self.settings.feature_transport, self.llm)
         self.features.start()
-        config = {"endpoint": self.features.endpoint,
+        config: dict[str, Any] = {"endpoint": self.features.endpoint,
                   "saes": [{"layer": e.layer, "path": e.path, "sae_id": e.sae_id} for e in self.saes.values()],
                   "sae_gemm": self.settings.sae_gemm_dtype}
         thresholds = self._sparsity_thresholds()
@@ -183,7 +207,7 @@ class Engine:
                                   "logits": self.settings.sparse_logits}
         # Quantized mode wraps Python forwards like sparse mode, so compiled mode cannot serve it either.
         config["quantized"] = self.settings.quantized_mode == "int8" and self.interpretability_available
-        installed = await self.llm.collective_rpc("featurelens_setup", args=(config,))
+        installed = await self._running().collective_rpc("featurelens_setup", args=(config,))
         self.sparsity_levels = tuple(int(level) for level in installed[0].get("sparsity_levels", ()))
         self.sparsity_rotated = tuple(installed[0].get("sparsity_rotated", ()))
         self.quantized = installed[0].get("quantized")
@@ -195,7 +219,7 @@ class Engine:
         self.risk_probe = self._load_probe()
         if self.risk_probe is not None:
             probe = self.risk_probe
-            await self.llm.collective_rpc("featurelens_set_probe", args=(
+            await self._running().collective_rpc("featurelens_set_probe", args=(
                 probe.feature_ids, probe.feature_weights, probe.probe.input_transform))
 
     def _is_default_model(self) -> bool:
@@ -225,26 +249,26 @@ class Engine:
 
     async def sparsity_stats(self) -> dict[str, dict[str, float]]:
         """Per sparse-mode engine request id: fraction of projection inputs the worker zeroed."""
-        return (await self.llm.collective_rpc("featurelens_sparsity_stats"))[0]
+        return (await self._running().collective_rpc("featurelens_sparsity_stats"))[0]
 
     async def sparse_profile(self, reset: bool = False) -> dict[str, dict[str, float]]:
         """Worker step timings by kind of step (ms per step), {} unless FEATURELENS_SPARSE_PROFILE=1 was set
         when the engine started (worker_sparsity.StepProfile)."""
         if not self.interpretability_available:
             return {}
-        return (await self.llm.collective_rpc("featurelens_sparse_profile", args=(reset,)))[0]
+        return (await self._running().collective_rpc("featurelens_sparse_profile", args=(reset,)))[0]
 
     async def head_stats(self) -> dict[str, Any]:
         """The worker's int8 unembedding: logits rows computed in int8 and re-scored ({} when not installed)."""
         if not self.interpretability_available:
             return {}
-        return (await self.llm.collective_rpc("featurelens_head_stats"))[0]
+        return (await self._running().collective_rpc("featurelens_head_stats"))[0]
 
     async def quant_stats(self) -> dict[str, dict[str, Any]]:
         """Per quantized-mode engine request id: rows the worker computed with the int8 projections."""
-        return (await self.llm.collective_rpc("featurelens_quant_stats"))[0]
+        return (await self._running().collective_rpc("featurelens_quant_stats"))[0]
 
-    def _load_probe(self) -> Any:
+    def _load_probe(self) -> RiskProbe | None:
         from featurelens.server.interp.risk import RiskProbe, default_probe_path
 
         choice = self.settings.risk_probe
@@ -270,14 +294,14 @@ class Engine:
                  probe.medium, probe.high)
         return probe
 
-    def catalog(self, layer: int) -> Any:
+    def catalog(self, layer: int) -> FeatureCatalog | None:
         """The explanations of the SAE at `layer` (FeatureCatalog), loaded on first use; None without a file."""
         if layer not in self._catalogs:
             from featurelens.server.interp.catalog import FeatureCatalog
 
             entry = self.saes.get(layer)
-            catalog = FeatureCatalog.load(entry.path) if entry else None
-            if catalog is not None and catalog.sae_id != entry.sae_id:
+            catalog = FeatureCatalog.load(entry.path) if entry is not None else None
+            if entry is not None and catalog is not None and catalog.sae_id != entry.sae_id:
                 log.warning("explanations in %s are for SAE %s, not %s: ignored", entry.path, catalog.sae_id,
                             entry.sae_id)
                 catalog = None
@@ -289,11 +313,30 @@ class Engine:
         catalog = self.catalog(layer)
         return catalog.label(feature_id) if catalog is not None else ""
 
-    async def register_vector(self, vector_id: str, values: list[float]) -> None:
-        await self.llm.collective_rpc("featurelens_register_vector", args=(vector_id, values))
-        self.vectors[vector_id] = len(values)
-        self.vector_digests[vector_id] = hashlib.blake2b(struct.pack(f"<{len(values)}f", *values),
-                                                         digest_size=12).hexdigest()
+    async def use_vectors(self, vectors: Mapping[str, Sequence[float]]) -> None:
+        """Make every worker hold these vectors (worker key -> values; sent only when missing) and pin them
+        until `release_vectors`: a vector a running request steers with is never dropped."""
+        async with self._vector_lock:
+            for key, values in vectors.items():
+                if key not in self._worker_vectors:
+                    await self._running().collective_rpc("featurelens_register_vector", args=(key, list(values)))
+                    self._worker_vectors[key] = 0
+                self._worker_vectors[key] += 1
+                self._worker_vectors.move_to_end(key)
+
+    async def release_vectors(self, keys: Iterable[str]) -> None:
+        async with self._vector_lock:
+            for key in keys:
+                self._worker_vectors[key] -= 1
+            unpinned = [k for k, pins in self._worker_vectors.items() if pins <= 0]
+            drop = unpinned[:max(0, len(unpinned) - WORKER_VECTOR_CACHE)]  # oldest first
+            if drop:
+                for key in drop:
+                    del self._worker_vectors[key]
+                await self._running().collective_rpc("featurelens_drop_vectors", args=(drop,))
+
+    def worker_vector_keys(self) -> list[str]:
+        return list(self._worker_vectors)
 
     @staticmethod
     def model_id_for(requested: str, path: str) -> str:
@@ -306,7 +349,7 @@ class Engine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=2, temperature=0.0)
-        async for _ in self.generate("warmup", [self.tokenizer.bos_token_id or 1, 2, 3], params):
+        async for _ in self.generate("warmup", [self._tok().bos_token_id or 1, 2, 3], params):
             pass
 
     async def shutdown(self) -> None:
@@ -324,30 +367,33 @@ class Engine:
     # -- tokenization ----------------------------------------------------------------------------------
 
     def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return list(self._tok().encode(text, add_special_tokens=True))
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        # vLLM's TokenizerLike types the messages as OpenAI TypedDicts and the result as str | list[int]; HF
+        # tokenizers take plain role/content dicts and may return a BatchEncoding (handled below).
+        ids: Any = self._tok().apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt)  # type: ignore[arg-type]
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # some tokenizers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self._tok().decode([token_id])
 
     # -- requests ----------------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: Any,
-                       cache_salt: str | None = None) -> AsyncIterator[Any]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields vLLM RequestOutputs. If the consumer stops early (cancel, deadline, error), the request is
         aborted in the engine so its slot and KV blocks are freed at once. A `cache_salt` keeps the request's
         KV blocks apart from others in the prefix cache (steered requests must not share with unsteered)."""
-        prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
+        prompt: TokensPrompt = {"prompt_token_ids": prompt_token_ids}
         if cache_salt:
             prompt["cache_salt"] = cache_salt
         finished = False
         try:
-            async for output in self.llm.generate(prompt, params, request_id):
+            async for output in self._running().generate(prompt, params, request_id):
                 finished = output.finished
                 yield output
         finally:
@@ -355,13 +401,13 @@ class Engine:
                 await self.llm.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        await self.llm.abort(request_id)
+        await self._running().abort(request_id)
 
     def num_unfinished_requests(self) -> int:
         """Requests the frontend still tracks (queued or running)."""
-        return int(self.llm.get_num_unfinished_requests())
+        return int(self._running().get_num_unfinished_requests())
 
     async def worker_active_requests(self) -> int:
         """Requests the model runner inside the worker process still holds: the engine-side truth."""
-        counts = await self.llm.collective_rpc("featurelens_active_requests")
+        counts = await self._running().collective_rpc("featurelens_active_requests")
         return int(max(counts))

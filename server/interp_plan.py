@@ -9,14 +9,38 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
+import numpy as np
 from featurelens.server.interp.capture import RequestFeatures
-from featurelens.server.interp.steering import parse_interventions
+from featurelens.server.interp.steering import SteeringSpec, parse_interventions
 from featurelens.server.validation import ApiError, invalid
 from featurelens.v1 import featurelens_pb2 as pb
+
+if TYPE_CHECKING:
+    from featurelens.server.config import Settings
+    from featurelens.server.engine import ModelShape
+    from featurelens.server.interp.registry import SaeEntry
+    from featurelens.server.interp.risk import RiskProbe
+
+Codes = tuple[np.ndarray, np.ndarray]  # (feature indices, activations) of one token at one layer
+
+
+class PlanEngine(Protocol):
+    """What planning reads from the engine: `featurelens.server.engine.Engine`, or a stand-in in tests."""
+
+    @property
+    def saes(self) -> Mapping[int, SaeEntry]: ...
+    @property
+    def risk_probe(self) -> RiskProbe | None: ...
+    @property
+    def interpretability_available(self) -> bool: ...
+    @property
+    def shape(self) -> ModelShape | None: ...
+    def token_text(self, token_id: int) -> str: ...
 
 
 @dataclass
@@ -24,10 +48,12 @@ class InterpPlan:
     capture: dict[int, int] = field(default_factory=dict)  # layer → top_k captured in the worker
     returned: dict[int, int] = field(default_factory=dict)  # layer → top_k returned to the caller
     include_prompt: bool = False
-    steer: list[dict[str, Any]] = field(default_factory=list)
-    risk: Any = None  # the RiskProbe when the request scores risk
+    steer: list[SteeringSpec] = field(default_factory=list)
+    risk: RiskProbe | None = None  # when the request scores risk
     # layer → codes the probe reads there; the worker ships only the probe's features among them
     risk_capture: dict[int, int] = field(default_factory=dict)
+    # added steering vectors by worker key (state.worker_key) -> values, pinned in the workers while it runs
+    vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -50,22 +76,22 @@ class InterpPlan:
             spec["tag"] = tag
         return {"featurelens": spec}
 
-    def cache_salt(self, vector_digests: dict[str, str], num_prompt_tokens: int) -> str | None:
+    def cache_salt(self, num_prompt_tokens: int) -> str | None:
         """Steered requests get their own prefix-cache namespace: only requests that would compute the same KV
-        share it. The salt covers the specs, the content of every vector they add (re-registering an id
-        changes it), and, when a spec steers only PROMPT or only GENERATED positions, where this prompt ends:
-        a multi-turn follow-up whose prompt holds the last answer must not reuse KV that was steered (or not)
-        under the other boundary."""
+        share it. The salt covers the specs, whose added vectors are named by content (`state.worker_key`:
+        re-registering an id changes it), and, when a spec steers only PROMPT or only GENERATED positions,
+        where this prompt ends: a multi-turn follow-up whose prompt holds the last answer must not reuse KV
+        that was steered (or not) under the other boundary."""
         if not self.steer:
             return None
-        vectors = sorted({spec["vector"] for spec in self.steer if "vector" in spec})
-        content = {"steer": self.steer, "vectors": {v: vector_digests.get(v, "") for v in vectors}}
+        content: dict[str, Any] = {"steer": self.steer}
         if any(spec["positions"] != "all" for spec in self.steer):
             content["prompt_tokens"] = num_prompt_tokens
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def parse_feature_selection(selections: Any, engine: Any, max_k: int, field_name: str) -> dict[int, int]:
+def parse_feature_selection(selections: Iterable[pb.FeatureSelection], engine: PlanEngine, max_k: int,
+                            field_name: str) -> dict[int, int]:
     capture: dict[int, int] = {}
     for i, sel in enumerate(selections):
         where = f"{field_name}[{i}]"
@@ -85,8 +111,10 @@ def parse_feature_selection(selections: Any, engine: Any, max_k: int, field_name
     return capture
 
 
-def plan_interpretability(request: Any, engine: Any, settings: Any) -> InterpPlan:
-    """Generate/GenerateStream request → InterpPlan, or ApiError naming the field."""
+def plan_interpretability(request: pb.GenerateRequest | pb.GenerateStreamRequest, engine: PlanEngine,
+                          settings: Settings, vectors: Mapping[str, int] | None = None) -> InterpPlan:
+    """Generate/GenerateStream request → InterpPlan, or ApiError naming the field. `vectors`: the caller's
+    registered vectors the request names (id → dimension), looked up in the shared store beforehand."""
     interp = request.interpretability
     plan = InterpPlan()
     wants = bool(interp.features or interp.include_prompt_features or interp.score_risk or len(request.steering))
@@ -98,23 +126,26 @@ def plan_interpretability(request: Any, engine: Any, settings: Any) -> InterpPla
                                             "interpretability.features")
     plan.capture = dict(plan.returned)
     if interp.score_risk:
-        if engine.risk_probe is None:
+        probe = engine.risk_probe
+        if probe is None:
             raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                            "interpretability.score_risk: no risk probe is loaded on this server "
                            "(GetModelInfo.risk_available)")
-        plan.risk = engine.risk_probe
-        plan.risk_capture = {layer: risk_capture_k(engine.saes[layer], settings, plan.risk)
-                             for layer in plan.risk.layers}
+        plan.risk = probe
+        plan.risk_capture = {layer: risk_capture_k(engine.saes[layer], settings, probe) for layer in probe.layers}
     if interp.include_prompt_features and not plan.returned:
         raise invalid("interpretability.include_prompt_features", "needs at least one interpretability.features")
     plan.include_prompt = interp.include_prompt_features
-    plan.steer = parse_interventions(request.steering, num_layers=engine.shape.num_layers, saes=engine.saes,
-                                     vectors=engine.vectors, max_interventions=settings.max_interventions,
+    shape = engine.shape
+    if shape is None:  # RPCs can arrive while the engine starts (health NOT_SERVING)
+        raise RuntimeError("the engine has not started yet")
+    plan.steer = parse_interventions(request.steering, num_layers=shape.num_layers, saes=engine.saes,
+                                     vectors=vectors or {}, max_interventions=settings.max_interventions,
                                      max_strength=settings.max_steering_strength)
     return plan
 
 
-def risk_capture_k(entry: Any, settings: Any, probe: Any = None) -> int:
+def risk_capture_k(entry: SaeEntry, settings: Settings, probe: RiskProbe | None = None) -> int:
     """Codes the risk probe reads per token: as many top features as it was trained on (`feature_top_k` in
     the probe file: serving then sees exactly the inputs the probe was fitted and evaluated on, and the
     top-k costs less), capped by what the SAE fires; a probe without that record reads a TopK SAE's whole
@@ -124,7 +155,7 @@ def risk_capture_k(entry: Any, settings: Any, probe: Any = None) -> int:
     return min(trained, whole) if trained else whole
 
 
-def to_layer_features(layer: int, sae_id: str, indices: Any, values: Any, k: int) -> pb.LayerFeatures:
+def to_layer_features(layer: int, sae_id: str, indices: np.ndarray, values: np.ndarray, k: int) -> pb.LayerFeatures:
     lf = pb.LayerFeatures(layer=layer, sae_id=sae_id)
     for index, value in zip(indices[:k].tolist(), values[:k].tolist(), strict=True):
         if value > 0.0:  # a zero means fewer than k features fired; its index means nothing
@@ -132,20 +163,20 @@ def to_layer_features(layer: int, sae_id: str, indices: Any, values: Any, k: int
     return lf
 
 
-async def token_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Any]:
+async def token_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Codes]:
     return {layer: await received.get(layer, position) for layer in plan.capture}
 
 
-async def risk_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Any]:
+async def risk_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Codes]:
     """The risk probe's features present in the codes at `position`, per probe layer."""
     return {layer: await received.get_risk(layer, position) for layer in plan.risk_capture}
 
 
-def layer_features(codes: dict[int, Any], plan: InterpPlan, engine: Any) -> list[pb.LayerFeatures]:
+def layer_features(codes: Mapping[int, Codes], plan: InterpPlan, engine: PlanEngine) -> list[pb.LayerFeatures]:
     return [to_layer_features(layer, engine.saes[layer].sae_id, *codes[layer], k) for layer, k in plan.returned.items()]
 
 
-async def prompt_features(received: RequestFeatures, plan: InterpPlan, engine: Any,
+async def prompt_features(received: RequestFeatures, plan: InterpPlan, engine: PlanEngine,
                           prompt_ids: list[int]) -> list[pb.TokenFeatures]:
     tokens = []
     for position, token_id in enumerate(prompt_ids):

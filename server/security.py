@@ -114,6 +114,13 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | 
     return None
 
 
+def caller_namespace(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The caller's namespace for shared state (steering vectors): derived from its bearer token, so callers
+    with different tokens never see each other's state; "public" without a token (auth off)."""
+    token = bearer_token(metadata)
+    return "t-" + _digest(token).hex()[:20] if token else "public"
+
+
 async def _deny_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
     # A coroutine function on purpose: gRPC runs plain functions on a thread pool.
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)

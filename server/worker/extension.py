@@ -270,6 +270,12 @@ class FeatureLensWorkerExtension:
         self._fl_vectors[vector_id] = torch.tensor(values, dtype=torch.float32, device=device)
         return len(values)
 
+    def featurelens_drop_vectors(self, vector_ids: list[str]) -> int:
+        """Forget vectors no running request uses (the frontend pins the ones in use); returns how many stay."""
+        for vector_id in vector_ids:
+            self._fl_vectors.pop(vector_id, None)
+        return len(self._fl_vectors)
+
     def featurelens_harvest_start(self, out_dir: str, layers: list[int], shard_rows: int = 65536) -> None:
         """Offline tooling only (never reachable from a request): from now on, write the residual stream of
         EVERY row at `layers` to float16 shards in `out_dir` — the same hook path the server captures from,

@@ -37,6 +37,7 @@ from featurelens.server.config import Settings
 from featurelens.server.interp.catalog import FeatureCatalog
 from featurelens.server.interp.steering import parse_vector
 from featurelens.server.interp_plan import parse_feature_selection, plan_interpretability
+from featurelens.server.state import MemoryVectorStore, StoredVector
 from featurelens.server.validation import ApiError, prompt_token_ids, validate_generate
 from featurelens.v1 import featurelens_pb2 as pb
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -56,7 +57,7 @@ FUZZ_TIMEOUT = pytest.mark.timeout(max(600, EXAMPLES // 10))
 
 FIELD_PATH = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+(\[\d+\])?)*: ")
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED}
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
 WHOLE_RPC_REFUSALS = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION}
 SERVICE = pb.DESCRIPTOR.services_by_name["FeatureLensService"]
 RPCS = [method.name for method in SERVICE.methods]
@@ -65,6 +66,7 @@ RPCS = [method.name for method in SERVICE.methods]
 
 MAX_MODEL_LEN, VOCAB_SIZE, HIDDEN_SIZE, NUM_LAYERS, SAE_LAYER = 100, 1000, 16, 30, 12
 SETTINGS = Settings()  # the shipped limits
+VECTORS = {"v1": HIDDEN_SIZE}  # the registered vectors a request may name (id -> dimension)
 TOY_SAE = SimpleNamespace(d_sae=512, sae_id="toy", layer=SAE_LAYER, version="1",
                           cfg=SimpleNamespace(architecture="standard", k=None, hook_name="blocks.12.hook_resid_post",
                                               d_in=HIDDEN_SIZE))
@@ -110,7 +112,6 @@ class StandInEngine(WordTokenizer):
         self.shape = SimpleNamespace(model_id="toy-model", num_layers=NUM_LAYERS, hidden_size=HIDDEN_SIZE,
                                      vocab_size=VOCAB_SIZE, max_model_len=MAX_MODEL_LEN)
         self.saes = {SAE_LAYER: TOY_SAE}
-        self.vectors = {"v1": HIDDEN_SIZE}
         self.interpretability_available = True
         self.sparsity_levels = SPARSITY_LEVELS
         self.sparsity_rotated = ("attn", "mlp")
@@ -119,7 +120,6 @@ class StandInEngine(WordTokenizer):
         self.kv_cache_tokens = 4096
         self.dtype = "bfloat16"
         self.codes_identity = "weights=toy;dtype=bfloat16"
-        self.vector_digests = {"v1": "toy"}
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
                                           trained_top_k=None)
         self.tokenizer = WordTokenizer()
@@ -145,9 +145,11 @@ class StandInEngine(WordTokenizer):
         raise ReachedEngine
         yield  # an async generator, like Engine.generate
 
-    async def register_vector(self, vector_id: str, values: list[float]) -> None:
-        self.reached.append(values)
-        raise ReachedEngine
+    async def use_vectors(self, vectors: dict[str, Any]) -> None:
+        self.pinned = dict(vectors)
+
+    async def release_vectors(self, keys: Any) -> None:
+        pass
 
     async def abort(self, request_id: str) -> None:
         pass
@@ -289,6 +291,9 @@ VALID: dict[str, list[Message]] = {
     "GetFeature": [pb.GetFeatureRequest(layer=SAE_LAYER, sae_id="toy", feature_id=3)],
     "RegisterSteeringVector": [pb.RegisterSteeringVectorRequest(vector_id="v2", values=[0.5] * HIDDEN_SIZE,
                                                                 description="half")],
+    "ListSteeringVectors": [pb.ListSteeringVectorsRequest()],
+    "GetSteeringVector": [pb.GetSteeringVectorRequest(vector_id="v1")],
+    "DeleteSteeringVector": [pb.DeleteSteeringVectorRequest(vector_id="v2")],
     "GetModelInfo": [pb.GetModelInfoRequest()],
     "Tokenize": [pb.TokenizeRequest(chat=GENERATE_FIELDS["chat"]), pb.TokenizeRequest(text="a b c")],
 }
@@ -406,7 +411,7 @@ def validate_generation(request: Message) -> None:
     engine = StandInEngine()
     plan = validate_generate(request, engine, SETTINGS, MAX_MODEL_LEN, VOCAB_SIZE, "fuzz-1",
                              sparsity_levels=engine.sparsity_levels, quantized_available=True)
-    interp = plan_interpretability(request, engine, SETTINGS)
+    interp = plan_interpretability(request, engine, SETTINGS, VECTORS)
     assert 1 <= plan.sampling_kwargs["max_tokens"] <= MAX_MODEL_LEN - len(plan.prompt_token_ids)
     # What crosses into the worker is plain, finite data.
     json.dumps(interp.extra_args("k"), allow_nan=False)
@@ -492,6 +497,9 @@ class Harness:
         self.handled = 0
         self.servicer = FeatureLensServicer(StandInEngine(), SETTINGS,
                                             cache=LruFeatureCache(SETTINGS.cache_ttl_s, SETTINGS.cache_max_value_bytes))
+        self.servicer.vectors = store = MemoryVectorStore("toy-model", SETTINGS.max_vectors_per_caller,
+                                                          SETTINGS.max_vector_bytes_per_caller)
+        self.loop.run_until_complete(store.put("public", StoredVector("v1", (0.5,) * HIDDEN_SIZE)))
         self.internal_errors: list[logging.LogRecord] = []
 
     def call(self, rpc: str, request: Message) -> Refusal | None:

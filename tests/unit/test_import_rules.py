@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"protos/featurelens/v1": "featurelens.v1", "client": "featurelens.client",
             "kernels": "featurelens.kernels", "server": "featurelens.server"}
 FRONTEND_ONLY = tuple(f"featurelens.server.{m}" for m in
-                      ("api", "app", "cli", "engine", "cache", "metrics", "security", "interp_plan"))
+                      ("api", "app", "cli", "engine", "cache", "metrics", "security", "interp_plan", "state"))
 OFFLINE_AND_BENCH = ("featurelens.server.offline", "featurelens.server.bench")
 
 

@@ -196,18 +196,22 @@ def test_stacked_requests_steer_as_they_would_alone():
 
 
 def test_steering_salt_follows_vector_content_and_the_prompt_boundary():
-    """KV blocks are shared only by requests that would compute the same entries."""
+    """KV blocks are shared only by requests that would compute the same entries. Added vectors are named by
+    their worker key (namespace, id and content digest), so a re-registered vector is another name."""
     from featurelens.server.interp_plan import InterpPlan
+    from featurelens.server.state import StoredVector, worker_key
 
-    add_all = InterpPlan(steer=[{"layer": 3, "op": "add", "strength": 2.0, "positions": "all", "norm": False,
-                                 "vector": "v"}])
-    generated = InterpPlan(steer=[{"layer": 3, "op": "add", "strength": 2.0, "positions": "generated",
-                                   "norm": False, "vector": "v"}])
-    assert InterpPlan().cache_salt({}, 10) is None
-    # re-registering "v" with other values changes the namespace
-    assert add_all.cache_salt({"v": "aaa"}, 10) != add_all.cache_salt({"v": "bbb"}, 10)
+    old, new = worker_key("ns", StoredVector("v", (1.0, 2.0))), worker_key("ns", StoredVector("v", (1.0, 3.0)))
+    assert old != new and old.startswith("ns/v@")
+
+    def plan(positions: str, vector: str) -> InterpPlan:
+        return InterpPlan(steer=[{"layer": 3, "op": "add", "strength": 2.0, "positions": positions, "norm": False,
+                                  "vector": vector}])
+
+    assert InterpPlan().cache_salt(10) is None
+    assert plan("all", old).cache_salt(10) != plan("all", new).cache_salt(10)
     # steering every position: the boundary does not matter, multi-turn prefixes are shared
-    assert add_all.cache_salt({"v": "aaa"}, 10) == add_all.cache_salt({"v": "aaa"}, 25)
+    assert plan("all", old).cache_salt(10) == plan("all", old).cache_salt(25)
     # steering only generated (or only prompt) positions: the boundary is part of the namespace
-    assert generated.cache_salt({"v": "aaa"}, 10) != generated.cache_salt({"v": "aaa"}, 25)
-    assert generated.cache_salt({"v": "aaa"}, 10) != add_all.cache_salt({"v": "aaa"}, 10)
+    assert plan("generated", old).cache_salt(10) != plan("generated", old).cache_salt(25)
+    assert plan("generated", old).cache_salt(10) != plan("all", old).cache_salt(10)

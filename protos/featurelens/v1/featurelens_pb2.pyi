@@ -513,6 +513,54 @@ class RegisterSteeringVectorResponse(_message.Message):
     l2_norm: float
     def __init__(self, vector_id: _Optional[str] = ..., dimension: _Optional[int] = ..., l2_norm: _Optional[float] = ...) -> None: ...
 
+class SteeringVector(_message.Message):
+    __slots__ = ("vector_id", "dimension", "l2_norm", "digest")
+    VECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    L2_NORM_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    vector_id: str
+    dimension: int
+    l2_norm: float
+    digest: str
+    def __init__(self, vector_id: _Optional[str] = ..., dimension: _Optional[int] = ..., l2_norm: _Optional[float] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ListSteeringVectorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSteeringVectorsResponse(_message.Message):
+    __slots__ = ("vectors", "store")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[SteeringVector]
+    store: str
+    def __init__(self, vectors: _Optional[_Iterable[_Union[SteeringVector, _Mapping]]] = ..., store: _Optional[str] = ...) -> None: ...
+
+class GetSteeringVectorRequest(_message.Message):
+    __slots__ = ("vector_id",)
+    VECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    vector_id: str
+    def __init__(self, vector_id: _Optional[str] = ...) -> None: ...
+
+class GetSteeringVectorResponse(_message.Message):
+    __slots__ = ("vector", "values")
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    vector: SteeringVector
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, vector: _Optional[_Union[SteeringVector, _Mapping]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class DeleteSteeringVectorRequest(_message.Message):
+    __slots__ = ("vector_id",)
+    VECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    vector_id: str
+    def __init__(self, vector_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSteeringVectorResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -69,6 +69,21 @@ class FeatureLensServiceStub:
                 request_serializer=featurelens_dot_v1_dot_featurelens__pb2.RegisterSteeringVectorRequest.SerializeToString,
                 response_deserializer=featurelens_dot_v1_dot_featurelens__pb2.RegisterSteeringVectorResponse.FromString,
                 _registered_method=True)
+        self.ListSteeringVectors = channel.unary_unary(
+                '/featurelens.v1.FeatureLensService/ListSteeringVectors',
+                request_serializer=featurelens_dot_v1_dot_featurelens__pb2.ListSteeringVectorsRequest.SerializeToString,
+                response_deserializer=featurelens_dot_v1_dot_featurelens__pb2.ListSteeringVectorsResponse.FromString,
+                _registered_method=True)
+        self.GetSteeringVector = channel.unary_unary(
+                '/featurelens.v1.FeatureLensService/GetSteeringVector',
+                request_serializer=featurelens_dot_v1_dot_featurelens__pb2.GetSteeringVectorRequest.SerializeToString,
+                response_deserializer=featurelens_dot_v1_dot_featurelens__pb2.GetSteeringVectorResponse.FromString,
+                _registered_method=True)
+        self.DeleteSteeringVector = channel.unary_unary(
+                '/featurelens.v1.FeatureLensService/DeleteSteeringVector',
+                request_serializer=featurelens_dot_v1_dot_featurelens__pb2.DeleteSteeringVectorRequest.SerializeToString,
+                response_deserializer=featurelens_dot_v1_dot_featurelens__pb2.DeleteSteeringVectorResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/featurelens.v1.FeatureLensService/GetModelInfo',
                 request_serializer=featurelens_dot_v1_dot_featurelens__pb2.GetModelInfoRequest.SerializeToString,
@@ -133,6 +148,27 @@ class FeatureLensServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSteeringVectors(self, request, context):
+        """The caller's registered vectors (without their values).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSteeringVector(self, request, context):
+        """One of the caller's vectors, with its values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSteeringVector(self, request, context):
+        """Removes one of the caller's vectors; requests naming it are then refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Model, layers, SAEs, modes and limits of this server.
         """
@@ -184,6 +220,21 @@ def add_FeatureLensServiceServicer_to_server(servicer, server):
                     servicer.RegisterSteeringVector,
                     request_deserializer=featurelens_dot_v1_dot_featurelens__pb2.RegisterSteeringVectorRequest.FromString,
                     response_serializer=featurelens_dot_v1_dot_featurelens__pb2.RegisterSteeringVectorResponse.SerializeToString,
+            ),
+            'ListSteeringVectors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSteeringVectors,
+                    request_deserializer=featurelens_dot_v1_dot_featurelens__pb2.ListSteeringVectorsRequest.FromString,
+                    response_serializer=featurelens_dot_v1_dot_featurelens__pb2.ListSteeringVectorsResponse.SerializeToString,
+            ),
+            'GetSteeringVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSteeringVector,
+                    request_deserializer=featurelens_dot_v1_dot_featurelens__pb2.GetSteeringVectorRequest.FromString,
+                    response_serializer=featurelens_dot_v1_dot_featurelens__pb2.GetSteeringVectorResponse.SerializeToString,
+            ),
+            'DeleteSteeringVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSteeringVector,
+                    request_deserializer=featurelens_dot_v1_dot_featurelens__pb2.DeleteSteeringVectorRequest.FromString,
+                    response_serializer=featurelens_dot_v1_dot_featurelens__pb2.DeleteSteeringVectorResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -385,6 +436,87 @@ class FeatureLensService:
             '/featurelens.v1.FeatureLensService/RegisterSteeringVector',
             featurelens_dot_v1_dot_featurelens__pb2.RegisterSteeringVectorRequest.SerializeToString,
             featurelens_dot_v1_dot_featurelens__pb2.RegisterSteeringVectorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSteeringVectors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurelens.v1.FeatureLensService/ListSteeringVectors',
+            featurelens_dot_v1_dot_featurelens__pb2.ListSteeringVectorsRequest.SerializeToString,
+            featurelens_dot_v1_dot_featurelens__pb2.ListSteeringVectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSteeringVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurelens.v1.FeatureLensService/GetSteeringVector',
+            featurelens_dot_v1_dot_featurelens__pb2.GetSteeringVectorRequest.SerializeToString,
+            featurelens_dot_v1_dot_featurelens__pb2.GetSteeringVectorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSteeringVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurelens.v1.FeatureLensService/DeleteSteeringVector',
+            featurelens_dot_v1_dot_featurelens__pb2.DeleteSteeringVectorRequest.SerializeToString,
+            featurelens_dot_v1_dot_featurelens__pb2.DeleteSteeringVectorResponse.FromString,
             options,
             channel_credentials,
             insecure,
