@@ -6,8 +6,8 @@
 """
 
 from featurelens.client._client import AsyncClient, Client, build_generate_request
-from featurelens.client.types import GenerateResult, ModelInfo, Risk, StreamChunk, TokenInfo
+from featurelens.client.types import GenerateResult, ModelInfo, Risk, SteeringVector, StreamChunk, TokenInfo
 from featurelens.v1 import featurelens_pb2 as pb
 
-__all__ = ["AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "StreamChunk", "TokenInfo",
+__all__ = ["AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "SteeringVector", "StreamChunk", "TokenInfo",
            "build_generate_request", "pb"]

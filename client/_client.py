@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
-from featurelens.client.types import GenerateResult, ModelInfo, StreamChunk
+from featurelens.client.types import GenerateResult, ModelInfo, SteeringVector, StreamChunk
 from featurelens.v1 import featurelens_pb2 as pb
 from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
 
@@ -130,6 +130,24 @@ class Client:
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return ModelInfo.from_pb(self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout_s)))
 
+    def register_vector(self, vector_id: str, values: Sequence[float], *,
+                        timeout_s: float | None = None) -> SteeringVector:
+        """Register (or replace) a steering vector; interventions then name it by id (ADD)."""
+        reply = self.stub.RegisterSteeringVector(
+            pb.RegisterSteeringVectorRequest(vector_id=vector_id, values=list(values)), **self._kw(timeout_s))
+        return self.get_vector(reply.vector_id, timeout_s=timeout_s)
+
+    def list_vectors(self, *, timeout_s: float | None = None) -> list[SteeringVector]:
+        reply = self.stub.ListSteeringVectors(pb.ListSteeringVectorsRequest(), **self._kw(timeout_s))
+        return [SteeringVector.from_pb(v) for v in reply.vectors]
+
+    def get_vector(self, vector_id: str, *, timeout_s: float | None = None) -> SteeringVector:
+        reply = self.stub.GetSteeringVector(pb.GetSteeringVectorRequest(vector_id=vector_id), **self._kw(timeout_s))
+        return SteeringVector.from_pb(reply.vector, tuple(reply.values))
+
+    def delete_vector(self, vector_id: str, *, timeout_s: float | None = None) -> None:
+        self.stub.DeleteSteeringVector(pb.DeleteSteeringVectorRequest(vector_id=vector_id), **self._kw(timeout_s))
+
 
 class AsyncClient:
     """asyncio client with the same methods as Client (awaitable / async-iterable)."""
@@ -178,3 +196,23 @@ class AsyncClient:
 
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return ModelInfo.from_pb(await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout_s)))
+
+    async def register_vector(self, vector_id: str, values: Sequence[float], *,
+                              timeout_s: float | None = None) -> SteeringVector:
+        """Register (or replace) a steering vector; interventions then name it by id (ADD)."""
+        reply = await self.stub.RegisterSteeringVector(
+            pb.RegisterSteeringVectorRequest(vector_id=vector_id, values=list(values)), **self._kw(timeout_s))
+        return await self.get_vector(reply.vector_id, timeout_s=timeout_s)
+
+    async def list_vectors(self, *, timeout_s: float | None = None) -> list[SteeringVector]:
+        reply = await self.stub.ListSteeringVectors(pb.ListSteeringVectorsRequest(), **self._kw(timeout_s))
+        return [SteeringVector.from_pb(v) for v in reply.vectors]
+
+    async def get_vector(self, vector_id: str, *, timeout_s: float | None = None) -> SteeringVector:
+        reply = await self.stub.GetSteeringVector(pb.GetSteeringVectorRequest(vector_id=vector_id),
+                                                  **self._kw(timeout_s))
+        return SteeringVector.from_pb(reply.vector, tuple(reply.values))
+
+    async def delete_vector(self, vector_id: str, *, timeout_s: float | None = None) -> None:
+        await self.stub.DeleteSteeringVector(pb.DeleteSteeringVectorRequest(vector_id=vector_id),
+                                             **self._kw(timeout_s))

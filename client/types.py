@@ -140,3 +140,18 @@ class ModelInfo:
     def from_pb(cls, m: pb.GetModelInfoResponse) -> ModelInfo:
         return cls(m.model, m.num_layers, m.hidden_size, m.vocab_size, m.max_model_len, m.server_version,
                    m.interpretability_available, m.kv_cache_dtype, m.kv_cache_tokens, m.dtype, m)
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """A registered steering vector: shared by the server's replicas, private to the caller's token."""
+
+    vector_id: str
+    dimension: int
+    l2_norm: float
+    digest: str  # changes whenever the vector is registered again with other values
+    values: tuple[float, ...] = ()  # filled by get_vector only
+
+    @classmethod
+    def from_pb(cls, m: pb.SteeringVector, values: tuple[float, ...] = ()) -> SteeringVector:
+        return cls(m.vector_id, m.dimension, m.l2_norm, m.digest, values)
