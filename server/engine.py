@@ -253,7 +253,7 @@ class Engine:
 
     async def sparse_profile(self, reset: bool = False) -> dict[str, dict[str, float]]:
         """Worker step timings by kind of step (ms per step), {} unless FEATURELENS_SPARSE_PROFILE=1 was set
-        when the engine started (worker_sparsity.StepProfile)."""
+        when the engine started (worker.sparse.StepProfile)."""
         if not self.interpretability_available:
             return {}
         return (await self._running().collective_rpc("featurelens_sparse_profile", args=(reset,)))[0]

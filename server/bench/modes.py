@@ -8,8 +8,8 @@ one run.
    inside every round so load from other processes hits them alike.
 2. Quality offline (HF transformers, float32, masks on every token; int8: every decoder projection through the
    same int8-weight arithmetic as the engine): perplexity on the calibration's held-out documents and teacher-forced
-   agreement with the dense greedy continuation (server/interp/sparsity_calibrate).
-3. Kernels: server/bench_kernels (sparse GEMV vs dense at 25/40/50/65%, bf16; int8 GEMM vs bf16 at M=1..32).
+   agreement with the dense greedy continuation (server/offline/sparsity/calibrate.py).
+3. Kernels: featurelens bench kernels (server/bench/kernels.py) (sparse GEMV vs dense at 25/40/50/65%, bf16; int8 GEMM vs bf16 at M=1..32).
 
 Beside each decode figure: the physical bound, weight bytes read per token dense / sparse. Only decoder
 projections are sparsified; the tied 49152x576 unembedding is read in full, which caps sparse-50% at ~1.65x.
@@ -35,7 +35,7 @@ from featurelens.server.bench.common import add_load, add_model, add_rounds, par
 
 LEVELS = (25, 40, 50)
 B1_REPEATS = 3  # batch-1 decode samples per mode and round (the median over all of them is reported)
-HELDOUT_TEXTS = 150  # sparsity_calibrate --texts of the shipped thresholds: same seed, same held-out split
+HELDOUT_TEXTS = 150  # featurelens sparsity --texts of the shipped thresholds: same seed, same held-out split
 
 
 ALL_MODES = [("dense", 0)] + [(f"sparse-{lv}", lv) for lv in LEVELS] + [("int8", -1)]
@@ -251,7 +251,7 @@ def _sparse_logits() -> str:
 
 
 class rescored_head(contextlib.AbstractContextManager):  # noqa: N801 (used like a contextmanager function)
-    """While open, the model's unembedding gives sparse mode's served logits (worker_quant.Int8Head): int8
+    """While open, the model's unembedding gives sparse mode's served logits (worker.quant.Int8Head): int8
     logits with every position's RESCORE_TOP best candidates replaced by the module's own (here float32) ones.
     Reusable: the int8 weight is built once, each `with` installs the hook anew."""
 

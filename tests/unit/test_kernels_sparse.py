@@ -240,7 +240,7 @@ def test_int8_basis_walk_equals_x_times_the_dequantized_basis(dtype: torch.dtype
 
 
 def test_allocation_bench_times_every_shipped_allocation_on_real_decode_inputs() -> None:
-    """bench_kernels.allocation_step_times (what `bench modes` prints per allocation): dense and every shipped
+    """bench.kernels.allocation_step_times (what `bench modes` prints per allocation): dense and every shipped
     allocation are timed, and the kernel calls really zero about the level's share of the inputs (the count
     comes from the native call with each allocation's thresholds; dense zeroes none)."""
     from featurelens.server.bench.kernels import allocation_step_times
