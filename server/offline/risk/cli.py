@@ -49,7 +49,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return 2
     from featurelens.server.offline.risk.data import entity_split
 
-    questions = build_questions(seed=args.seed)
+    if args.bank == "families":
+        from featurelens.server.offline.risk.families import build_bank
+
+        questions = build_bank(seed=args.seed, n_real=args.n_real, n_fake=args.n_fake, families=args.families)
+    else:  # the six-domain bank the v2 probe was trained on
+        questions = build_questions(seed=args.seed)
     if args.split != "all":
         questions = [q for q in questions if entity_split(q.entity) == args.split]
     print(f"{len(questions)} questions ({args.split}); mode {args.mode}; SAEs {saes}", file=sys.stderr)
@@ -154,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="dense", choices=("dense", "quantized"), help="inference mode to ask in")
     p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
                    help="only questions whose entity falls in this split")
+    p.add_argument("--bank", default="families", choices=("families", "v2"),
+                   help="families: the broad bank (offline/risk/families.py); v2: the six domains of probe v2")
+    p.add_argument("--families", nargs="*", default=None, help="only these families (--bank families)")
+    p.add_argument("--n-real", type=int, default=110, help="real questions per family (--bank families)")
+    p.add_argument("--n-fake", type=int, default=40, help="questions about invented entities per family")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("featurize", help="re-capture features of existing answers with (new) SAEs, teacher-forced")

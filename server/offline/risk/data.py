@@ -39,6 +39,10 @@ REFUSAL_PATTERNS = [
     r"\bnot familiar\b", r"\bunable to (?:find|provide|determine|answer)\b", r"\bcan(?:not| t|t) (?:find|provide|determine)\b",
     r"\bcouldn t find\b", r"\bno (?:information|record|data|known)\b", r"\bnot recogni[sz]ed\b", r"\bunknown\b",
     r"\bnot (?:an? )?(?:recognized|existing|actual)\b",
+    # Impossible dates, undiscovered elements, unassigned codes (offline/risk/families.py's invented entities).
+    r"\bnot (?:an? )?valid\b", r"\bisn t (?:an? )?valid\b", r"\binvalid\b",
+    r"\bnot (?:yet )?(?:been )?(?:discovered|named|assigned|synthesi[sz]ed)\b", r"\bno (?:such )?element\b",
+    r"\bsorry\b", r"\bi (?:cannot|can t)\b", r"\bas an ai\b",
 ]
 _REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS))
 _ARTICLES_RE = re.compile(r"\b(?:the|a|an)\b")
@@ -53,6 +57,13 @@ class Question:
     answers: list[str] = field(default_factory=list)  # accepted aliases; empty for invented entities
     fictional: bool = False
     case_sensitive: bool = False  # element symbols: "Fe" must not match the word "fe"...
+    # How `grade` reads the answer (offline/risk/families.py): "alias" (whole-word match of any answer),
+    # "number" (a number within `tolerance` of answers[0]), "yesno" (answers = ["yes"] or ["no"]), "choice"
+    # (answers = the right option's aliases, `wrong` = the other option's), "letter" (one letter),
+    # "letters" (a spelled-out word, e.g. reversed: its letters in order), "tld" (".fr").
+    grader: str = "alias"
+    wrong: list[str] = field(default_factory=list)
+    tolerance: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,11 +94,20 @@ def mentions(response: str, alias: str, case_sensitive: bool = False) -> bool:
 
 def grade(question: Question, response: str) -> dict:
     """Returns {"label": 0|1, "verdict": correct|refusal|wrong|confabulated}; label 1 = hallucinated."""
-    if not question.fictional and any(mentions(response, a, question.case_sensitive) for a in question.answers):
+    if not question.fictional and _answered_right(question, response):
         return {"label": 0, "verdict": "correct"}
     if is_refusal(response) or not response.strip():
         return {"label": 0, "verdict": "refusal"}
     return {"label": 1, "verdict": "confabulated" if question.fictional else "wrong"}
+
+
+def _answered_right(question: Question, response: str) -> bool:
+    from featurelens.server.offline.risk import grading
+
+    kind = getattr(question, "grader", "alias")
+    if kind == "alias":
+        return any(mentions(response, a, question.case_sensitive) for a in question.answers)
+    return grading.GRADERS[kind](question, response)
 
 
 # ------------------------------------------------------------------------------------------------ splits
