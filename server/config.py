@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, description="max requests batched together in one engine step")
     enforce_eager: bool = Field(True, description="eager mode; interpretability hooks need it")
     kv_cache_gib: float = Field(1.0, description="KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_blocks: int | None = Field(None, ge=1, description="cap the KV cache at this many blocks (vLLM's "
+                                        "num_gpu_blocks_override): for hosts shared with other work, or to test "
+                                        "preemption")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
         "auto", description="KV cache element type for every request: 'auto' (the model dtype) or fp8, which "
                             "holds twice the tokens in the same memory (GPU; on CPU it needs AVX-512 or AMX)")
@@ -87,6 +90,8 @@ class Settings(BaseSettings):
     max_top_logprobs: int = Field(20, description="alternatives per position with logprobs")
     max_steering_strength: float = Field(1000.0, description="bound on |strength| of an intervention")
     max_in_flight: int = Field(256, description="RPCs admitted at once; more get RESOURCE_EXHAUSTED")
+    max_structured_output_chars: int = Field(65536, ge=1, description="characters of a request's structured "
+                                             "output constraint (JSON Schema, regex, grammar, or all choices)")
 
     # -- cache --
     redis_url: str | None = Field(None, description="redis://host:port/db for the shared feature cache")

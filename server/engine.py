@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "featurelens.server.worker.extension.FeatureLensWorkerExtension"
 WORKER_VECTOR_CACHE = 64  # unpinned steering vectors kept in the workers for the next request
+# Structured output compiles with xgrammar only: the frontend validates constraints with vLLM's xgrammar check
+# (server/structured_output.py), and 'auto' could hand a constraint xgrammar refuses to another backend.
+STRUCTURED_OUTPUT_BACKEND = "xgrammar"
 
 
 def check_kv_cache_dtype(dtype: str) -> None:
@@ -81,7 +84,37 @@ def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
         "pipeline_parallel_size": settings.pipeline_parallel_size,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "kv_cache_dtype": settings.kv_cache_dtype,
+        "structured_outputs_config": {"backend": STRUCTURED_OUTPUT_BACKEND},
+        "num_gpu_blocks_override": settings.kv_cache_blocks,
     }
+
+
+TURN_MARK = "\u2063featurelens-turn\u2063"  # an assistant message no template rewrites (invisible separators)
+
+
+def chat_turn_terminator(tokenizer: TokenizerLike) -> tuple[int | None, str]:
+    """The token a chat model ends its turn with — what ScoreHallucination appends after a response — and how
+    it was found. Read from the chat template: a one-turn conversation is rendered and the first token after
+    the assistant's message, when it is a special token, is the terminator (ChatML's <|im_end|>, Llama-3's
+    <|eot_id|>, Gemma's <end_of_turn>, Phi-3's <|end|>, Mistral's </s>). Without a chat template, or when the
+    template writes plain text after the message, the tokenizer's EOS."""
+    eos: int | None = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos, "EOS (the tokenizer has no chat template)"
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": TURN_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)  # type: ignore[arg-type]  # plain dicts
+    except Exception as error:  # noqa: BLE001 - any template failure: fall back to EOS, say why
+        return eos, f"EOS (the chat template failed: {type(error).__name__}: {error})"
+    if not isinstance(text, str) or TURN_MARK not in text:
+        return eos, "EOS (the chat template did not render the assistant message)"
+    after = text[text.index(TURN_MARK) + len(TURN_MARK):]
+    ids = list(tokenizer.encode(after, add_special_tokens=False)) if after else []
+    if not ids:
+        return eos, "EOS (the chat template writes nothing after the assistant message)"
+    if ids[0] not in set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()):
+        return eos, f"EOS (the chat template ends a turn with plain text {after[:20]!r})"
+    return int(ids[0]), f"the chat template ends a turn with {tokenizer.convert_ids_to_tokens([ids[0]])[0]!r}"
 
 
 @dataclass(frozen=True)
@@ -101,6 +134,7 @@ class Engine:
         self.settings = settings
         self.llm: AsyncLLM | None = None
         self.tokenizer: TokenizerLike | None = None
+        self.turn_end_id: int | None = None  # what ScoreHallucination appends after a response (chat_turn_terminator)
         self.shape: ModelShape | None = None
         self.model_path: str = ""
         self.dtype = settings.dtype  # what vLLM was given (resolve_dtype), then the model's actual dtype
@@ -115,6 +149,7 @@ class Engine:
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
         self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
         self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
+        self.modes_refused: dict[str, str] = {}  # mode -> why the worker cannot run it on this model's architecture
         self.sparse_logits = "dense"  # sparse requests' logits: "int8-rescored" once the worker installed it
         self.kv_cache_tokens = 0  # tokens the engine's KV cache holds (blocks x block size), known once started
         self._catalogs: dict[int, FeatureCatalog | None] = {}
@@ -140,6 +175,7 @@ class Engine:
         s = self.settings
         # vLLM reads its CPU KV cache size from the environment; set it before the engine is built.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(s.kv_cache_gib)))))
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -150,8 +186,10 @@ class Engine:
                         "(features, risk, steering) will be refused with FAILED_PRECONDITION")
         self.dtype, why = resolve_dtype(s.dtype)
         log.info("dtype %s (--dtype %s): %s", self.dtype, s.dtype, why)
+        kwargs = vllm_engine_kwargs(s, self.model_path)
+        kwargs["structured_outputs_config"] = StructuredOutputsConfig(**kwargs["structured_outputs_config"])
         args = AsyncEngineArgs(
-            **vllm_engine_kwargs(s, self.model_path),
+            **kwargs,
             served_model_name=[self.model_id_for(s.model, self.model_path)],
             worker_extension_cls=WORKER_EXTENSION,
             enable_log_requests=False,
@@ -163,6 +201,8 @@ class Engine:
         eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         generation_eos = (self.llm.model_config.get_diff_sampling_param() or {}).get("stop_token_ids") or []
         eos.update(generation_eos)
+        self.turn_end_id, why = chat_turn_terminator(self.tokenizer)
+        log.info("chat turn terminator %s: %s", self.turn_end_id, why)
         self.shape = ModelShape(
             model_id=self.model_id_for(s.model, self.model_path),
             num_layers=int(hf.num_hidden_layers),
@@ -211,6 +251,7 @@ class Engine:
         self.sparsity_levels = tuple(int(level) for level in installed[0].get("sparsity_levels", ()))
         self.sparsity_rotated = tuple(installed[0].get("sparsity_rotated", ()))
         self.quantized = installed[0].get("quantized")
+        self.modes_refused = dict(installed[0].get("modes_refused", {}))
         self.sparse_logits = installed[0].get("sparse_logits", "dense")
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():

@@ -48,17 +48,17 @@ SHIPPED = Path(__file__).resolve().parent.parent / "server" / "assets"
 TOY_D_SAE = 512
 
 
-def build_toy_sae(path, layer: int, seed: int) -> None:
+def build_toy_sae(path, layer: int, seed: int, d_in: int = 576) -> None:
     """A random ReLU SAE (unit decoder rows, tied encoder): real mechanics, no trained meaning. The issue
     allows test-built SAEs until the trained ones ship; results computed with it are real computations."""
     import torch
     from featurelens.server.interp.sae import SAE_CLASSES, SaeConfig, layer_to_hook_name, save_sae
 
     g = torch.Generator().manual_seed(seed)
-    cfg = SaeConfig(architecture="standard", d_in=576, d_sae=TOY_D_SAE, hook_name=layer_to_hook_name(layer),
+    cfg = SaeConfig(architecture="standard", d_in=d_in, d_sae=TOY_D_SAE, hook_name=layer_to_hook_name(layer),
                     model_name="SmolLM2-135M-Instruct", apply_b_dec_to_input=False)
     sae = SAE_CLASSES["standard"](cfg)
-    w_dec = torch.nn.functional.normalize(torch.randn(TOY_D_SAE, 576, generator=g), dim=-1)
+    w_dec = torch.nn.functional.normalize(torch.randn(TOY_D_SAE, d_in, generator=g), dim=-1)
     sae.W_dec.data, sae.W_enc.data = w_dec, w_dec.T.contiguous()
     save_sae(sae, path)
 
