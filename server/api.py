@@ -508,14 +508,16 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             info.modes.add(mode=pb.INFERENCE_MODE_SPARSE, available=bool(levels), sparsity_levels_percent=levels,
                            description="WINA activation sparsity: per layer and projection, inputs with "
                                        f"|x_i|*||W[:,i]|| below a calibrated threshold are zeroed{basis}" if levels
-                                       else "no WINA thresholds calibrated for this model")
+                                       else "unavailable: " + getattr(self.engine, "modes_refused", {}).get(
+                                           "sparse", "no WINA thresholds calibrated for this model"))
             quant = self.engine.quantized
             info.modes.add(mode=pb.INFERENCE_MODE_QUANTIZED, available=quant is not None,
-                           description=f"int8 weights for the decoder projections"
+                           description=f"int8 weights for {quant.get('covers', 'the decoder projections')}"
                                        f"{' and the unembedding' if quant.get('lm_head') else ''} (per-channel "
                                        f"scales, weight-only; {quant['backend']} kernel); embeddings, norms, "
                                        f"attention and the KV cache keep the server's precision (GetModelInfo.kv_cache_dtype)" if quant else
-                                       "disabled (--quantized-mode none, compiled mode or unreadable weights)")
+                                       "disabled (--quantized-mode none, compiled mode, unreadable weights or "
+                                       "no projection of this architecture it can wrap)")
             info.limits.CopyFrom(pb.Limits(
                 max_prompt_tokens=shape.max_model_len - 1, max_new_tokens=s.max_new_tokens,
                 max_stop_sequences=s.max_stop_sequences, max_interventions=s.max_interventions,
@@ -530,7 +532,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     async def ScoreHallucination(self, request: pb.ScoreHallucinationRequest,
                                  context: grpc.aio.ServicerContext) -> pb.ScoreHallucinationResponse:
-        """Teacher forcing: prompt + response + EOS through the same capture path as generation; response token
+        """Teacher forcing: prompt + response + the model's end-of-turn token (Engine.turn_end_id, EOS where the
+        chat template names none) through the same capture path as generation; response token
         j is scored from the position that predicts it, exactly as a generated token would be."""
         async def body() -> pb.ScoreHallucinationResponse:
             probe = self.engine.risk_probe
@@ -551,7 +554,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             messages = [{"role": "user", "content": request.text}] if kind == "text" else chat_messages(request.chat)
             prompt_ids = self.engine.encode_chat(messages)
             response_ids = self._tokenizer.encode(request.response, add_special_tokens=False)
-            ids = prompt_ids + response_ids + [self._tokenizer.eos_token_id]
+            # The model's own end of turn (chat_turn_terminator: <|eot_id|>, <end_of_turn>, ...; EOS without one).
+            turn_end: int | None = getattr(self.engine, "turn_end_id", None)  # stand-in engines may lack it
+            end = turn_end if turn_end is not None else self._tokenizer.eos_token_id
+            ids = prompt_ids + response_ids + [end]
             limit = self._shape.max_model_len
             if len(ids) >= limit:
                 raise invalid("response", f"prompt + response are {len(ids)} tokens; the context is {limit}")

@@ -142,9 +142,12 @@ class FeatureLensWorkerExtension:
         """Load SAEs, connect the feature socket, hook every decoder layer. Returns what was installed."""
         import zmq
         from featurelens.server.interp.sae import load_sae, validate_for_model
+        from featurelens.server.worker.model import resolve_layout
 
         model = self.model_runner.get_model()
-        layers = _decoder_layers(model)
+        layout = resolve_layout(model)  # UnsupportedModel names the class of a model no family fits
+        self._fl_layout = layout
+        layers = layout.layers
         hidden_size = int(self.model_runner.model_config.get_hidden_size())
         device = next(model.parameters()).device
         sae_gemm = config.get("sae_gemm", "bfloat16")
@@ -172,27 +175,38 @@ class FeatureLensWorkerExtension:
             handle.remove()
         self._fl_handles = [model.register_forward_pre_hook(self._fl_begin_step, with_kwargs=True),
                             model.register_forward_hook(self._fl_end_step)]
-        for index, layer in enumerate(layers):
-            self._fl_handles.append(layer.register_forward_hook(self._fl_layer_hook(index)))
+        for index, block in enumerate(layers):
+            self._fl_handles.append(block.register_forward_hook(self._fl_layer_hook(index)))
         self._fl_sparse = None
+        refused: dict[str, str] = {}  # mode -> why it cannot run on this model
         sparsity = config.get("sparsity")
-        if sparsity:
+        if sparsity and layout.family.sparse:
+            refused["sparse"] = f"{layout.family.name}: {layout.family.sparse}"
+            log.warning("sparse mode unavailable: %s", refused["sparse"])
+        elif sparsity:
             from featurelens.server.worker.sparse import SparseRuntime
 
-            self._fl_sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers),
-                                            device, prompt=bool(sparsity.get("prompt", False)))
-            self._fl_sparse.install(layers)
+            try:
+                sparse = SparseRuntime(self.model_runner.model_config.model, sparsity["path"], len(layers), device,
+                                       prompt=bool(sparsity.get("prompt", False)), layout=layout)
+                sparse.install()
+                self._fl_sparse = sparse
+            except (OSError, KeyError, RuntimeError) as error:
+                # install() wraps nothing unless every projection can be wrapped: no module is left changed.
+                refused["sparse"] = f"{type(error).__name__}: {error}"
+                log.warning("sparse mode unavailable: %s", refused["sparse"])
         self._fl_quant, self._fl_head = None, None
         if config.get("quantized"):
             from featurelens.server.worker.quant import QuantRuntime
 
             try:
-                quant = QuantRuntime(self.model_runner.model_config.model)
-                quant.install(layers)  # after sparse mode: wraps the sparse wrapper
+                quant = QuantRuntime(self.model_runner.model_config.model, layout)
+                quant.install()  # after sparse mode: wraps the sparse wrapper
                 self._fl_quant = quant
             except (OSError, KeyError, RuntimeError) as error:
                 # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
-                log.warning("quantized mode unavailable: %s: %s", type(error).__name__, error)
+                refused["quantized"] = f"{type(error).__name__}: {error}"
+                log.warning("quantized mode unavailable: %s", refused["quantized"])
         rescore = (self._fl_sparse is not None and sparsity is not None
                    and sparsity.get("logits", "int8-rescored") == "int8-rescored")
         if self._fl_quant is not None or rescore:
@@ -203,7 +217,7 @@ class FeatureLensWorkerExtension:
 
             try:
                 int8_head = Int8Head(int8_gemm.weight_only_kernel(), rescore=rescore)
-                if int8_head.install(model, weight_files(self.model_runner.model_config.model)):
+                if int8_head.install(model, weight_files(self.model_runner.model_config.model), layout):
                     self._fl_head = int8_head
                     if self._fl_quant is not None:
                         self._fl_quant.head = int8_head
@@ -211,7 +225,8 @@ class FeatureLensWorkerExtension:
             except (OSError, KeyError, RuntimeError) as error:
                 log.warning("int8 unembedding unavailable: %s: %s", type(error).__name__, error)
         head = self._fl_head
-        return {"layers_hooked": len(layers), "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
+        return {"layers_hooked": len(layers), "family": layout.family.name, "modes_refused": refused,
+                "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
                 "sae_gemm": (f"onednn-{sae_gemm}"
                              if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),
                 "sparsity_levels": self._fl_sparse.levels if self._fl_sparse is not None else [],
@@ -219,7 +234,7 @@ class FeatureLensWorkerExtension:
                 "sparse_logits": "int8-rescored" if head is not None and head.rescore else "dense",
                 "quantized": None if self._fl_quant is None else
                 {"backend": self._fl_quant.backend, "weight_bytes": self._fl_quant.weight_bytes,
-                 "lm_head": head is not None}}
+                 "lm_head": head is not None, "covers": self._fl_quant.covers}}
 
     def featurelens_set_probe(self, features: dict[int, list[int]], weights: dict[int, list[float]],
                               transform: str = "identity") -> int:
@@ -378,23 +393,26 @@ class FeatureLensWorkerExtension:
 
     def _fl_layer_hook(self, layer: int) -> Any:
         from featurelens.server.interp.steering import steering_delta
+        from featurelens.server.worker.model import stream_parts
 
         def hook(module: Any, inputs: Any, output: Any) -> None:
             if layer in self._fl_harvest_layers and self._fl_harvest is not None:
-                hidden, residual = output
-                self._fl_harvest.add(layer, hidden + residual, self._fl_positions)
+                hidden, residual = stream_parts(output)
+                self._fl_harvest.add(layer, hidden if residual is None else hidden + residual, self._fl_positions)
             view = self._fl_view
             if layer not in view.layers:
                 return
-            # vLLM defers the residual add: the residual stream after this block is hidden + residual.
-            hidden, residual = output
+            # vLLM's Llama-style layers defer the residual add: the residual stream after this block is
+            # hidden + residual. Layers that return the stream itself give residual None (server/worker/model.py).
+            # Either way a delta added to hidden is in the stream the next block reads.
+            hidden, residual = stream_parts(output)
             sae = self._fl_saes.get(layer)
             # Rows of all requests with the same steering list at this layer are edited in one pass; rows of
             # other requests are never written (index_add_ touches only the listed rows).
             for specs, index, prompt_lengths in view.steer_groups.get(layer, ()):
                 positions = self._fl_positions
                 assert positions is not None  # a view with steering was built from them (_fl_begin_step)
-                stream = hidden.index_select(0, index) + residual.index_select(0, index)
+                stream = _stream_rows(hidden, residual, index)
                 delta = steering_delta(stream, positions.index_select(0, index), prompt_lengths, specs, sae,
                                        self._fl_vectors)
                 if delta is not None:
@@ -405,8 +423,8 @@ class FeatureLensWorkerExtension:
 
         return hook
 
-    def _fl_capture(self, view: _BatchView, layer: int, sae: Sae, hidden: torch.Tensor, residual: torch.Tensor,
-                    members: list[_RequestRows]) -> None:
+    def _fl_capture(self, view: _BatchView, layer: int, sae: Sae, hidden: torch.Tensor,
+                    residual: torch.Tensor | None, members: list[_RequestRows]) -> None:
         """One SAE encode for the kept rows of every capturing request at this layer; per request, the top-k
         codes it asked for (indices uint16 when d_sae allows, values float16) and/or the risk probe's
         features among its codes. Only these pairs leave the worker."""
@@ -416,7 +434,7 @@ class FeatureLensWorkerExtension:
             return
         index = torch.from_numpy(np.concatenate([np.arange(start, start + count) for _, start, _, count in spans]))
         index = index.to(hidden.device)
-        stream = hidden.index_select(0, index) + residual.index_select(0, index)
+        stream = _stream_rows(hidden, residual, index)
         k = max(max(rows.capture[layer]["k"] if layer in rows.capture else 0, rows.risk.get(layer, 0))
                 for rows, *_ in spans)
         began = time.perf_counter()
@@ -571,10 +589,8 @@ def _prompt_lengths(members: list[_RequestRows], device: torch.device) -> torch.
         device)
 
 
-def _decoder_layers(model: Any) -> Any:
-    """The list of decoder blocks of a vLLM causal LM (Llama-style `model.model.layers`)."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise RuntimeError(f"cannot find decoder layers on {type(model).__name__}")
-    return layers
+def _stream_rows(hidden: torch.Tensor, residual: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    """The residual stream after a layer at rows `index`: hidden + residual for vLLM's fused-residual layers,
+    hidden itself for layers that return the stream."""
+    rows = hidden.index_select(0, index)
+    return rows if residual is None else rows + residual.index_select(0, index)

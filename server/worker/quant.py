@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 from featurelens.kernels.int8_gemm import WeightOnlyGemm
-from featurelens.server.worker.sparse import FUSED, projection_weight, read_tensor, weight_files
+from featurelens.server.worker.model import ModelLayout, default_layout
+from featurelens.server.worker.sparse import read_tensor, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ MAX_STATS = 4096
 class QuantRuntime:
     """The int8 weights and the wrapped projections of one model."""
 
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model_path: str, layout: ModelLayout | None = None) -> None:
+        """`layout`: the served model's architecture (server/worker/model.py); default the Llama layout."""
         from featurelens.kernels import int8_gemm
 
+        self.layout = layout if layout is not None else default_layout()
         self._files = weight_files(model_path)
         self.backend = int8_gemm.native_status()
         self.linear = int8_gemm.weight_only_kernel()  # x [M, in] -> [M, out], x's dtype
@@ -63,28 +66,57 @@ class QuantRuntime:
         self.segments: list[tuple[str, int]] = []
         self.stats: OrderedDict[str, int] = OrderedDict()  # request key -> rows computed in int8
         self.weight_bytes = 0
+        self.skipped: list[str] = []  # modules left in full precision, and why (MoE blocks)
+        self.wrapped: set[str] = set()  # module paths (under a layer) computed in int8
 
-    def install(self, layers: Any) -> int:
-        """Quantize and wrap the projection modules of every decoder layer; idempotent."""
+    def install(self, layers: Any = None) -> int:
+        """Quantize and wrap the projection modules of every decoder layer (`layers`, else the layout's);
+        idempotent. Modules that cannot be wrapped (a MoE block's experts) are skipped and listed in `skipped`;
+        a model with nothing to wrap raises RuntimeError (the mode is then unavailable)."""
         from featurelens.kernels.int8_gemm import quantize_weight
 
-        count = 0
-        for index, layer in enumerate(layers):
-            for path, parts in FUSED.items():
-                module = layer.get_submodule(path)
-                if getattr(module, "tp_size", 1) != 1:
+        if layers is not None:
+            self.layout.layers = list(layers)
+        found, self.skipped = [], []
+        for index in range(len(self.layout.layers)):
+            modules, skipped = self.layout.wrappable(index)
+            found.append(modules)
+            self.skipped.extend(skipped)
+            for _, linear in modules:
+                if getattr(linear, "tp_size", 1) != 1:
                     raise RuntimeError("quantized mode supports tensor_parallel_size=1 only")
-                weight = torch.cat([projection_weight(self._files, index, p) for p in parts])
+        if not any(found):
+            raise RuntimeError(f"no projection of {self.layout.family.name} can be wrapped: "
+                               f"{'; '.join(self.skipped[:3])}")
+        if self.skipped:
+            log.warning("quantized mode: %d modules stay in full precision (%s%s)", len(self.skipped),
+                        "; ".join(self.skipped[:4]), " ..." if len(self.skipped) > 4 else "")
+        count = 0
+        for index, modules in enumerate(found):
+            for projection, linear in modules:
+                module: Any = linear  # a vLLM linear layer; the attributes set here are ours
+                weight = torch.cat([self.layout.projection_weight(self._files, index, p) for p in projection.parts])
                 expected = sum(getattr(module, "output_sizes", None) or [module.output_size])
                 if weight.shape[0] != expected:
-                    raise RuntimeError(f"layer {index} {path}: checkpoint rows {weight.shape[0]} != {expected}")
+                    raise RuntimeError(f"layer {index} {projection.path}: checkpoint rows {weight.shape[0]} != "
+                                       f"{expected}")
                 wq, sw = quantize_weight(weight)
                 self.weight_bytes += wq.numel() + sw.numel() * 4
                 inner = getattr(module, "_fl_quant_inner", None) or module.forward
                 module._fl_quant_inner = inner
                 module.forward = _QuantProjection(self, module, inner, wq, sw)
+                self.wrapped.add(projection.path)
                 count += 1
         return count
+
+    @property
+    def covers(self) -> str:
+        """What runs in int8, in words (GetModelInfo's mode description)."""
+        if not self.skipped:
+            return "the decoder projections"
+        return (f"{len(self.wrapped)} of the {len(self.layout.family.projections)} projection modules per block "
+                f"where present ({', '.join(sorted(self.wrapped))}); {len(self.skipped)} modules stay in full "
+                "precision (mixture-of-experts blocks)")
 
     def begin(self, requests: list[tuple[str, int, int]], total_rows: int) -> None:
         self.rows, self.segments = None, []
@@ -139,17 +171,21 @@ class Int8Head:
         self.rescored_rows_total = 0
         self.weight_bytes = 0
 
-    def install(self, model: Any, files: Mapping[str, str]) -> bool:
+    def install(self, model: Any, files: Mapping[str, str], layout: ModelLayout | None = None) -> bool:
         """Wrap the unembedding's `quant_method.apply` with an int8 copy of it; False when it cannot be done
-        (tensor parallel, no plain unquantized head, or a vocabulary padded differently than the checkpoint)."""
+        (tensor parallel, no plain unquantized head, or a vocabulary padded differently than the checkpoint).
+        `layout`: where the unembedding and its checkpoint tensor are (default: Llama's `lm_head`, tied or not)."""
         from featurelens.kernels.int8_gemm import quantize_weight
 
-        head = getattr(model, "lm_head", None)
+        if layout is None:
+            layout = default_layout()
+            layout.model = model
+        head = layout.unembedding()
         method = getattr(head, "quant_method", None)
         if head is None or method is None or getattr(head, "tp_size", 1) != 1:
             return False
-        key = "lm_head.weight" if "lm_head.weight" in files else "model.embed_tokens.weight"
-        if key not in files:
+        key = layout.unembedding_key(files)
+        if key is None:
             return False
         weight = read_tensor(files, key)
         rows = getattr(head, "weight", None)

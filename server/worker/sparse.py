@@ -57,17 +57,14 @@ from featurelens.server.modes.sparsity import (
     load_thresholds,
     rotation_of,
 )
+from featurelens.server.worker.model import LLAMA_STYLE, ModelLayout, default_layout
 
 log = logging.getLogger(__name__)
 
-PROJ_NAMES = tuple(PROJECTIONS)  # q, k, v, o, gate, up, down: the column order of the threshold tensors
-# vLLM module (under a decoder layer) -> the HF projections it fuses, in output-column order.
-FUSED: dict[str, tuple[str, ...]] = {
-    "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "self_attn.o_proj": ("o_proj",),
-    "mlp.gate_up_proj": ("gate_proj", "up_proj"),
-    "mlp.down_proj": ("down_proj",),
-}
+PROJ_NAMES = tuple(PROJECTIONS)  # q, k, v, o, gate, up, down: a Llama block's threshold columns
+# vLLM module (under a Llama-style decoder layer) -> the HF projections it fuses, in output-column order;
+# other families' modules are in their adapter entry (server/worker/model.py).
+FUSED: dict[str, tuple[str, ...]] = {p.path: p.parts for p in LLAMA_STYLE}
 MAX_STATS = 4096  # requests whose counts are kept (oldest dropped first)
 PROFILE_ENV = "FEATURELENS_SPARSE_PROFILE"  # "1": time the steps (StepProfile)
 TIMED_PARTS = ("projections", "kernels", "basis")  # what StepProfile adds up inside a step
@@ -151,7 +148,13 @@ class SparseRuntime:
     """Thresholds, column norms and the wrapped projections of one model."""
 
     def __init__(self, model_path: str, thresholds_path: str, num_layers: int, device: torch.device,
-                 prompt: bool = False, profile: bool | None = None) -> None:
+                 prompt: bool = False, profile: bool | None = None, layout: ModelLayout | None = None) -> None:
+        """`layout`: the served model's architecture (server/worker/model.py); default the Llama layout."""
+        self.layout = layout if layout is not None else default_layout()
+        if self.layout.family.sparse:
+            raise RuntimeError(f"sparse mode cannot run on {self.layout.family.name}: {self.layout.family.sparse}")
+        # The threshold tables' columns: a block's projections in module order (Llama: PROJ_NAMES).
+        self.proj_names = self.layout.family.projection_names
         self.prompt = prompt  # also sparsify prompt tokens (default: they run dense)
         if profile is None:
             profile = os.environ.get(PROFILE_ENV, "0") == "1"
@@ -162,7 +165,12 @@ class SparseRuntime:
         self._thr: dict[str, list[list[float]]] = {}
         for level in self.levels:
             table = load_thresholds(level, thresholds_path)
-            self._thr[level] = [[float(table[f"{i}.{p}"]) for p in PROJ_NAMES] for i in range(num_layers)]
+            missing = [f"{i}.{p}" for i in range(num_layers) for p in self.proj_names if f"{i}.{p}" not in table]
+            if missing:
+                raise KeyError(f"{thresholds_path} level {level} has no thresholds for {missing[:4]}"
+                               f"{' ...' if len(missing) > 4 else ''} ({len(missing)} missing; the "
+                               f"{self.layout.family.name} layout's projections are {list(self.proj_names)})")
+            self._thr[level] = [[float(table[f"{i}.{p}"]) for p in self.proj_names] for i in range(num_layers)]
         self._thr_tensor = torch.tensor([self._thr[lv] for lv in self.levels], dtype=torch.float32, device=device)
         self._level_index = {lv: i for i, lv in enumerate(self.levels)}
         # "<layer>.<group>" -> T float32 (the basis), or None; and (q, scale) of the bases stored in int8.
@@ -171,7 +179,7 @@ class SparseRuntime:
         # path's map back all use it (~40 ms per inversion, 30 bases).
         self._inverses = {key: basis_inverse(t, torch.float64) for key, t in (self.rotations or {}).items()}
         self.norms: list[list[torch.Tensor]] = [
-            [_column_norms(self._weight(i, p)).to(device) for p in PROJ_NAMES] for i in range(num_layers)]
+            [_column_norms(self._weight(i, p)).to(device) for p in self.proj_names] for i in range(num_layers)]
         self._w_t: dict[tuple[int, int], torch.Tensor] = {}
         from featurelens.kernels.sparse_gemv import parts_kernel
 
@@ -202,7 +210,7 @@ class SparseRuntime:
 
     def _weight(self, layer: int, proj: str) -> torch.Tensor:
         """[out, in] weight as the mask sees it: W, or W T⁻ᵀ (float32) for a projection read in basis T."""
-        weight = projection_weight(self._files, layer, proj)
+        weight = self.layout.projection_weight(self._files, layer, proj)
         t = self.rotation(layer, proj)
         return weight if t is None else basis_weight(weight, t, self.inverse(layer, proj))
 
@@ -228,23 +236,34 @@ class SparseRuntime:
         if w_t is None:
             from featurelens.kernels.sparse_gemv import transpose_weight
 
-            w_t = transpose_weight(self._weight(layer, PROJ_NAMES[p]).to(device=device, dtype=dtype))
+            w_t = transpose_weight(self._weight(layer, self.proj_names[p]).to(device=device, dtype=dtype))
             self._w_t[(layer, p)] = w_t
         return w_t
 
     # -- installation ------------------------------------------------------------------------------------
 
-    def install(self, layers: Any) -> int:
-        """Wrap the projection modules of every decoder layer; idempotent (set-up may run twice)."""
-        count = 0
-        for index, layer in enumerate(layers):
-            for path, parts in FUSED.items():
-                module = layer.get_submodule(path)
-                if getattr(module, "tp_size", 1) != 1:
+    def install(self, layers: Any = None) -> int:
+        """Wrap the projection modules of every decoder layer (`layers`, else the layout's); idempotent (set-up
+        may run twice). Every projection the thresholds cover must be wrappable, or nothing is wrapped."""
+        if layers is not None:
+            self.layout.layers = list(layers)
+        found = []
+        for index in range(len(self.layout.layers)):
+            modules, skipped = self.layout.wrappable(index)
+            if skipped:
+                raise RuntimeError(f"sparse mode cannot wrap {self.layout.family.name}: {'; '.join(skipped[:3])}")
+            found.append(modules)
+        for modules in found:
+            for _, linear in modules:
+                if getattr(linear, "tp_size", 1) != 1:
                     raise RuntimeError("sparse mode supports tensor_parallel_size=1 only")
+        count = 0
+        for index, modules in enumerate(found):
+            for projection, linear in modules:
+                module: Any = linear  # a vLLM linear layer; the attributes set here are ours
                 dense = getattr(module, "_fl_dense_forward", None) or module.forward
                 module._fl_dense_forward = dense
-                module.forward = _SparseProjection(self, module, dense, index, parts)
+                module.forward = _SparseProjection(self, module, dense, index, projection.parts)
                 count += 1
         return count
 
@@ -314,8 +333,8 @@ class _SparseProjection:
 
     def __init__(self, runtime: SparseRuntime, module: Any, dense: Any, layer: int, parts: tuple[str, ...]) -> None:
         self.runtime, self.module, self.dense, self.layer = runtime, module, dense, layer
-        self.parts = [PROJ_NAMES.index(p) for p in parts]
-        self.first = layer == 0 and parts[0] == PROJ_NAMES[0]  # the step's first projection (the profile's start)
+        self.parts = [runtime.proj_names.index(p) for p in parts]
+        self.first = layer == 0 and parts[0] == runtime.proj_names[0]  # the step's first projection (profile start)
         sizes = list(getattr(module, "output_sizes", None) or [module.output_size])
         if len(sizes) != len(parts):
             raise RuntimeError(f"layer {layer}: {type(module).__name__} has outputs {sizes}, expected {parts}")
