@@ -258,8 +258,13 @@ def test_manifests_are_wired_together() -> None:
     redis_url = next(e["value"] for e in container["env"] if e["name"] == "FEATURELENS_REDIS_URL")
     redis_service = _find(docs, "Service", "featurelens-redis")
     assert f"//{redis_service['metadata']['name']}:{redis_service['spec']['ports'][0]['port']}/" in redis_url
-    redis_pod = _find(docs, "Deployment", "featurelens-redis")["spec"]["template"]["metadata"]["labels"]
+    redis_set = _find(docs, "StatefulSet", "featurelens-redis")
+    redis_pod = redis_set["spec"]["template"]["metadata"]["labels"]
     assert redis_service["spec"]["selector"].items() <= redis_pod.items()
+    # Steering vectors live in this Redis without a TTL: eviction must spare them and the AOF keep them.
+    args = redis_set["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert args[args.index("--appendonly") + 1] == "yes"
 
 
 def test_prometheus_rule_embeds_the_same_alerts() -> None:
@@ -287,6 +292,9 @@ def test_compose_file_is_consistent() -> None:
     assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
     redis_url = services["featurelens"]["environment"]["FEATURELENS_REDIS_URL"]
     assert redis_url.startswith("redis://redis:6379")
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"  # spares the TTL-less vectors
+    assert command[command.index("--appendonly") + 1] == "yes"
     scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
     assert "featurelens:9090" in targets
