@@ -28,6 +28,8 @@ REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 # Risk is a probability: 0.05-wide buckets give histogram_quantile enough resolution around the thresholds.
 RISK_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# ResponseRisk.ood: shares of unseen codes; held-out-entity answers sit near 0.01, new kinds of questions higher.
+OOD_BUCKETS = (0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 # Values outside these sets are recorded as "other" so a bug or a hostile client cannot mint new series.
 MODES = frozenset({"dense", "sparse", "quantized"})
@@ -88,6 +90,11 @@ class Metrics:
         self.high_risk_responses = Counter(
             "featurelens_high_risk_responses", "Scored responses labelled HIGH risk.",
             ["model", "mode"], registry=r)
+        self.response_risk_ood = Histogram(
+            "featurelens_response_risk_ood",
+            "How far scored responses lie from the risk probe's training data (ResponseRisk.ood: share of "
+            "their top-k SAE codes on features training never saw), in [0, 1].",
+            ["model", "mode"], buckets=OOD_BUCKETS, registry=r)
         self.steering_interventions = Counter(
             "featurelens_steering_interventions", "Steering interventions applied, by operation.",
             ["op"], registry=r)
@@ -160,6 +167,9 @@ class Metrics:
         self.response_risk.labels(**labels).observe(min(1.0, max(0.0, score)))
         if high:
             self.high_risk_responses.labels(**labels).inc()
+
+    def observe_response_ood(self, model: str, mode: object, ood: float) -> None:
+        self.response_risk_ood.labels(model=model, mode=_bounded(mode, MODES)).observe(min(1.0, max(0.0, ood)))
 
     def count_steering(self, op: object, n: int = 1) -> None:
         self.steering_interventions.labels(op=_bounded(op, STEERING_OPS)).inc(n)

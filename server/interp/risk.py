@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from featurelens.server.interp.risk_probe import Probe, calibrate, load_probe
+from featurelens.server.interp.risk_probe import Probe, calibrate, load_probe, terms_logit
 from featurelens.server.paths import ASSETS_DIR
 from featurelens.v1 import featurelens_pb2 as pb
 
@@ -51,16 +51,35 @@ class RiskProbe:
         # Column order = the probe file's feature order; per layer, a feature id → column table (-1: none).
         self.columns: list[tuple[int, int]] = [(f.layer, f.feature_id) for f in self.probe.features]
         self.vector = np.asarray([f.weight for f in self.probe.features], dtype=np.float64)
-        self.feature_ids: dict[int, list[int]] = {}  # layer → the probe's feature ids there
+        probe_ids: dict[int, list[int]] = {}
+        for f in self.probe.features:
+            probe_ids.setdefault(f.layer, []).append(f.feature_id)
+        self.slots: dict[int, np.ndarray] = {layer: np.full(max(ids) + 1, -1, dtype=np.int64)
+                                             for layer, ids in probe_ids.items()}
+        for column, (layer, feature) in enumerate(self.columns):
+            self.slots[layer][feature] = column
+        self._layers = {f.layer: f.sae_id for f in self.probe.features}
+        # The OOD reference (probe file v2): per layer, a bool table of the features training (almost) never
+        # saw. The worker ships them beside the probe's own features (weight 0: the linear term is unchanged),
+        # so the frontend counts them among the codes it already receives.
+        self.ood_k = int(self.probe.ood["k"]) if self.probe.ood else 0
+        self.unseen: dict[int, np.ndarray] = {}
+        for layer, ids in self.probe.ood_sets().items():
+            if layer in self._layers and ids:
+                table = np.zeros(max(ids) + 1, dtype=bool)
+                table[sorted(ids)] = True
+                self.unseen[layer] = table
+        # What the worker selects per layer: the probe's features, then the unseen ones it lacks (weight 0).
+        self.feature_ids: dict[int, list[int]] = {}  # layer → feature ids the worker ships
         self.feature_weights: dict[int, list[float]] = {}  # layer → their weights, same order
         for f in self.probe.features:
             self.feature_ids.setdefault(f.layer, []).append(f.feature_id)
             self.feature_weights.setdefault(f.layer, []).append(float(f.weight))
-        self.slots: dict[int, np.ndarray] = {layer: np.full(max(ids) + 1, -1, dtype=np.int64)
-                                             for layer, ids in self.feature_ids.items()}
-        for column, (layer, feature) in enumerate(self.columns):
-            self.slots[layer][feature] = column
-        self._layers = {f.layer: f.sae_id for f in self.probe.features}
+        for layer, table in self.unseen.items():
+            own = set(self.feature_ids[layer])
+            extra = [int(i) for i in np.flatnonzero(table) if int(i) not in own]
+            self.feature_ids[layer] += extra
+            self.feature_weights[layer] += [0.0] * len(extra)
 
     @classmethod
     def load(cls, path: str | Path) -> RiskProbe:
@@ -126,6 +145,34 @@ class RunningRisk:
         self.count = 0
         self.linear = 0.0  # with `add_score`: the pooled linear term w · pooled(x)
         self.scored = False
+        self.logprobs: list[float] = []  # the scored tokens' logprobs, for a probe with uncertainty terms
+        self.unseen_hits = 0  # codes on features training never saw, over the scored tokens (OOD)
+        self.ood_tokens = 0
+
+    @property
+    def needs_logprobs(self) -> bool:
+        return self.probe.probe.needs_logprobs
+
+    def add_logprob(self, logprob: float) -> None:
+        """The next scored token's logprob: call it before that token's `add` / `add_score`."""
+        self.logprobs.append(float(logprob))
+
+    def _count_unseen(self, codes: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """OOD: one token's codes (its top-k, or what the worker shipped of them) on unseen features."""
+        if not self.probe.unseen:
+            return
+        self.ood_tokens += 1
+        for layer, table in self.probe.unseen.items():
+            ids = np.asarray(codes[layer][0], dtype=np.int64)[: self.probe.ood_k]
+            vals = np.asarray(codes[layer][1], dtype=np.float64)[: self.probe.ood_k]
+            known = (ids < len(table)) & (vals > 0.0)
+            self.unseen_hits += int(table[ids[known]].sum())
+
+    def ood(self) -> float:
+        """risk_probe.ood_share over the scored tokens so far (0 for a probe without an OOD reference)."""
+        if not self.probe.unseen or not self.ood_tokens:
+            return 0.0
+        return self.unseen_hits / (self.ood_tokens * self.probe.ood_k * len(self.probe.unseen))
 
     @property
     def takes_scores(self) -> bool:
@@ -151,6 +198,9 @@ class RunningRisk:
         operations — what `add` builds one token at a time; used for the explanation after `add_score`."""
         pooling = self.probe.probe.pooling
         use = tokens[:1] if pooling == "last_prompt" else tokens
+        self.unseen_hits = self.ood_tokens = 0
+        for codes in tokens:
+            self._count_unseen(codes)
         state = np.zeros_like(self.state)
         for layer, table in self.probe.slots.items():
             if not use:
@@ -171,6 +221,7 @@ class RunningRisk:
         """`codes`: layer → (indices, values) of one token: its top-k codes, or only the probe's features
         among them (what risk captures ship). Zero values mean "not fired". Returns risk after this token."""
         self.count += 1
+        self._count_unseen(codes)
         x = np.zeros_like(self.state)
         for layer, table in self.probe.slots.items():
             columns, values = _probe_columns(table, *codes[layer])
@@ -191,11 +242,15 @@ class RunningRisk:
 
     def risk(self) -> float:
         linear = self.linear if self.scored else float(self.probe.vector @ self.state)
+        if self.needs_logprobs:
+            linear += terms_logit(self.probe.probe, self.logprobs[: self.count])
         return calibrate(self.probe.probe, self.probe.probe.bias + linear)
 
     def response_risk(self, explain: Callable[[int, int], str] | None = None, top: int = 5) -> pb.ResponseRisk:
         value = self.risk()
         out = pb.ResponseRisk(score=value, label=self.probe.label(value), probe_id=self.probe.probe_id)
+        if self.probe.unseen:
+            out.ood = self.ood()
         weights = self.probe.weights
         ranked = sorted(((weights[key] * v, key, v) for key, v in self.pooled().items() if key in weights),
                         key=lambda item: -abs(item[0]))

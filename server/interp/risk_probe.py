@@ -12,6 +12,14 @@ by `running_risks` below and mirrored by the server:
     risk_t   = sigmoid(a · logit_t + b)          (calibration: Platt)
   response risk = risk at the last scored token; label HIGH ≥ thresholds.high > MEDIUM ≥ thresholds.medium.
 
+Version 2 (version 1 files load unchanged) adds two optional parts:
+  "terms": [{"name", "weight"}]   named uncertainty terms of the scored tokens' log-probabilities so far
+               (`TERMS`, `term_values`): logit_t += Σ weight · term(logprob_1..t)
+  "ood": {"method": "unseen_share", "min_count", "k", "unseen": {layer: [feature_id, ...]}, "reference"}
+               how far the response lies from the training data: the share of its scored tokens' top-k codes
+               (k = "k", at the listed layers) that fall on features seen in fewer than min_count training
+               answers (`ood_share`); 0 = every code familiar, 1 = none. It does not change the risk.
+
 Scoring needs only the standard library; training (numpy/scipy/scikit-learn) lives in
 featurelens.server.offline.risk.train.
 """
@@ -26,6 +34,10 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 POOLINGS = ("mean", "max", "last_prompt")
+# Uncertainty terms over the scored tokens' log-probabilities (of the tokens chosen): the answer's mean and
+# worst surprise, and the first token's (where a made-up answer usually commits).
+TERMS = ("neg_mean_logprob", "neg_min_logprob", "neg_first_logprob")
+VERSIONS = (1, 2)
 TRANSFORMS = ("identity", "log1p")
 FeatureKey = tuple[int, int]  # (layer, feature_id)
 
@@ -35,6 +47,12 @@ class ProbeFeature:
     layer: int
     sae_id: str
     feature_id: int
+    weight: float
+
+
+@dataclass
+class ProbeTerm:
+    name: str
     weight: float
 
 
@@ -49,10 +67,17 @@ class Probe:
     thresholds: dict[str, float] = field(default_factory=lambda: {"medium": 0.4, "high": 0.7})
     metrics: dict[str, Any] = field(default_factory=dict)
     model: str = "SmolLM2-135M-Instruct"
-    version: int = 1
+    version: int = 2
     kind: str = "sparse_logreg"
+    terms: list[ProbeTerm] = field(default_factory=list)
+    ood: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        for term in self.terms:
+            if term.name not in TERMS:
+                raise ValueError(f"unknown uncertainty term {term.name!r}; known: {TERMS}")
+        if self.ood is not None and self.ood.get("method") != "unseen_share":
+            raise ValueError(f"unknown ood method {self.ood.get('method')!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.input_transform not in TRANSFORMS:
@@ -63,15 +88,29 @@ class Probe:
     def weights(self) -> dict[FeatureKey, float]:
         return self._weights
 
+    @property
+    def needs_logprobs(self) -> bool:
+        return bool(self.terms)
+
+    def ood_sets(self) -> dict[int, frozenset[int]]:
+        """layer → the feature ids the training data (almost) never saw; empty without an "ood" part."""
+        if not self.ood:
+            return {}
+        return {int(layer): frozenset(int(i) for i in ids) for layer, ids in self.ood["unseen"].items()}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"probe_id": self.probe_id, "version": self.version, "kind": self.kind, "model": self.model,
-                "features": [asdict(f) for f in self.features], "bias": self.bias, "pooling": self.pooling,
-                "input_transform": self.input_transform, "calibration": self.calibration,
-                "thresholds": self.thresholds, "metrics": self.metrics}
+        out = {"probe_id": self.probe_id, "version": self.version, "kind": self.kind, "model": self.model,
+               "features": [asdict(f) for f in self.features], "bias": self.bias, "pooling": self.pooling,
+               "input_transform": self.input_transform, "calibration": self.calibration,
+               "thresholds": self.thresholds, "metrics": self.metrics}
+        if self.version >= 2:
+            out["terms"] = [asdict(t) for t in self.terms]
+            out["ood"] = self.ood
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Probe:
-        if data.get("kind", "sparse_logreg") != "sparse_logreg" or data.get("version", 1) != 1:
+        if data.get("kind", "sparse_logreg") != "sparse_logreg" or data.get("version", 1) not in VERSIONS:
             raise ValueError(f"unsupported probe kind/version: {data.get('kind')}/{data.get('version')}")
         return cls(probe_id=data["probe_id"], features=[ProbeFeature(**f) for f in data["features"]],
                    bias=float(data["bias"]), pooling=data.get("pooling", "mean"),
@@ -79,7 +118,9 @@ class Probe:
                    calibration=dict(data.get("calibration") or {"method": "platt", "a": 1.0, "b": 0.0}),
                    thresholds=dict(data.get("thresholds") or {"medium": 0.4, "high": 0.7}),
                    metrics=dict(data.get("metrics") or {}), model=data.get("model", ""),
-                   version=int(data.get("version", 1)), kind=data.get("kind", "sparse_logreg"))
+                   version=int(data.get("version", 1)), kind=data.get("kind", "sparse_logreg"),
+                   terms=[ProbeTerm(name=t["name"], weight=float(t["weight"])) for t in data.get("terms") or ()],
+                   ood=dict(data["ood"]) if data.get("ood") else None)
 
 
 def save_probe(probe: Probe, path: str | Path) -> Path:
@@ -107,14 +148,47 @@ def calibrate(probe: Probe, logit: float) -> float:
     return _sigmoid(probe.calibration.get("a", 1.0) * logit + probe.calibration.get("b", 0.0))
 
 
-def raw_logit(probe: Probe, pooled: Mapping[FeatureKey, float]) -> float:
-    """bias + Σ w·p over the probe's features; `pooled` maps (layer, feature_id) → pooled (transformed) value."""
-    return probe.bias + sum(w * pooled.get(key, 0.0) for key, w in probe.weights.items())
+def term_values(logprobs: Sequence[float]) -> dict[str, float]:
+    """The uncertainty terms of the scored tokens' log-probabilities so far (0 before any token)."""
+    if not logprobs:
+        return dict.fromkeys(TERMS, 0.0)
+    return {"neg_mean_logprob": -sum(logprobs) / len(logprobs), "neg_min_logprob": -min(logprobs),
+            "neg_first_logprob": -logprobs[0]}
 
 
-def score(probe: Probe, pooled: Mapping[FeatureKey, float]) -> float:
-    """Calibrated risk from already pooled, already transformed features."""
-    return calibrate(probe, raw_logit(probe, pooled))
+def terms_logit(probe: Probe, logprobs: Sequence[float] | None) -> float:
+    """Σ weight · term over the probe's uncertainty terms (0 for a probe without terms)."""
+    if not probe.terms:
+        return 0.0
+    if logprobs is None:
+        raise ValueError(f"probe {probe.probe_id} has uncertainty terms: it needs the tokens' logprobs")
+    values = term_values(logprobs)
+    return sum(t.weight * values[t.name] for t in probe.terms)
+
+
+def raw_logit(probe: Probe, pooled: Mapping[FeatureKey, float], logprobs: Sequence[float] | None = None) -> float:
+    """bias + Σ w·p over the probe's features (+ its uncertainty terms); `pooled` maps (layer, feature_id) →
+    pooled (transformed) value."""
+    return probe.bias + sum(w * pooled.get(key, 0.0) for key, w in probe.weights.items()) + \
+        terms_logit(probe, logprobs)
+
+
+def score(probe: Probe, pooled: Mapping[FeatureKey, float], logprobs: Sequence[float] | None = None) -> float:
+    """Calibrated risk from already pooled, already transformed features (and the logprobs so far)."""
+    return calibrate(probe, raw_logit(probe, pooled, logprobs))
+
+
+def ood_share(unseen: Mapping[int, frozenset[int]], tokens: Sequence[Mapping[int, Iterable[tuple[int, float]]]],
+              k: int) -> float:
+    """The share of the tokens' top-k codes (the first k of each, fired: value > 0) at the `unseen` layers that
+    fall on unseen features: count / (tokens × k × layers). 0 without tokens or layers."""
+    if not tokens or not unseen:
+        return 0.0
+    hits = 0
+    for codes in tokens:
+        for layer, ids in unseen.items():
+            hits += sum(1 for feature_id, value in list(codes.get(layer, ()))[:k] if value > 0 and feature_id in ids)
+    return hits / (len(tokens) * k * len(unseen))
 
 
 def token_inputs(probe: Probe, token_codes: Mapping[int, Iterable[tuple[int, float]]]) -> dict[FeatureKey, float]:
@@ -127,8 +201,12 @@ def token_inputs(probe: Probe, token_codes: Mapping[int, Iterable[tuple[int, flo
     return x
 
 
-def running_risks(probe: Probe, tokens: Sequence[Mapping[int, Iterable[tuple[int, float]]]]) -> list[float]:
-    """risk_t after each scored token (the server's streaming semantics); the last one is the response risk."""
+def running_risks(probe: Probe, tokens: Sequence[Mapping[int, Iterable[tuple[int, float]]]],
+                  logprobs: Sequence[float] | None = None) -> list[float]:
+    """risk_t after each scored token (the server's streaming semantics); the last one is the response risk.
+    `logprobs`: the scored tokens' log-probabilities, needed by a probe with uncertainty terms."""
+    if probe.terms and (logprobs is None or len(logprobs) < len(tokens)):
+        raise ValueError(f"probe {probe.probe_id} has uncertainty terms: pass one logprob per scored token")
     pooled: dict[FeatureKey, float] = {}
     risks = []
     for t, codes in enumerate(tokens, start=1):
@@ -141,7 +219,7 @@ def running_risks(probe: Probe, tokens: Sequence[Mapping[int, Iterable[tuple[int
                 pooled[key] = max(pooled.get(key, 0.0), value)
         elif t == 1:  # last_prompt: the first scored token's codes are those of the last prompt position
             pooled = x
-        risks.append(score(probe, pooled))
+        risks.append(score(probe, pooled, None if logprobs is None else logprobs[:t]))
     return risks
 
 

@@ -243,7 +243,8 @@ def test_probe_file_round_trip_keeps_the_documented_shape(tmp_path):
     path = rp.save_probe(probe, tmp_path / "probes" / "hand.json")
     data = json.loads(path.read_text())
     assert list(data) == ["probe_id", "version", "kind", "model", "features", "bias", "pooling",
-                          "input_transform", "calibration", "thresholds", "metrics"]
+                          "input_transform", "calibration", "thresholds", "metrics", "terms", "ood"]
+    assert data["version"] == 2 and data["terms"] == [] and data["ood"] is None  # v2: both optional
     assert data["features"][0] == {"layer": 12, "sae_id": "saeA", "feature_id": 5, "weight": 2.0}
     again = rp.load_probe(path)
     assert again.to_dict() == probe.to_dict()

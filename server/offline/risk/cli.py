@@ -103,21 +103,93 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sae_dirs(specs: list[str] | None) -> dict[int, str]:
+    return {int(spec.split("=", 1)[0]): spec.split("=", 1)[1] for spec in specs or shipped_saes()}
+
+
+def _d_sae(saes: dict[int, str]) -> dict[int, int]:
+    return {layer: int(json.loads((Path(path) / "cfg.json").read_text())["d_sae"]) for layer, path in saes.items()}
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    """LOFO model selection over a grid; writes the table and the chosen configuration."""
+    from featurelens.server.offline.risk.generalize import grid, ood_lofo, select
+    from featurelens.server.offline.risk.train import usable
+
+    records = usable(_read(args.data))
+    layer_sets = [tuple(int(x) for x in s.split("+")) for s in args.layer_sets]
+    term_sets = [tuple(t for t in s.split("+") if t) if s != "none" else () for s in args.term_sets]
+    configs = grid(layer_sets, args.poolings, args.transforms, term_sets, args.Cs,
+                   [{"family": True, "plain": False}[w] for w in args.weights])
+    chosen, table = select(records, configs, log=lambda m: print(m, file=sys.stderr),
+                           one_se_fewer_layers=args.selection == "one-se")
+    saes = _sae_dirs(args.sae)
+    k = len(records[0]["features"][next(iter(records[0]["features"]))]["idx"][0])
+    # The OOD threshold is chosen without the test split: the val split plays the held-out entities.
+    train_val = [r | {"split": "test" if r["split"] == "val" else r["split"]} for r in records if r["split"] != "test"]
+    ood = ood_lofo(train_val, list(chosen.layers), _d_sae(saes), k, args.ood_min_counts)
+    best_m = max(ood, key=lambda m: ood[m]["mean_auroc"])
+    out = {"chosen": chosen.__dict__, "table": table, "ood": {m: {x: v[x] for x in ("mean_auroc", "min_auroc",
+                                                                                   "pooled_auroc")}
+                                                             for m, v in ood.items()},
+           "ood_min_count": int(best_m), "feature_top_k": k}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1, default=list) + "\n")
+    print(json.dumps({"chosen": chosen.name(), "ood": out["ood"], "ood_min_count": out["ood_min_count"]}, indent=1))
+    return 0
+
+
+def _cmd_train_general(args: argparse.Namespace) -> int:
+    from featurelens.server.interp.risk_probe import save_probe
+    from featurelens.server.offline.risk.generalize import Config, train_final
+    from featurelens.server.offline.risk.train import usable
+
+    records = usable(_read(args.data))
+    sel = json.loads(Path(args.selection).read_text())
+    c = sel["chosen"]
+    config = Config(tuple(c["layers"]), c["pooling"], c["transform"], tuple(c["terms"]), float(c["C"]),
+                    bool(c["family_weights"]))
+    best = max(sel["table"], key=lambda row: row["lofo_mean_auroc"])
+    row = next(r for r in sel["table"] if r["config"] == config.name())
+    probe = train_final(records, config, args.probe_id, _d_sae(_sae_dirs(args.sae)), int(sel["feature_top_k"]),
+                        int(args.ood_min_count or sel["ood_min_count"]),
+                        metrics={"selection_rule": "leave-one-family-out mean AUROC (train+val splits)",
+                                 "selection_lofo_mean_auroc": row["lofo_mean_auroc"],
+                                 "selection_best_lofo_mean_auroc": best["lofo_mean_auroc"],
+                                 "selection_configs": len(sel["table"])})
+    out = Path(args.out or ASSETS / "probes" / f"{args.probe_id}.json")
+    save_probe(probe, out)
+    print(json.dumps({"probe": str(out), "features": len(probe.features), "terms": [t.name for t in probe.terms],
+                      "config": config.name(), "val_auroc": probe.metrics["val_auroc"],
+                      "calibration": probe.calibration, "thresholds": probe.thresholds,
+                      "ood_unseen": {k: len(v) for k, v in probe.ood["unseen"].items()}}, indent=1))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from featurelens.server.interp.risk_probe import load_probe, save_probe
-    from featurelens.server.offline.risk.evaluate import evaluate
+    from featurelens.server.offline.risk.evaluate import evaluate, evaluate_generalization
 
     probe = load_probe(args.probe)
-    report = evaluate(_read(args.data), probe, args.out, domains=not args.no_domains,
+    records = _read(args.data)
+    report = evaluate(records, probe, args.out, domains=args.legacy_domains,
                       log=lambda m: print(m, file=sys.stderr))
+    if not args.no_domains:
+        compare = [load_probe(p) for p in args.compare or ()]
+        general = evaluate_generalization(records, probe, args.out, saes=_sae_dirs(args.sae), compare=compare,
+                                          log=print)
+        report["generalization"] = general["summary"]
     if args.record:
         # Keep the headline figures with the probe, so the server can report what it ships.
         probe.metrics["heldout_entities"] = report["heldout_entities"]
         if "heldout_domains" in report:
             probe.metrics["heldout_domains_auroc"] = {
                 d: {row["method"]: row["auroc"] for row in v["results"]} for d, v in report["heldout_domains"].items()}
+        if "generalization" in report:
+            probe.metrics["generalization"] = report["generalization"]
         save_probe(probe, args.probe)
-    print(json.dumps({k: report[k] for k in ("n", "positive_rate", "heldout_entities", "plots")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("n", "positive_rate", "heldout_entities", "plots")}, indent=1),
+          file=sys.stderr)
     return 0
 
 
@@ -184,11 +256,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "(each layer costs an SAE encode per served token); best: the highest AUROC")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="AUROC/AUPRC/ECE on held-out entities and domains vs baselines; JSON + PNG")
+    p = sub.add_parser("select", help="choose layers/pooling/terms/C by leave-one-family-out AUROC")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="JSON: the grid's table, the chosen configuration, OOD choice")
+    p.add_argument("--layer-sets", nargs="+", default=["22", "12", "12+22"])
+    p.add_argument("--poolings", nargs="+", default=["mean", "max"])
+    p.add_argument("--transforms", nargs="+", default=["identity"])
+    p.add_argument("--term-sets", nargs="+", default=["none", "neg_mean_logprob+neg_min_logprob+neg_first_logprob"])
+    p.add_argument("--Cs", nargs="+", type=float, default=[0.01, 0.03, 0.1])
+    p.add_argument("--weights", nargs="+", default=["family"], choices=("family", "plain"))
+    p.add_argument("--selection", default="one-se", choices=("one-se", "best"))
+    p.add_argument("--ood-min-counts", nargs="+", type=int, default=[1, 2, 5, 10])
+    p.add_argument("--sae", action="append", default=None)
+    p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser("train-general", help="train the probe of a `risk select` choice, with its OOD reference")
+    p.add_argument("--data", required=True)
+    p.add_argument("--selection", required=True, help="JSON written by `risk select`")
+    p.add_argument("--probe-id", default="smollm2-risk-v3")
+    p.add_argument("--out", default=None, help="default server/assets/probes/<probe-id>.json")
+    p.add_argument("--ood-min-count", type=int, default=None)
+    p.add_argument("--sae", action="append", default=None)
+    p.set_defaults(func=_cmd_train_general)
+
+    p = sub.add_parser("eval", help="LOFO per family vs baselines, held-out entities, ECE, OOD; JSON + PNG")
     p.add_argument("--data", required=True)
     p.add_argument("--probe", required=True)
-    p.add_argument("--out", required=True, help="folder for risk_eval.json and the plots")
-    p.add_argument("--no-domains", action="store_true", help="skip the leave-one-domain-out retraining")
+    p.add_argument("--out", required=True, help="folder for risk_eval.json, risk_generalization.json, plots")
+    p.add_argument("--no-domains", action="store_true", help="skip the leave-one-family-out retraining")
+    p.add_argument("--legacy-domains", action="store_true", help="also the v2 report's leave-one-domain-out")
+    p.add_argument("--compare", action="append", default=None,
+                   help="other probe files whose configuration gets the same LOFO protocol (repeatable)")
+    p.add_argument("--sae", action="append", default=None)
     p.add_argument("--record", action="store_true", help="write the headline figures into the probe's metrics")
     p.set_defaults(func=_cmd_eval)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +200,161 @@ def evaluate(records: Sequence[dict], probe: Probe, out_dir: str | Path, domains
     report["plots"] = plots(probe, split["test"], split["val"], out)
     (out / "risk_eval.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+# ------------------------------------------------------------------------- generalization (issue 29)
+
+LOGPROB_BASELINES = ("neg_mean_logprob", "neg_min_logprob", "mean_entropy")
+
+
+def residual_design(records: Sequence[dict], layer: int, sae_dir: str | Path) -> np.ndarray:
+    """A dense-residual stand-in: each token's residual rebuilt from its top-k SAE codes (codes @ W_dec),
+    mean-pooled over the response; (n, d_model)."""
+    from safetensors.numpy import load_file
+
+    w_dec = load_file(str(Path(sae_dir) / "sae_weights.safetensors"))["W_dec"].astype(np.float32)
+    out = np.zeros((len(records), w_dec.shape[1]), dtype=np.float32)
+    for i, r in enumerate(records):
+        entry = r["features"][str(layer)]
+        for idx, val in zip(entry["idx"], entry["val"], strict=False):
+            out[i] += np.asarray(val, dtype=np.float32) @ w_dec[np.asarray(idx)]
+        out[i] /= max(1, len(entry["idx"]))
+    return out
+
+
+def _dense_lofo(X: np.ndarray, records: Sequence[dict], C: float = 0.1) -> dict[str, float | None]:
+    from featurelens.server.offline.risk.generalize import auroc, sample_weights
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    fams = np.asarray([r["domain"] for r in records])
+    y = np.asarray([r["label"] for r in records])
+    out: dict[str, float | None] = {}
+    for family in sorted(set(fams.tolist())):
+        tr, te = fams != family, fams == family
+        scaler = StandardScaler().fit(X[tr])
+        model = LogisticRegression(C=C, max_iter=2000)
+        model.fit(scaler.transform(X[tr]), y[tr], sample_weight=sample_weights(fams[tr].tolist(), y[tr]))
+        out[family] = auroc(y[te], model.decision_function(scaler.transform(X[te])))
+    return out
+
+
+def config_of(probe: Probe) -> Any:
+    """The generalize.Config a probe file was trained with (v1 files: their layers/pooling/transform, L1 C)."""
+    from featurelens.server.offline.risk.generalize import Config
+
+    layers = tuple(sorted({f.layer for f in probe.features}))
+    return Config(layers, probe.pooling, probe.input_transform, tuple(t.name for t in probe.terms),
+                  float(probe.metrics.get("C", 0.03)), bool(probe.metrics.get("family_weights", False)))
+
+
+def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str | Path, *,
+                            saes: Mapping[int, str] | None = None, compare: Sequence[Probe] = (),
+                            ood_min_counts: Sequence[int] | None = None,
+                            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Issue 29's report, per family and overall: LOFO AUROC of the probe's configuration (refit without each
+    family, tested on all of it) beside the logprob baselines, a logprob-terms-only LOFO model, a dense
+    (SAE-reconstructed residual) LOFO probe and other probes' configurations (`compare`, e.g. v2's) under the
+    same protocol; held-out entities (the probe as given, test split); ECE of the LOFO fits calibrated on the
+    other families' val split; the OOD AUROC (held-out family vs held-out entities)."""
+    from featurelens.server.offline.risk import generalize as gz
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = usable(records)
+    y = np.asarray([r["label"] for r in records])
+    fams = np.asarray([r["domain"] for r in records])
+    families = sorted(set(fams.tolist()))
+    config = config_of(probe)
+    design = gz.build_design(records, config.layers, config.pooling, config.transform)
+    folds = {f.family: f for f in gz.lofo(records, design, config, calibrate=True)}
+    base = baseline_scores(records)
+    terms_only = gz.Config(config.layers, config.pooling, config.transform, gz.TERMS, 1.0, True)
+    term_design = gz.Design(design.X[:, :0], {}, design.terms)
+    term_folds = {f.family: f.auroc for f in gz.lofo(records, term_design, terms_only)}
+    others = {}
+    for other in compare:
+        oc = config_of(other)
+        od = gz.build_design(records, oc.layers, oc.pooling, oc.transform)
+        others[other.probe_id] = {f.family: f.auroc for f in gz.lofo(records, od, oc)}
+    dense: dict[str, float | None] = {}
+    if saes:
+        layer = max(config.layers)
+        dense = _dense_lofo(residual_design(records, layer, saes[layer]), records)
+    table = []
+    for family in families:
+        mask = fams == family
+        row: dict[str, Any] = {"family": family, "n": int(mask.sum()), "positive_rate": round(float(y[mask].mean()), 3),
+                               "probe_lofo": folds[family].auroc}
+        for name in (*LOGPROB_BASELINES, "concept_dispersion"):
+            row[name] = gz.auroc(y[mask], base[name][mask])
+        valid = [row[n] for n in LOGPROB_BASELINES if row[n] is not None]
+        row["best_logprob_baseline"] = max(valid) if valid else None
+        row["logprob_terms_lofo"] = term_folds[family]
+        row["dense_residual_lofo"] = dense.get(family)
+        for pid, by in others.items():
+            row[f"{pid}_config_lofo"] = by[family]
+        if probe.features and probe.probe_id and probe.metrics.get("feature_top_k"):
+            row["probe_as_given"] = gz.auroc(y[mask], gz.probe_scores(probe, [r for r, m in zip(records, mask,
+                                                                                                 strict=True) if m]))
+        table.append(row)
+    scored = [r for r in table if r["probe_lofo"] is not None and r["best_logprob_baseline"] is not None]
+    margin = [r["probe_lofo"] - r["best_logprob_baseline"] for r in scored]
+    probs = np.concatenate([folds[f].probs for f in families])
+    labels = np.concatenate([folds[f].y for f in families])
+    summary: dict[str, Any] = {
+        "families": len(families), "n": len(records),
+        "lofo_mean_auroc": round(gz.mean_auroc(folds.values()), 4),
+        "best_logprob_baseline_mean": round(float(np.mean([r["best_logprob_baseline"] for r in scored])), 4),
+        "families_ge_baseline_plus_0.02": sum(m >= 0.02 for m in margin),
+        "families_below_baseline_minus_0.02": sum(m < -0.02 for m in margin), "families_scored": len(scored),
+        "ece_heldout_families": round(ece(probs, labels), 4),
+        "ece_heldout_families_mean_per_family": round(float(np.mean([ece(folds[f].probs, folds[f].y)
+                                                                      for f in families])), 4),
+    }
+    for key in ("logprob_terms_lofo", "dense_residual_lofo", *(f"{p}_config_lofo" for p in others)):
+        vals = [r[key] for r in table if r.get(key) is not None]
+        if vals:
+            summary[f"{key}_mean"] = round(float(np.mean(vals)), 4)
+    test = [r for r in records if r["split"] == "test"]
+    yt = np.asarray([r["label"] for r in test])
+    zt = gz.probe_scores(probe, test)
+    summary["heldout_entities_auroc"] = gz.auroc(yt, zt)
+    summary["heldout_entities_ece"] = round(ece(calibrated(probe, zt), yt), 4)
+    summary["heldout_entities_best_logprob_baseline"] = max(
+        gz.auroc(yt, baseline_scores(test)[n]) or 0.0 for n in LOGPROB_BASELINES)
+    if probe.ood:
+        k = int(probe.ood["k"])
+        d_sae = {int(layer): max(4096, 1 + max(ids, default=0)) for layer, ids in probe.ood["unseen"].items()}
+        ood = gz.ood_lofo(records, [int(layer) for layer in probe.ood["unseen"]], d_sae, k,
+                          ood_min_counts or (int(probe.ood["min_count"]),))
+        summary["ood"] = {m: {key: v[key] for key in ("mean_auroc", "min_auroc", "pooled_auroc")}
+                          for m, v in ood.items()}
+        summary["ood_by_family"] = ood[str(int(probe.ood["min_count"]))]["by_family"] \
+            if str(int(probe.ood["min_count"])) in ood else None
+    report = {"probe_id": probe.probe_id, "config": config.name(), "summary": summary, "by_family": table}
+    (out / "risk_generalization.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    log(format_generalization(report))
+    return report
+
+
+def _f(x: Any) -> str:
+    return "  -  " if x is None else f"{x:.3f}"
+
+
+def format_generalization(report: Mapping[str, Any]) -> str:
+    """The per-family table and the headline figures as text (what `featurelens risk eval` prints)."""
+    rows = report["by_family"]
+    extra = [k for k in rows[0] if k.endswith("_config_lofo")] if rows else []
+    head = f"{'family':<22}{'n':>5}{'pos':>6}  {'probe':>6}{'best lp':>8}{'diff':>7}{'terms':>7}{'dense':>7}" + \
+        "".join(f"{k.replace('_config_lofo', '')[:12]:>14}" for k in extra)
+    lines = [f"LOFO AUROC, probe {report['probe_id']} ({report['config']})", head]
+    for r in rows:
+        diff = None if r["probe_lofo"] is None or r["best_logprob_baseline"] is None else \
+            r["probe_lofo"] - r["best_logprob_baseline"]
+        lines.append(f"{r['family']:<22}{r['n']:>5}{r['positive_rate']:>6.2f}  {_f(r['probe_lofo']):>6}"
+                     f"{_f(r['best_logprob_baseline']):>8}{_f(diff):>7}{_f(r['logprob_terms_lofo']):>7}"
+                     f"{_f(r.get('dense_residual_lofo')):>7}" + "".join(f"{_f(r[k]):>14}" for k in extra))
+    s = report["summary"]
+    lines.append(json.dumps(s, indent=1, default=float))
+    return "\n".join(lines)

@@ -99,7 +99,7 @@ def fit_logreg(X, y, X_val, y_val, penalty: str = "l1", Cs: Sequence[float] = (0
     return best
 
 
-def platt(logits, y) -> dict[str, float]:
+def platt(logits, y) -> dict[str, Any]:
     """Platt scaling: one-feature logistic regression on held-out logits (weak L2 only for stability)."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -138,14 +138,21 @@ def build_probe(fit: FitResult, columns: dict[FeatureKey, int], sae_ids: Mapping
 
 
 def probe_logits(probe: Probe, records: Sequence[dict]):
-    """Raw logits of `probe` on records, through the same pooling the server uses (vectorised)."""
+    """Raw logits of `probe` on records, through the same pooling the server uses (vectorised), plus a v2
+    probe's uncertainty terms."""
     import numpy as np
 
     layers = sorted({f.layer for f in probe.features})
     columns = {(f.layer, f.feature_id): i for i, f in enumerate(probe.features)}
     X, _ = pooled_matrix(records, layers, probe.pooling, probe.input_transform, columns=columns)
     w = np.asarray([f.weight for f in probe.features])
-    return X @ w + probe.bias
+    z = np.asarray(X @ w + probe.bias, dtype=np.float64).ravel()
+    if probe.terms:  # v2: uncertainty terms over all the response's tokens (risk_probe.term_values)
+        from featurelens.server.interp.risk_probe import term_values
+
+        v = np.asarray([t.weight for t in probe.terms])
+        z = z + np.asarray([[term_values(r["logprobs"])[t.name] for t in probe.terms] for r in records]) @ v
+    return z
 
 
 def calibrated(probe: Probe, logits):

@@ -1,0 +1,330 @@
+"""Model selection for generalization: leave-one-family-out (LOFO) AUROC over the question families, named
+uncertainty terms from the answer's token log-probabilities, and the out-of-distribution (OOD) score.
+
+LOFO: for each family D, fit on the other families' answers and score every answer of D. A configuration
+(layers × pooling × input transform × uncertainty terms × L1 strength) is chosen by its mean LOFO AUROC over
+families, computed on the train and validation splits only (entity splits: the test split's entities stay
+unseen for the held-out-entity figure); the spread across configurations is kept so the gain from choosing
+is visible.
+
+Uncertainty terms (`TERMS`): running statistics of the response tokens' log-probabilities that the engine
+computes anyway; the probe file lists them with their weights, so the explanation names them.
+
+OOD: the share of a response's top-k codes (at the probe's layers, over its scored tokens) that fall on
+features seen in fewer than `min_count` training answers — "the training data never saw this". The probe file
+stores that unseen set per layer; serving counts them among the codes it already reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from featurelens.server.interp.risk_probe import TERMS, term_values
+from featurelens.server.offline.risk.train import auroc_standard_error, platt, pooled_matrix
+
+
+def terms_matrix(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np.ndarray:
+    """(n, len(names)) uncertainty terms per record (the serving formulas, risk_probe.term_values)."""
+    return np.asarray([[term_values(r["logprobs"])[name] for name in names] for r in records],
+                      dtype=np.float64).reshape(len(records), len(names))
+
+
+@dataclass(frozen=True)
+class Config:
+    layers: tuple[int, ...]
+    pooling: str = "mean"
+    transform: str = "identity"
+    terms: tuple[str, ...] = ()
+    C: float = 0.03
+    family_weights: bool = True  # each family weighs the same in the fit, each class within it half
+
+    def name(self) -> str:
+        terms = "+".join(self.terms) if self.terms else "none"
+        return (f"L{'+'.join(map(str, self.layers))}/{self.pooling}/{self.transform}/terms={terms}/C={self.C}"
+                f"/{'famw' if self.family_weights else 'plain'}")
+
+
+@dataclass
+class Design:
+    """Pooled SAE features for every record (built once per layers × pooling × transform) plus terms."""
+
+    X: Any  # scipy CSR (n, d)
+    columns: dict[tuple[int, int], int]
+    terms: np.ndarray  # (n, len(TERMS))
+
+
+def build_design(records: Sequence[dict], layers: Sequence[int], pooling: str, transform: str) -> Design:
+    X, columns = pooled_matrix(records, layers, pooling, transform)
+    return Design(X.tocsr(), columns, terms_matrix(records, TERMS))
+
+
+def sample_weights(families: Sequence[str], y: np.ndarray) -> np.ndarray:
+    """Every family the same total weight, and within it each class half (a family with few positives still
+    counts): the fit then looks for what separates right from wrong in all families, not in the largest."""
+    w = np.zeros(len(y))
+    fams = np.asarray(families)
+    for f in set(families):
+        mask = fams == f
+        for label in (0, 1):
+            m = mask & (y == label)
+            if m.any():
+                w[m] = 0.5 / m.sum() if (mask & (y != label)).any() else 1.0 / m.sum()
+    return w * len(y) / w.sum()
+
+
+@dataclass
+class Fitted:
+    weights: np.ndarray  # raw-space weights over [SAE columns..., terms...]
+    bias: float
+    term_names: tuple[str, ...]
+
+    def logits(self, X: Any, terms: np.ndarray) -> np.ndarray:
+        d = X.shape[1]
+        z = X @ self.weights[:d] + self.bias
+        if self.term_names:
+            z = z + terms @ self.weights[d:]
+        return np.asarray(z).ravel()
+
+
+def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str], config: Config,
+        seed: int = 0) -> Fitted:
+    """L1 logistic regression on columns scaled to unit RMS (weights mapped back to raw values)."""
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+
+    term_idx = [TERMS.index(t) for t in config.terms]
+    X = design.X[rows]
+    if term_idx:
+        X = sparse.hstack([X, sparse.csr_matrix(design.terms[rows][:, term_idx])]).tocsr()
+    rms = np.sqrt(np.asarray(X.multiply(X).mean(axis=0))).ravel()
+    scale = 1.0 / np.where(rms > 0, rms, 1.0)
+    weights = sample_weights(families, y) if config.family_weights else None
+    model = LogisticRegression(l1_ratio=1.0, C=config.C, solver="liblinear", max_iter=2000, random_state=seed,
+                               class_weight=None if config.family_weights else "balanced")
+    model.fit(X.multiply(scale).tocsr(), y, sample_weight=weights)
+    return Fitted(model.coef_.ravel() * scale, float(model.intercept_[0]), config.terms)
+
+
+def design_terms(design: Design, rows: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    return design.terms[rows][:, [TERMS.index(t) for t in names]]
+
+
+def auroc(y: np.ndarray, scores: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores)) if len(set(y.tolist())) == 2 else None
+
+
+@dataclass
+class Fold:
+    family: str
+    n: int
+    positive_rate: float
+    auroc: float | None
+    probs: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    y: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+def lofo(records: Sequence[dict], design: Design, config: Config, calibrate: bool = False,
+         train_rows: np.ndarray | None = None, log: Callable[[str], None] | None = None) -> list[Fold]:
+    """Leave-one-family-out: for each family, fit on the other families' rows among `train_rows` (default all),
+    score every row of the family. With `calibrate`, the other families' val-split rows set a Platt
+    calibration (fit then on their train split only) and each fold carries calibrated probabilities."""
+    fams = np.asarray([r["domain"] for r in records])
+    y = np.asarray([r["label"] for r in records])
+    split = np.asarray([r.get("split", "train") for r in records])
+    pool = np.arange(len(records)) if train_rows is None else np.asarray(train_rows)
+    folds = []
+    for family in sorted(set(fams.tolist())):
+        test = np.flatnonzero(fams == family)
+        rest = pool[fams[pool] != family]
+        fit_rows = rest[split[rest] == "train"] if calibrate else rest
+        model = fit(design, fit_rows, y[fit_rows], fams[fit_rows].tolist(), config)
+        z = model.logits(design.X[test], design_terms(design, test, config.terms))
+        probs = np.zeros(0)
+        if calibrate:
+            cal_rows = rest[split[rest] == "val"]
+            zc = model.logits(design.X[cal_rows], design_terms(design, cal_rows, config.terms))
+            cal = platt(zc, y[cal_rows])
+            probs = 1.0 / (1.0 + np.exp(-(cal["a"] * z + cal["b"])))
+        folds.append(Fold(family, len(test), float(y[test].mean()), auroc(y[test], z), probs, y[test]))
+        if log:
+            log(f"  {config.name()} without {family}: {folds[-1].auroc}")
+    return folds
+
+
+def mean_auroc(folds: Iterable[Fold]) -> float:
+    values = [f.auroc for f in folds if f.auroc is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def grid(layer_sets: Sequence[tuple[int, ...]], poolings: Sequence[str] = ("mean", "max"),
+         transforms: Sequence[str] = ("identity",), term_sets: Sequence[tuple[str, ...]] = ((),),
+         Cs: Sequence[float] = (0.01, 0.03, 0.1), family_weights: Sequence[bool] = (True,)) -> list[Config]:
+    return [Config(tuple(ls), p, t, tuple(ts), C, fw) for ls in layer_sets for p in poolings for t in transforms
+            for ts in term_sets for C in Cs for fw in family_weights]
+
+
+def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[str], None] = print,
+           one_se_fewer_layers: bool = True) -> tuple[Config, list[dict]]:
+    """Mean LOFO AUROC of each configuration over the train+val rows (test-split entities never used). The
+    highest wins, or with `one_se_fewer_layers`, the one with the fewest layers within one standard error of it
+    (every probe layer costs the server an SAE encode per token)."""
+    rows = np.flatnonzero(np.asarray([r.get("split", "train") != "test" for r in records]))
+    sub = [records[i] for i in rows]
+    designs: dict[tuple[Any, ...], Design] = {}
+    table = []
+    for config in configs:
+        key = (config.layers, config.pooling, config.transform)
+        if key not in designs:
+            designs[key] = build_design(sub, config.layers, config.pooling, config.transform)
+        folds = lofo(sub, designs[key], config)
+        row = {"config": config.name(), "layers": list(config.layers), "pooling": config.pooling,
+               "transform": config.transform, "terms": list(config.terms), "C": config.C,
+               "family_weights": config.family_weights, "lofo_mean_auroc": round(mean_auroc(folds), 4),
+               "lofo_min_auroc": round(min(f.auroc for f in folds if f.auroc is not None), 4),
+               "by_family": {f.family: None if f.auroc is None else round(f.auroc, 4) for f in folds}}
+        table.append(row)
+        log(f"{row['config']}: LOFO mean {row['lofo_mean_auroc']} min {row['lofo_min_auroc']}")
+    best = max(range(len(table)), key=lambda i: table[i]["lofo_mean_auroc"])
+    chosen = best
+    if one_se_fewer_layers:
+        # The standard error of a mean over families: their spread / sqrt(number of families).
+        values = [v for v in table[best]["by_family"].values() if v is not None]
+        se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+        close = [i for i, row in enumerate(table) if row["lofo_mean_auroc"] >= table[best]["lofo_mean_auroc"] - se]
+        chosen = min(close, key=lambda i: (len(configs[i].layers), -table[i]["lofo_mean_auroc"]))
+    return configs[chosen], table
+
+
+# ------------------------------------------------------------------------------------------------- OOD
+
+def feature_counts(records: Sequence[dict], layers: Sequence[int], k: int) -> dict[int, np.ndarray]:
+    """Per layer: in how many answers each feature is among some scored token's top-k codes."""
+    counts: dict[int, np.ndarray] = {}
+    for layer in layers:
+        d = 1 + max((max(idx[:k], default=0) for r in records for idx in r["features"][str(layer)]["idx"]),
+                    default=0)
+        c = np.zeros(max(d, 1), dtype=np.int64)
+        for r in records:
+            seen = {f for idx, val in zip(r["features"][str(layer)]["idx"], r["features"][str(layer)]["val"],
+                                          strict=False)
+                    for f, v in zip(idx[:k], val[:k], strict=False) if v > 0}
+            c[list(seen)] += 1
+        counts[layer] = c
+    return counts
+
+
+def unseen_sets(counts: Mapping[int, np.ndarray], d_sae: Mapping[int, int], min_count: int) -> dict[int, list[int]]:
+    """Per layer: the feature ids seen in fewer than `min_count` training answers (all ids up to d_sae)."""
+    out = {}
+    for layer, c in counts.items():
+        full = np.zeros(d_sae[layer], dtype=np.int64)
+        full[: min(len(c), d_sae[layer])] = c[: d_sae[layer]]
+        out[layer] = np.flatnonzero(full < min_count).tolist()
+    return out
+
+
+def ood_scores(records: Sequence[dict], unseen: Mapping[int, Iterable[int]], k: int) -> np.ndarray:
+    """risk_probe.ood_share per record: unseen codes / (scored tokens × k), averaged over the layers."""
+    from featurelens.server.interp.risk_probe import ood_share
+
+    sets = {layer: frozenset(ids) for layer, ids in unseen.items()}
+    out = []
+    for r in records:
+        tokens = [{layer: list(zip(r["features"][str(layer)]["idx"][t], r["features"][str(layer)]["val"][t],
+                                   strict=False)) for layer in sets}
+                  for t in range(len(r["token_ids"]))]
+        out.append(ood_share(sets, tokens, k))
+    return np.asarray(out)
+
+
+def ood_lofo(records: Sequence[dict], layers: Sequence[int], d_sae: Mapping[int, int], k: int,
+             min_counts: Sequence[int] = (1, 2, 5, 10)) -> dict[str, Any]:
+    """For each held-out family D: the unseen set from the other families' train split; OOD AUROC of D's
+    answers (positives) against the other families' test-split answers (held-out entities, negatives).
+    Reported per min_count: the mean over folds and the pooled AUROC (every fold's scores together)."""
+    fams = np.asarray([r["domain"] for r in records])
+    split = np.asarray([r.get("split", "train") for r in records])
+    out: dict[str, Any] = {}
+    for m in min_counts:
+        per_family, pooled_s, pooled_y = {}, [], []
+        for family in sorted(set(fams.tolist())):
+            train = [r for r, f, s in zip(records, fams, split, strict=True) if f != family and s == "train"]
+            unseen = unseen_sets(feature_counts(train, layers, k), d_sae, m)
+            held_fam = [r for r, f in zip(records, fams, strict=True) if f == family]
+            held_ent = [r for r, f, s in zip(records, fams, split, strict=True) if f != family and s == "test"]
+            s_fam, s_ent = ood_scores(held_fam, unseen, k), ood_scores(held_ent, unseen, k)
+            y = np.r_[np.ones(len(s_fam)), np.zeros(len(s_ent))]
+            scores = np.r_[s_fam, s_ent]
+            per_family[family] = {"auroc": auroc(y, scores), "family_mean": float(s_fam.mean()),
+                                  "entities_mean": float(s_ent.mean())}
+            pooled_s.append(scores)
+            pooled_y.append(y)
+        values = [v["auroc"] for v in per_family.values() if v["auroc"] is not None]
+        out[str(m)] = {"mean_auroc": float(np.mean(values)), "min_auroc": float(np.min(values)),
+                       "pooled_auroc": auroc(np.concatenate(pooled_y), np.concatenate(pooled_s)),
+                       "by_family": per_family}
+    return out
+
+
+def standard_error(auc: float, y: np.ndarray) -> float:
+    return auroc_standard_error(auc, int(y.sum()), int(len(y) - y.sum()))
+
+
+# ------------------------------------------------------------------------------------------ the probe
+
+def train_final(records: Sequence[dict], config: Config, probe_id: str, d_sae: Mapping[int, int], k: int,
+                min_count: int, metrics: dict[str, Any] | None = None) -> Any:
+    """The shipped probe for `config`: fit on every family's train split, Platt-calibrated and thresholded on
+    the val split, with the OOD reference (features seen in fewer than `min_count` train answers)."""
+    from featurelens.server.interp.risk_probe import Probe, ProbeFeature, ProbeTerm
+    from featurelens.server.offline.risk.train import choose_thresholds
+
+    split = np.asarray([r.get("split", "train") for r in records])
+    y = np.asarray([r["label"] for r in records])
+    fams = [r["domain"] for r in records]
+    design = build_design(records, config.layers, config.pooling, config.transform)
+    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    model = fit(design, train, y[train], [fams[i] for i in train], config)
+    d = design.X.shape[1]
+    inverse = {c: key for key, c in design.columns.items()}
+    sae_ids = {int(layer): v["sae_id"] for layer, v in records[0]["features"].items()}
+    features = [ProbeFeature(layer=inverse[c][0], sae_id=sae_ids[inverse[c][0]], feature_id=int(inverse[c][1]),
+                             weight=round(float(w), 6)) for c, w in enumerate(model.weights[:d]) if abs(w) > 1e-9]
+    features.sort(key=lambda f: -abs(f.weight))
+    terms = [ProbeTerm(name=name, weight=round(float(w), 6))
+             for name, w in zip(config.terms, model.weights[d:], strict=True) if abs(w) > 1e-9]
+    unseen = unseen_sets(feature_counts([records[i] for i in train], config.layers, k), d_sae, min_count)
+    train_records = [records[i] for i in train]
+    reference = ood_scores([records[i] for i in split_rows(split, "test")], unseen, k)
+    probe = Probe(probe_id=probe_id, features=features, bias=round(model.bias, 6), pooling=config.pooling,
+                  input_transform=config.transform, terms=terms, version=2,
+                  ood={"method": "unseen_share", "min_count": min_count, "k": k,
+                       "unseen": {str(layer): ids for layer, ids in unseen.items()},
+                       "reference": {"heldout_entities_median": round(float(np.median(reference)), 4),
+                                     "heldout_entities_p95": round(float(np.quantile(reference, 0.95)), 4),
+                                     "n_train": len(train_records)}})
+    zv = model.logits(design.X[val], design_terms(design, val, config.terms))
+    probe.calibration = platt(zv, y[val])
+    pv = 1.0 / (1.0 + np.exp(-(probe.calibration["a"] * zv + probe.calibration["b"])))
+    probe.thresholds = choose_thresholds(pv, y[val])
+    probe.metrics = {"feature_top_k": k, "config": config.name(), "C": config.C,
+                     "family_weights": config.family_weights, "n_train": len(train), "n_val": len(val),
+                     "val_auroc": round(auroc(y[val], zv) or float("nan"), 4), **(metrics or {})}
+    return probe
+
+
+def split_rows(split: np.ndarray, name: str) -> np.ndarray:
+    return np.flatnonzero(split == name)
+
+
+def probe_scores(probe: Any, records: Sequence[dict]) -> np.ndarray:
+    """Raw logits of a (v1 or v2) probe on records, the server's semantics in bulk (train.probe_logits)."""
+    from featurelens.server.offline.risk.train import probe_logits
+
+    return np.asarray(probe_logits(probe, records), dtype=np.float64)

@@ -1,0 +1,195 @@
+"""Generalization machinery of the risk probe (offline/risk/generalize.py) and the v2 probe file: leave-one-
+family-out selection picks the signal that transfers to unseen families, the OOD share is higher for a family
+absent from training than for held-out entities, and the served v2 scoring (uncertainty terms, OOD share)
+equals the offline reference token by token."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from featurelens.server.interp import risk_probe as rp
+from featurelens.server.interp.risk import RiskProbe
+from featurelens.server.offline.risk import generalize as gz
+from featurelens.server.worker.extension import ProbeLayer
+
+FAMILIES = [f"fam{i}" for i in range(8)]
+
+
+def _record(family: str, label: int, split: str, rng: np.random.Generator, fam_index: int,
+            topic_shift: int = 0) -> dict:
+    """Layer 1: feature 0 fires (noisily) on hallucinated answers in every family — the transferable signal.
+    Layer 2: a family-specific feature (10 + family index) fires exactly on that family's hallucinated
+    answers — perfect inside the training families, meaningless on a family never seen. Both layers also
+    carry the family's topic features (100 + 5·family ...), which the OOD share should notice."""
+    tokens = 3
+    idx1, val1, idx2, val2 = [], [], [], []
+    topic = [100 + 5 * fam_index + j + topic_shift for j in range(3)]
+    for _ in range(tokens):
+        ids1 = list(topic) + [int(rng.integers(40, 60))]
+        vals1 = [1.0, 1.0, 1.0, 1.0]
+        if rng.random() < (0.8 if label else 0.3):
+            ids1.append(0)
+            vals1.append(float(rng.uniform(1.0, 2.0)))
+        ids2 = list(topic) + [int(rng.integers(40, 60))]
+        vals2 = [1.0, 1.0, 1.0, 1.0]
+        if label:
+            ids2.append(10 + fam_index)
+            vals2.append(2.0)
+        idx1.append(ids1)
+        val1.append(vals1)
+        idx2.append(ids2)
+        val2.append(vals2)
+    return {"domain": family, "label": label, "split": split, "token_ids": list(range(tokens)),
+            "logprobs": [-0.1] * tokens, "features": {"1": {"sae_id": "s1", "idx": idx1, "val": val1},
+                                                      "2": {"sae_id": "s2", "idx": idx2, "val": val2}}}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    rng = np.random.default_rng(3)
+    records = []
+    for i, family in enumerate(FAMILIES):
+        for j in range(60):
+            split = ("train", "train", "train", "val", "test")[j % 5]
+            records.append(_record(family, int(rng.random() < 0.5), split, rng, i))
+    return records
+
+
+def test_lofo_selection_picks_the_signal_that_transfers(synthetic):
+    configs = gz.grid([(1,), (2,)], poolings=("mean",), Cs=(0.3,))
+    # Inside the training families (fit on train, score val) the family-specific layer looks better...
+    in_family = {}
+    y = np.asarray([r["label"] for r in synthetic])
+    split = np.asarray([r["split"] for r in synthetic])
+    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    for config in configs:
+        design = gz.build_design(synthetic, config.layers, config.pooling, config.transform)
+        model = gz.fit(design, train, y[train], [synthetic[i]["domain"] for i in train], config)
+        in_family[config.layers] = gz.auroc(y[val], model.logits(design.X[val], design.terms[val][:, :0]))
+    assert in_family[(2,)] > in_family[(1,)] + 0.1
+    # ...but on families left out it is chance, and LOFO selection picks the transferable layer.
+    chosen, table = gz.select(synthetic, configs, log=lambda _m: None, one_se_fewer_layers=False)
+    assert chosen.layers == (1,)
+    by = {tuple(row["layers"]): row["lofo_mean_auroc"] for row in table}
+    assert by[(1,)] > 0.75 and by[(2,)] < 0.65
+
+
+def test_family_weights_give_every_family_the_same_total():
+    y = np.asarray([1, 1, 1, 0, 1, 0])
+    w = gz.sample_weights(["a", "a", "a", "a", "b", "b"], y)
+    assert w[:4].sum() == pytest.approx(w[4:].sum())
+    assert w[:3].sum() == pytest.approx(w[3])  # within a family, each class half
+
+
+def test_ood_share_is_higher_for_a_family_absent_from_training(synthetic):
+    report = gz.ood_lofo(synthetic, [1], {1: 200}, k=8, min_counts=(1,))["1"]
+    for family, row in report["by_family"].items():
+        assert row["family_mean"] > row["entities_mean"], family
+    assert report["mean_auroc"] > 0.95
+
+
+def test_ood_share_by_hand():
+    unseen = {3: frozenset({7, 9})}
+    tokens = [{3: [(7, 1.0), (1, 2.0), (9, 0.0)]}, {3: [(9, 0.5), (7, 0.1)]}]
+    # token 1: 7 counts (9 has value 0); token 2: both; k = 2 → 3 of 2 × 2 codes.
+    assert rp.ood_share(unseen, tokens, 2) == pytest.approx(3 / 4)
+    assert rp.ood_share(unseen, tokens, 1) == pytest.approx(2 / 2)
+    assert rp.ood_share({}, tokens, 2) == 0.0 and rp.ood_share(unseen, [], 2) == 0.0
+
+
+def _v2_file(tmp_path, pooling: str, transform: str = "identity"):
+    rng = np.random.default_rng(11)
+    features = [{"layer": layer, "sae_id": f"s{layer}", "feature_id": int(f), "weight": float(w)}
+                for layer in (3, 5) for f, w in zip(rng.choice(20, 5, replace=False), rng.normal(size=5), strict=True)]
+    data = {"probe_id": "p2", "version": 2, "kind": "sparse_logreg", "model": "m", "features": features,
+            "bias": 0.2, "pooling": pooling, "input_transform": transform,
+            "calibration": {"method": "platt", "a": 1.3, "b": -0.1}, "thresholds": {"medium": 0.5, "high": 0.8},
+            "metrics": {"feature_top_k": 4},
+            "terms": [{"name": "neg_mean_logprob", "weight": 0.7}, {"name": "neg_first_logprob", "weight": -0.2},
+                      {"name": "neg_min_logprob", "weight": 0.3}],
+            "ood": {"method": "unseen_share", "min_count": 1, "k": 4,
+                    "unseen": {"3": [0, 1, 2, 3, 4, 5], "5": [15, 16, 17, 18, 19]}}}
+    path = tmp_path / "p2.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "last_prompt"])
+def test_v2_served_scores_equal_the_offline_reference(tmp_path, pooling):
+    """Uncertainty terms and the OOD share, served (per-token codes or the worker's per-row linear term plus
+    the codes it ships) and offline (risk_probe.running_risks / ood_share), token by token."""
+    path = _v2_file(tmp_path, pooling)
+    served, reference = RiskProbe.load(path), rp.load_probe(path)
+    # The worker ships the unseen features too, with weight 0: the linear term is the probe's alone.
+    workers = {layer: ProbeLayer.build(20, served.feature_ids[layer], served.feature_weights[layer], "identity")
+               for layer in (3, 5)}
+    assert set(served.feature_ids[3]) >= set(range(6)) and set(served.feature_ids[5]) >= set(range(15, 20))
+    rng = np.random.default_rng(5)
+    running, scored = served.start(), served.start()
+    tokens, raw, shipped, logprobs = [], [], [], []
+    for _ in range(10):
+        token = {}
+        for layer in (3, 5):
+            idx = rng.choice(20, 4, replace=False).astype(np.int64)
+            val = np.where(rng.random(4) < 0.2, 0.0, rng.exponential(2.0, 4)).astype(np.float32)
+            token[layer] = (idx, val)
+        lp = float(-rng.exponential(1.0))
+        logprobs.append(lp)
+        raw.append(token)
+        tokens.append({layer: list(zip(idx.tolist(), val.tolist(), strict=True)) for layer, (idx, val) in token.items()})
+        running.add_logprob(lp)
+        running.add(token)
+        expected = rp.running_risks(reference, tokens, logprobs)[-1]
+        assert running.risk() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+        # What the worker ships for this token: the probe's and the unseen features present, and the term.
+        picked = {}
+        term = 0.0
+        for layer, (idx, val) in token.items():
+            counts, pair_idx, pair_val, _starts, scores = workers[layer].select(val[None], idx[None], 4)
+            picked[layer] = (pair_idx.astype(np.int64), pair_val.astype(np.float32))
+            term += float(scores[0])
+        shipped.append(picked)
+        if scored.takes_scores:
+            scored.add_logprob(lp)
+            assert scored.add_score(term) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    ood = rp.ood_share(reference.ood_sets(), tokens, 4)
+    assert running.ood() == pytest.approx(ood) and 0 < ood < 1
+    assert running.response_risk().ood == pytest.approx(ood, rel=1e-6)
+    if scored.takes_scores:  # the end of a streamed response: the explanation and the OOD share from shipped codes
+        scored.pool(shipped)
+        assert scored.ood() == pytest.approx(ood)
+        assert scored.response_risk().score == pytest.approx(running.response_risk().score, rel=1e-5)
+
+
+def test_v2_probe_needs_logprobs_and_v1_files_still_load(tmp_path):
+    probe = rp.load_probe(_v2_file(tmp_path, "mean"))
+    assert probe.needs_logprobs and probe.version == 2
+    with pytest.raises(ValueError, match="logprob"):
+        rp.running_risks(probe, [{3: [(1, 1.0)]}])
+    again = rp.Probe.from_dict(json.loads(json.dumps(probe.to_dict())))
+    assert again.terms == probe.terms and again.ood == probe.ood
+    v1 = rp.Probe.from_dict({"probe_id": "old", "version": 1, "features": [], "bias": 0.0})
+    assert not v1.terms and v1.ood is None and not v1.needs_logprobs and v1.ood_sets() == {}
+    assert "terms" not in v1.to_dict()
+    with pytest.raises(ValueError, match="uncertainty term"):
+        rp.Probe.from_dict({"probe_id": "x", "version": 2, "features": [], "bias": 0.0,
+                            "terms": [{"name": "vibes", "weight": 1.0}]})
+    with pytest.raises(ValueError, match="version"):
+        rp.Probe.from_dict({"probe_id": "x", "version": 3, "features": [], "bias": 0.0})
+
+
+def test_the_shipped_v2_probe_file_still_loads():
+    from featurelens.server.interp.risk import PROBES_DIR
+
+    old = RiskProbe.load(PROBES_DIR / "smollm2-risk-v2.json")
+    assert old.probe.version == 1 and not old.unseen and old.start().ood() == 0.0
+
+
+def test_term_values():
+    values = rp.term_values([-0.5, -2.0, -0.1])
+    assert values == pytest.approx({"neg_mean_logprob": 2.6 / 3, "neg_min_logprob": 2.0, "neg_first_logprob": 0.5})
+    assert rp.term_values([]) == dict.fromkeys(rp.TERMS, 0.0)
+    assert not math.isnan(gz.terms_matrix([{"logprobs": [-1.0]}], rp.TERMS).sum())
