@@ -1,14 +1,20 @@
 """The SAEs a server runs with: parsed from `--sae LAYER=PATH` (or just PATH: the layer comes from the SAE's
-hook name), described to the frontend by their cfg.json alone; the weights load inside the worker."""
+hook name), described to the frontend by their config alone (any format `sae.detect_format` reads); the
+weights load inside the worker."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurelens.server.interp.sae import CFG_FILENAME, WEIGHTS_FILENAME, SaeConfig, hook_name_to_layer
+from featurelens.server.interp.sae import (
+    SaeConfig,
+    detect_format,
+    hook_name_to_layer,
+    read_sae_config,
+    sae_files,
+)
 
 
 @dataclass(frozen=True)
@@ -30,27 +36,34 @@ def parse_sae_arg(arg: str) -> SaeEntry:
     if not sep:
         layer_text, path_text = "", arg
     path = Path(path_text).expanduser()
-    cfg_file = path / CFG_FILENAME
-    if not cfg_file.is_file():
-        raise ValueError(f"--sae {arg!r}: {cfg_file} not found (expected a SAELens folder with cfg.json and "
-                         "sae_weights.safetensors)")
-    cfg = SaeConfig.from_dict(json.loads(cfg_file.read_text()))
-    hook_layer = hook_name_to_layer(cfg.hook_name) if cfg.hook_name else None
+    try:
+        fmt = detect_format(path)
+    except ValueError as error:
+        raise ValueError(f"--sae {arg!r}: {error}") from None
+    given: int | None = None
     if layer_text:
         try:
-            layer = int(layer_text)
+            given = int(layer_text)
         except ValueError:
             raise ValueError(f"--sae {arg!r}: layer must be an integer") from None
+    try:
+        cfg = read_sae_config(path, given)
+    except ValueError as error:
+        raise ValueError(f"--sae {arg!r} ({fmt}): {error}") from None
+    hook_layer = hook_name_to_layer(cfg.hook_name) if cfg.hook_name else None
+    if given is not None:
+        layer = given
         if hook_layer is not None and hook_layer != layer:
-            raise ValueError(f"--sae {arg!r}: cfg.json hook {cfg.hook_name!r} is layer {hook_layer}, not {layer}")
+            raise ValueError(f"--sae {arg!r}: its hook {cfg.hook_name!r} is layer {hook_layer}, not {layer}")
     elif hook_layer is None:
-        raise ValueError(f"--sae {arg!r}: cfg.json has no hook_name; pass LAYER=PATH")
+        raise ValueError(f"--sae {arg!r}: the SAE names no hook; pass LAYER=PATH")
     else:
         layer = hook_layer
-    digest = hashlib.sha256(cfg_file.read_bytes())
-    with open(path / WEIGHTS_FILENAME, "rb") as weights:
-        for block in iter(lambda: weights.read(1 << 20), b""):
-            digest.update(block)
+    digest = hashlib.sha256()
+    for file in sae_files(path):
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):  # noqa: B023 - read in this iteration
+                digest.update(block)
     return SaeEntry(sae_id=path.resolve().name, layer=layer, path=str(path.resolve()), cfg=cfg,
                     version=digest.hexdigest()[:16])
 

@@ -5,8 +5,18 @@ A folder holds `cfg.json` + `sae_weights.safetensors` (`W_enc[d_in,d_sae]`, `b_e
 unchanged. The encode math copies SAELens op for op (cast -> normalise -> subtract b_dec -> `@ W_enc + b_enc`
 -> activation) because features are only meaningful if we compute exactly what the SAE was trained with.
 
+Other published layouts load unchanged too (`detect_format`), read into the same classes:
+- "sparsify" (EleutherAI): a hookpoint folder `layers.N/` with `cfg.json` + `sae.safetensors`, a TopK SAE
+  (server/interp/sparsify_convert.py);
+- "gemma_scope" (Google's original release): `layer_N/width_16k/average_l0_82/params.npz` (W_enc, W_dec,
+  b_enc, b_dec, threshold), JumpReLU with no b_dec subtracted before encoding, as SAELens's gemma_2 loader;
+- "llama_scope" (OpenMOSS): `hyperparams.json` + `checkpoints/final.safetensors` (encoder/decoder as
+  nn.Linear), TopK (`act_fn: topk`) or JumpReLU with one threshold for every latent, inputs scaled by
+  sqrt(d_model) / the dataset's average norm (`norm_activation: dataset-wise`), as SAELens's llama_scope loader.
+
 Layers: "layer N" everywhere in featurelens is the residual stream *after* decoder block N, which SAELens
-calls `blocks.N.hook_resid_post` (and `blocks.N+1.hook_resid_pre`).
+calls `blocks.N.hook_resid_post` (and `blocks.N+1.hook_resid_pre`) and Hugging Face module paths call the
+output of `layers.N` (`model.layers.N`, GPT-2's `transformer.h.N`, GPT-NeoX's `gpt_neox.layers.N`).
 """
 
 from __future__ import annotations
@@ -55,15 +65,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 # Hook names <-> layer numbers
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+# A decoder block's output named by its module path in a Hugging Face model (sparsify's hookpoints, SAELens
+# cfgs of SAEs trained on HF models): layers.N, model.layers.N, model.language_model.layers.N,
+# language_model.model.layers.N, transformer.h.N (GPT-2), gpt_neox.layers.N.
+_MODULE_RE = re.compile(r"^(?:model\.(?:language_model\.)?|language_model\.model\.|transformer\.|gpt_neox\.)?"
+                        r"(?:layers|h)\.(\d+)$")
 
 
 def hook_name_to_layer(hook_name: str) -> int:
-    """`blocks.N.hook_resid_post` -> N; `blocks.N.hook_resid_pre` -> N-1 (both: output of that block)."""
+    """`blocks.N.hook_resid_post` -> N; `blocks.N.hook_resid_pre` -> N-1 (both: output of that block); a
+    block's module path (`layers.N`, `model.layers.N`, `transformer.h.N`, ...) -> N (its output)."""
+    module = _MODULE_RE.match(hook_name)
+    if module is not None:
+        return int(module.group(1))
     m = _HOOK_RE.match(hook_name)
     if m is None:
         raise ValueError(
             f"unsupported SAE hook {hook_name!r}: only residual-stream hooks "
-            "'blocks.N.hook_resid_post' or 'blocks.N.hook_resid_pre' can be served"
+            "'blocks.N.hook_resid_post' or 'blocks.N.hook_resid_pre', or a decoder block's output "
+            "'layers.N' / 'model.layers.N' / 'transformer.h.N' can be served"
         )
     block, where = int(m.group(1)), m.group(2)
     if where == "post":
@@ -331,19 +351,180 @@ SAE_CLASSES: dict[str, type[Sae]] = {cls.architecture: cls for cls in (Sae, TopK
 # Disk I/O
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype | None = None) -> Sae:
-    """Load a SAELens folder. `dtype` casts the weights (and cfg.dtype) after loading."""
+SAE_FORMATS = ("saelens", "sparsify", "gemma_scope", "llama_scope")
+SPARSIFY_WEIGHTS = "sae.safetensors"
+GEMMA_SCOPE_PARAMS = "params.npz"
+LLAMA_SCOPE_HYPERPARAMS = "hyperparams.json"
+LLAMA_SCOPE_WEIGHTS = ("checkpoints/final.safetensors", "final.safetensors")
+_GEMMA_SCOPE_LAYER_RE = re.compile(r"^layer_(\d+)$")
+
+
+def detect_format(path: str | Path) -> str:
+    """Which published layout the SAE folder `path` is in (SAE_FORMATS); ValueError naming what was expected."""
     path = Path(path)
-    cfg = SaeConfig.from_dict(json.loads((path / CFG_FILENAME).read_text()))
-    tensors = load_file(str(path / WEIGHTS_FILENAME), device=str(device))
+    if (path / CFG_FILENAME).is_file() and (path / WEIGHTS_FILENAME).is_file():
+        return "saelens"
+    if (path / CFG_FILENAME).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
+        return "sparsify"
+    if (path / GEMMA_SCOPE_PARAMS).is_file():
+        return "gemma_scope"
+    if (path / LLAMA_SCOPE_HYPERPARAMS).is_file() and any((path / w).is_file() for w in LLAMA_SCOPE_WEIGHTS):
+        return "llama_scope"
+    raise ValueError(
+        f"{path} is not an SAE folder featurelens reads: expected SAELens ({CFG_FILENAME} + {WEIGHTS_FILENAME}), "
+        f"sparsify ({CFG_FILENAME} + {SPARSIFY_WEIGHTS}), Gemma Scope ({GEMMA_SCOPE_PARAMS}) or Llama Scope "
+        f"({LLAMA_SCOPE_HYPERPARAMS} + {LLAMA_SCOPE_WEIGHTS[0]})")
+
+
+def sae_files(path: str | Path) -> list[Path]:
+    """The files that define the SAE in `path` (what a content hash of it covers)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "saelens":
+        return [path / CFG_FILENAME, path / WEIGHTS_FILENAME]
+    if fmt == "sparsify":
+        return [path / CFG_FILENAME, path / SPARSIFY_WEIGHTS]
+    if fmt == "gemma_scope":
+        return [path / GEMMA_SCOPE_PARAMS]
+    return [path / LLAMA_SCOPE_HYPERPARAMS, next(path / w for w in LLAMA_SCOPE_WEIGHTS if (path / w).is_file())]
+
+
+def _layer_from_path(path: Path, fmt: str) -> int | None:
+    """The layer a folder's name gives: sparsify's hookpoint folder (`layers.N`), Gemma Scope's `layer_N`
+    anywhere above the params file."""
+    if fmt == "sparsify":
+        module = _MODULE_RE.match(path.name)
+        if module is None and "." in path.name and path.name.split(".")[0] in ("layers", "h"):
+            raise ValueError(f"{path.name!r} is a sub-module hookpoint, not the residual stream after a block")
+        return int(module.group(1)) if module else None
+    if fmt == "gemma_scope":
+        for part in (path, *path.parents):
+            m = _GEMMA_SCOPE_LAYER_RE.match(part.name)
+            if m is not None:
+                return int(m.group(1))
+    return None
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array name -> shape of an .npz, from each member's header (a published file is gigabytes)."""
+    import zipfile
+
+    import numpy as np
+
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)(f)
+            shapes[name.removesuffix(".npy")] = tuple(header[0])
+    return shapes
+
+
+def _gemma_scope_key(name: str) -> str:
+    return "W_" + name[2:] if name.startswith("w_") else name
+
+
+def read_sae_config(path: str | Path, layer: int | None = None) -> SaeConfig:
+    """The SaeConfig of an SAE folder in any of SAE_FORMATS, without reading its weights. Formats without a
+    hook name in their files take the layer from the folder's name or from `layer` (`--sae LAYER=PATH`)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "saelens":
+        return SaeConfig.from_dict(json.loads((path / CFG_FILENAME).read_text()))
+    if fmt == "sparsify":
+        from featurelens.server.interp.sparsify_convert import sparsify_config
+
+        named = _layer_from_path(path, fmt)
+        if named is not None and layer is not None and named != layer:
+            raise ValueError(f"{path} is layer {named}, but layer {layer} was requested")
+        at = named if named is not None else layer
+        if at is None:
+            raise ValueError(f"{path}: a sparsify SAE's layer comes from its folder name (layers.N) or LAYER=PATH")
+        return sparsify_config(path, at)
+    if fmt == "gemma_scope":
+        at = _layer_from_path(path, fmt)
+        at = layer if at is None else at
+        if at is None:
+            raise ValueError(f"{path}: a Gemma Scope SAE's layer comes from a layer_N folder or LAYER=PATH")
+        shapes = {_gemma_scope_key(k): v for k, v in _npz_shapes(path / GEMMA_SCOPE_PARAMS).items()}
+        missing = sorted({"W_enc", "W_dec", "b_enc", "b_dec", "threshold"} - set(shapes))
+        if missing:
+            raise ValueError(f"{path / GEMMA_SCOPE_PARAMS} lacks {missing}")
+        d_in, d_sae = shapes["W_enc"]
+        return SaeConfig(architecture="jumprelu", d_in=int(d_in), d_sae=int(d_sae), hook_name=layer_to_hook_name(at),
+                         dtype="float32", apply_b_dec_to_input=False, normalize_activations="none",
+                         extra={"converted_from": {"format": "gemma_scope"}})
+    raw: dict[str, Any] = json.loads((path / LLAMA_SCOPE_HYPERPARAMS).read_text())
+    hook = str(raw.get("hook_point_in", ""))
+    if raw.get("hook_point_out", hook) != hook:
+        raise ValueError(f"{path}: hook_point_out {raw['hook_point_out']!r} differs from hook_point_in {hook!r}: "
+                         "a transcoder, not an SAE of one activation")
+    act = str(raw.get("act_fn", "jumprelu")).lower()
+    if act not in ("jumprelu", "topk", "relu"):
+        raise ValueError(f"{path}: act_fn {act!r} is not supported (jumprelu, topk or relu)")
+    d_in = int(raw["d_model"])
+    norm = raw.get("dataset_average_activation_norm") or {}
+    scale = None
+    if raw.get("norm_activation") == "dataset-wise":
+        if not norm.get("in"):
+            raise ValueError(f"{path}: norm_activation dataset-wise without dataset_average_activation_norm.in")
+        scale = math.sqrt(d_in) / float(norm["in"])
+    elif raw.get("norm_activation", "none") not in ("none", None):
+        raise ValueError(f"{path}: norm_activation {raw['norm_activation']!r} is not supported (dataset-wise)")
+    return SaeConfig(architecture={"jumprelu": "jumprelu", "topk": "topk", "relu": "standard"}[act], d_in=d_in,
+                     d_sae=int(raw["d_sae"]), k=int(raw["top_k"]) if act == "topk" else None,
+                     hook_name=layer_to_hook_name(layer) if not hook and layer is not None else hook or None,
+                     dtype="float32", apply_b_dec_to_input=bool(raw.get("apply_decoder_bias_to_pre_encoder", False)),
+                     normalize_activations="expected_average_only_in" if scale else "none", norm_scaling_factor=scale,
+                     extra={"converted_from": {"format": "llama_scope", "hyperparams": raw}})
+
+
+def _read_tensors(path: Path, fmt: str, cfg: SaeConfig, device: str) -> dict[str, torch.Tensor]:
+    """The SAELens-named tensors of a non-SAELens folder (already in SAELens's layout and orientation)."""
+    if fmt == "sparsify":
+        from featurelens.server.interp.sparsify_convert import sparsify_tensors
+
+        return {k: v.to(device) for k, v in sparsify_tensors(path).items()}
+    if fmt == "gemma_scope":
+        import numpy as np
+
+        with np.load(path / GEMMA_SCOPE_PARAMS) as data:
+            return {_gemma_scope_key(k): torch.from_numpy(np.ascontiguousarray(data[k])).to(device) for k in data.files
+                    if _gemma_scope_key(k) in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+    weights = next(path / w for w in LLAMA_SCOPE_WEIGHTS if (path / w).is_file())
+    raw = load_file(str(weights), device=device)
+    tensors = {"W_enc": raw["encoder.weight"].T.contiguous(), "b_enc": raw["encoder.bias"],
+               "W_dec": raw["decoder.weight"].T.contiguous(), "b_dec": raw["decoder.bias"]}
+    if cfg.architecture == "jumprelu":
+        if "log_jumprelu_threshold" in raw:
+            tensors["threshold"] = raw["log_jumprelu_threshold"].exp()
+        else:
+            value = float(cfg.extra["converted_from"]["hyperparams"]["jump_relu_threshold"])
+            tensors["threshold"] = torch.full((cfg.d_sae,), value, dtype=tensors["b_enc"].dtype, device=device)
+    return tensors
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype | None = None, layer: int | None = None) -> Sae:
+    """Load an SAE folder in any of SAE_FORMATS. `dtype` casts the weights (and cfg.dtype) after loading;
+    `layer` names the layer of a format whose files do not (see `read_sae_config`)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    cfg = read_sae_config(path, layer)
+    if fmt == "saelens":
+        tensors = load_file(str(path / WEIGHTS_FILENAME), device=str(device))
+    else:
+        tensors = _read_tensors(path, fmt, cfg, str(device))
+        cfg.dtype = dtype_name(tensors["W_enc"].dtype)
     if cfg.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = torch.exp(tensors.pop("log_threshold"))  # a training checkpoint
     sae = SAE_CLASSES[cfg.architecture](cfg, device="meta")
     expected = dict(sae.named_parameters())
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise ValueError(f"{path / WEIGHTS_FILENAME} lacks tensors {missing}")
+        raise ValueError(f"{sae_files(path)[-1]} lacks tensors {missing}")
     for name, param in expected.items():
         t = tensors.pop(name)
         if t.shape != param.shape:
@@ -374,7 +555,8 @@ def validate_for_model(sae: Sae, hidden_size: int, num_layers: int) -> int:
     """Check the SAE fits the served model; returns its layer. Raises ValueError naming the mismatch."""
     if sae.cfg.d_in != hidden_size:
         raise ValueError(f"SAE d_in={sae.cfg.d_in} does not match the model hidden size {hidden_size}"
-                         f" (hook {sae.cfg.hook_name!r}, model {sae.cfg.model_name!r})")
+                         f" (hook {sae.cfg.hook_name!r}, trained on {sae.cfg.model_name!r}): an SAE of another "
+                         "model or of another activation")
     layer = sae.layer
     if not 0 <= layer < num_layers:
         raise ValueError(f"SAE hook {sae.cfg.hook_name!r} is layer {layer}, but the model has "

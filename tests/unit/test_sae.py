@@ -198,7 +198,8 @@ def test_hook_name_mapping() -> None:
     assert hook_name_to_layer("blocks.12.hook_resid_post") == 12
     assert hook_name_to_layer("blocks.12.hook_resid_pre") == 11
     assert hook_name_to_layer(layer_to_hook_name(7)) == 7
-    for bad in ("blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "layers.3", "blocks.x.hook_resid_post"):
+    assert hook_name_to_layer("layers.3") == hook_name_to_layer("model.layers.3") == 3  # a block's output (HF)
+    for bad in ("blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "layers.3.mlp", "blocks.x.hook_resid_post"):
         with pytest.raises(ValueError, match="residual-stream"):
             hook_name_to_layer(bad)
     with pytest.raises(ValueError, match="embedding"):
