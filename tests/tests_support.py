@@ -97,13 +97,16 @@ class PrometheusProcess:
         self.proc.wait(timeout=30)
 
 
-async def pair_in_one_batch(stub, first, second, nonce: int, engine=None) -> tuple[list, int]:
+async def pair_in_one_batch(stub, first, second, nonce: int, engine=None, blocker_words: int = 400,
+                            blocker_extra_tokens: int = 8) -> tuple[list, int]:
     """Run two Generate requests in the same engine steps from start to end; returns (replies, peak running).
 
     vLLM's CPU GEMMs are not batch-invariant (a row's result may change with the number of rows in the step),
     so a bit-identity comparison needs the same rows in every step of both runs: a dense blocker with a long,
     fresh prompt holds the engine in its prefill while both arrive (so they are admitted in the same step), and
-    it generates longer than the pair, so the pair never runs a step without it."""
+    it generates longer than the pair, so the pair never runs a step without it. Tiny models (short context,
+    millisecond steps) pass a shorter prompt (`blocker_words` × 3 words) and more tokens to generate
+    (`blocker_extra_tokens` beyond the pair's) so the blocker is still running when the pair arrives."""
     import asyncio
 
     from featurelens.v1 import featurelens_pb2 as pb
@@ -118,9 +121,9 @@ async def pair_in_one_batch(stub, first, second, nonce: int, engine=None) -> tup
 
     watcher = asyncio.create_task(watch())
     blocker = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(
-        text=f"{nonce} " + "river stone cloud " * 400, sampling=pb.SamplingOptions(temperature=0.0),
-        stopping=pb.StoppingOptions(max_new_tokens=max(first.stopping.max_new_tokens,
-                                                       second.stopping.max_new_tokens) + 8, ignore_eos=True))))
+        text=f"{nonce} " + "river stone cloud " * blocker_words, sampling=pb.SamplingOptions(temperature=0.0),
+        stopping=pb.StoppingOptions(max_new_tokens=max(first.stopping.max_new_tokens, second.stopping.max_new_tokens)
+                                    + blocker_extra_tokens, ignore_eos=True))))
     await asyncio.sleep(0.3)
     try:
         pair = await asyncio.gather(stub.Generate(first), stub.Generate(second))

@@ -117,11 +117,11 @@ def tokenizer_source() -> str:
     return resolve_model("default")
 
 
-def build(family: str, path: Path, seed: int = 0, turn_token: str | None = None) -> Path:
+def build(family: str, path: Path, seed: int = 0, eos_token: str | None = None) -> Path:
     """Save a tiny `family` checkpoint (bf16 safetensors, the SmolLM2 tokenizer) into `path`; returns it.
 
-    `turn_token`: make the tokenizer's EOS `turn_token`'s id-0 neighbour `<|endoftext|>` while the chat template
-    still ends a turn with `<|im_end|>` (as Llama-3 ends turns with <|eot_id|>, not its EOS)."""
+    `eos_token`: give the tokenizer another EOS (e.g. "<|endoftext|>") while its chat template still ends a turn
+    with <|im_end|>, as Llama-3 ends turns with <|eot_id|> and Gemma with <end_of_turn>, not with EOS."""
     import torch
 
     torch.manual_seed(seed)
@@ -137,9 +137,9 @@ def build(family: str, path: Path, seed: int = 0, turn_token: str | None = None)
     for name in TOKENIZER_FILES:
         if (source / name).exists():
             shutil.copy(source / name, path / name)
-    if turn_token is not None:
+    if eos_token is not None:
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text())
-        config["eos_token"] = turn_token
+        config["eos_token"] = eos_token
         config_file.write_text(json.dumps(config, indent=2))
     return path

@@ -153,7 +153,7 @@ class FeatureLensWorkerExtension:
         sae_gemm = config.get("sae_gemm", "bfloat16")
         self._fl_saes: dict[int, Sae] = {}
         for entry in config.get("saes", []):
-            sae = load_sae(entry["path"], device=device, dtype=entry.get("dtype", "float32"))
+            sae = load_sae(entry["path"], device=device, dtype=entry.get("dtype", "float32"), layer=entry["layer"])
             layer = validate_for_model(sae, hidden_size, len(layers))
             sae.sae_id = entry["sae_id"]
             if sae_gemm != "torch":

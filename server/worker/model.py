@@ -12,7 +12,8 @@ What a decoder layer returns:
   (hidden, residual); the residual stream after the layer is hidden + residual. Steering adds its delta to
   hidden, so the next layer (and the final norm) sees it in the stream.
 - "stream": GPT-2 in vLLM, and the layers of vLLM's Transformers backend (GPT-NeoX, OLMo 2) return the stream
-  itself, as a tensor or as the first item of a tuple; steering adds to it in place.
+  itself, as a tensor or as the first item of a tuple; steering adds to it in place. The Transformers backend
+  keeps HF's batch dimension ([1, tokens, hidden], for projection inputs too): `rows_view` drops it.
 
 Projections (`Projection`): a vLLM module under a decoder layer (a fused `qkv_proj` computes q, k and v) and
 the projections it computes, in output-column order, named as in a Llama block (q_proj, k_proj, v_proj,
@@ -131,12 +132,9 @@ FAMILIES: tuple[Family, ...] = (
            {p: w for p, w in _separate().items() if p in ("q_proj", "k_proj", "v_proj", "o_proj")},
            "model.layers", "model.norm", LM_HEAD, TIED, sparse=MOE,
            notes="int8 mode quantizes attention; the experts (block_sparse_moe) stay full precision"),
-    Family("olmo2", ("Olmo2Model",), "model.layers", "stream",
-           (Projection("self_attn.q_proj", ("q_proj",)), Projection("self_attn.k_proj", ("k_proj",)),
-            Projection("self_attn.v_proj", ("v_proj",)), Projection("self_attn.o_proj", ("o_proj",)),
-            Projection("mlp.gate_up_proj", ("gate_proj", "up_proj")), Projection("mlp.down_proj", ("down_proj",))),
-           _separate(), "model.layers", "model.norm", LM_HEAD, TIED,
-           notes="vLLM's Transformers backend: HF layers returning the stream"),
+    Family("olmo2", ("Olmo2Model",), "model.layers", "stream", LLAMA_STYLE, _separate(), "model.layers",
+           "model.norm", LM_HEAD, TIED, notes="vLLM's Transformers backend: HF layers returning the stream "
+           "([1, tokens, hidden]); its fusers build qkv_proj and gate_up_proj as in vLLM's Llama"),
     Family("gpt2", ("GPT2LMHeadModel",), "transformer.h", "stream",
            (Projection("attn.c_attn", ("q_proj", "k_proj", "v_proj")), Projection("attn.c_proj", ("o_proj",)),
             Projection("mlp.c_fc", ("up_proj",)), Projection("mlp.c_proj", ("down_proj",))),
@@ -201,11 +199,17 @@ def stream_parts(output: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     import torch
 
     if isinstance(output, torch.Tensor):
-        return output, None
+        return rows_view(output), None
     if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
         second = output[1] if len(output) > 1 else None
-        return output[0], second if isinstance(second, torch.Tensor) else None
+        return rows_view(output[0]), rows_view(second) if isinstance(second, torch.Tensor) else None
     raise TypeError(f"a decoder layer returned {type(output).__name__}, expected a tensor or (hidden, residual)")
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """[tokens, hidden] of a layer's output or a projection's input: vLLM's Transformers backend keeps HF's
+    batch dimension ([1, tokens, hidden]); a view, so writing into it writes into the model's tensor."""
+    return x[0] if x.dim() == 3 and x.shape[0] == 1 else x
 
 
 def is_linear(module: object) -> bool:
@@ -345,7 +349,13 @@ def resolve_layout(model: torch.nn.Module) -> ModelLayout:
     if not _has(lm, family.layers):
         raise RuntimeError(f"cannot find decoder layers on {type(model).__name__} ({name}): expected "
                            f"{root}{family.layers} for the {family.name} family")
-    layers = list(lm.get_submodule(family.layers).children())  # a ModuleList: its layers in order
+    import torch
+
+    container = lm.get_submodule(family.layers)
+    if not isinstance(container, torch.nn.ModuleList):
+        raise RuntimeError(f"{type(model).__name__}: {root}{family.layers} is a {type(container).__name__}, not the "
+                           "decoder layers' ModuleList")
+    layers = list(container)
     if not layers:
         raise RuntimeError(f"{type(model).__name__}: {root}{family.layers} is empty")
     return ModelLayout(family=family, layers=layers, root=root, model=model)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from featurelens.kernels.int8_gemm import WeightOnlyGemm
 from featurelens.server.worker.model import ModelLayout, default_layout
-from featurelens.server.worker.sparse import read_tensor, weight_files
+from featurelens.server.worker.sparse import read_tensor, weight_files, with_batch_dim
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Int8Head:
 
     Why sparse mode re-scores: at batch 1 the 49152 x 576 head is a fifth of SmolLM2's weight bytes and sparse
     mode never zeroes its inputs, so it caps the decode speed-up (~1.65x at 50%). int8 reads half the bytes
-    (and on one thread took about half the time of vLLM's bf16 linear, docs/modes.md); the int8 logits'
+    (and on one thread took about half the time of vLLM's bf16 linear, docs/measurements/); the int8 logits'
     error (per-row scales; perplexity x1.000 in quantized mode) cannot move a token from beyond the 64th place
     to the first, so after the exact re-score the argmax, and every probability above ~1e-6, are the dense
     head's. The tail's logits stay int8: sampled and reported logprobs differ from dense only through them."""
@@ -218,7 +218,11 @@ class _QuantProjection:
     def __call__(self, x: torch.Tensor) -> Any:
         rt = self.runtime
         rows = rt.rows
-        if rows is None or x.dim() != 2:
+        if rows is None:
+            return self.inner(x)
+        if x.dim() == 3 and x.shape[0] == 1:  # vLLM's Transformers backend: HF's batch dimension
+            return with_batch_dim(self(x[0]))
+        if x.dim() != 2:
             return self.inner(x)
         if rt.all_rows and x.shape[0] == rows.numel():
             out = self._int8(x)

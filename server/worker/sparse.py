@@ -365,7 +365,11 @@ class _SparseProjection:
 
     def forward(self, x: torch.Tensor) -> Any:
         step = self.runtime.step
-        if step is None or x.dim() != 2:
+        if step is None:
+            return self.dense(x)
+        if x.dim() == 3 and x.shape[0] == 1:  # vLLM's Transformers backend: HF's batch dimension
+            return with_batch_dim(self.forward(x[0]))
+        if x.dim() != 2:
             return self.dense(x)
         full = step.all_rows and x.shape[0] == step.rows.numel()  # a padded batch is never "all sparse"
         if full and x.shape[0] == 1 and not self.has_bias:
@@ -441,6 +445,13 @@ class _SparseProjection:
         out = dense[0] if isinstance(dense, tuple) else dense
         out.index_copy_(0, step.rows, sparse_out.to(out.dtype))
         return dense
+
+
+def with_batch_dim(out: Any) -> Any:
+    """A projection's output (a tensor, or (tensor, bias)) with a leading batch dimension of 1 put back."""
+    if isinstance(out, tuple):
+        return (out[0].unsqueeze(0), *out[1:])
+    return out.unsqueeze(0)
 
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,35 @@ def test_stream_parts_of_each_layer_output():
     assert h is hidden and r is None
     with pytest.raises(TypeError, match="decoder layer returned dict"):
         stream_parts({"hidden": hidden})
+    batched = torch.zeros(1, 3, 4)  # vLLM's Transformers backend keeps HF's batch dimension
+    h, r = stream_parts(batched)
+    assert h.shape == (3, 4) and r is None
+    h.index_add_(0, torch.tensor([1]), torch.ones(1, 4))  # steering writes through the view into the model's tensor
+    assert batched[0, 1].tolist() == [1.0] * 4 and batched.sum() == 4
+
+
+def test_modes_see_projection_inputs_with_a_batch_dimension(tmp_path):
+    """The Transformers backend calls projections with [1, tokens, in]: int8 rows are still recomputed."""
+    from featurelens.server.worker.quant import QuantRuntime
+
+    layer = llama_layer()
+    w = layer.self_attn.qkv_proj.w
+    _save(tmp_path, {"model.layers.0.self_attn.q_proj.weight": w[:Q], "model.layers.0.self_attn.k_proj.weight":
+                     w[Q:Q + KV], "model.layers.0.self_attn.v_proj.weight": w[Q + KV:],
+                     "model.layers.0.self_attn.o_proj.weight": layer.self_attn.o_proj.w,
+                     "model.layers.0.mlp.gate_proj.weight": layer.mlp.gate_up_proj.w[:FF],
+                     "model.layers.0.mlp.up_proj.weight": layer.mlp.gate_up_proj.w[FF:],
+                     "model.layers.0.mlp.down_proj.weight": layer.mlp.down_proj.w})
+    runtime = QuantRuntime(str(tmp_path), resolve_layout(causal_lm("LlamaForCausalLM", [layer])))
+    assert runtime.install() == 4
+    x = torch.randn(1, 3, D)
+    runtime.begin([("r", 1, 3)], 3)  # rows 1 and 2 quantized, row 0 dense
+    out, _ = layer.self_attn.qkv_proj.forward(x)
+    dense, _ = layer.self_attn.qkv_proj._fl_quant_inner(x[0])
+    assert out.shape == (1, 3, Q + 2 * KV)
+    torch.testing.assert_close(out[0, 0], dense[0], rtol=0, atol=0)
+    assert not torch.equal(out[0, 1:], dense[1:]) and torch.allclose(out[0, 1:], dense[1:], atol=0.1, rtol=0.05)
+    runtime.end()
 
 
 def test_moe_blocks_are_skipped_with_a_reason():
