@@ -7,7 +7,7 @@ backoff; a stream is retried only before its first message arrives, so no token 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -49,9 +49,12 @@ def build_generate_request(prompt: str | Sequence[dict[str, str]], *, stream: bo
                            logprobs: bool = False, top_logprobs: int = 0, request_id: str = "",
                            interpretability: pb.InterpretabilityOptions | None = None,
                            steering: Sequence[pb.SteeringIntervention] = (),
-                           mode: pb.InferenceMode = pb.INFERENCE_MODE_UNSPECIFIED, sparsity_percent: int = 0) -> Any:
+                           mode: pb.InferenceMode = pb.INFERENCE_MODE_UNSPECIFIED, sparsity_percent: int = 0,
+                           json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
+                           choice: Sequence[str] | None = None, grammar: str | None = None) -> Any:
     """A GenerateRequest (or GenerateStreamRequest) from keyword arguments; `prompt` is text or chat
-    messages like [{"role": "user", "content": "Hi"}]."""
+    messages like [{"role": "user", "content": "Hi"}]. At most one of `json_schema` (a JSON Schema as a dict or
+    JSON text), `regex`, `choice` and `grammar` (EBNF `root ::= ...` or Lark) constrains the text."""
     message = (pb.GenerateStreamRequest if stream else pb.GenerateRequest)(request_id=request_id, mode=mode,
                                                                           sparsity_percent=sparsity_percent)
     _set_prompt(message, prompt)
@@ -69,7 +72,31 @@ def build_generate_request(prompt: str | Sequence[dict[str, str]], *, stream: bo
     if interpretability is not None:
         message.interpretability.CopyFrom(interpretability)
     message.steering.extend(steering)
+    structured = structured_output(json_schema=json_schema, regex=regex, choice=choice, grammar=grammar)
+    if structured is not None:
+        message.structured_output.CopyFrom(structured)
     return message
+
+
+def structured_output(*, json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
+                      choice: Sequence[str] | None = None, grammar: str | None = None) -> pb.StructuredOutput | None:
+    """The request's `structured_output` from at most one constraint (None when none is given)."""
+    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
+                                      ("grammar", grammar)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of json_schema, regex, choice and grammar, got {', '.join(given)}")
+    if json_schema is not None:
+        text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        return pb.StructuredOutput(json_schema=text)
+    if regex is not None:
+        return pb.StructuredOutput(regex=regex)
+    if choice is not None:
+        if isinstance(choice, str):
+            raise TypeError("choice is a sequence of strings, not one string")
+        return pb.StructuredOutput(choice=pb.ChoiceList(choices=list(choice)))
+    if grammar is not None:
+        return pb.StructuredOutput(grammar=grammar)
+    return None
 
 
 def _set_prompt(message: Any, prompt: str | Sequence[dict[str, str]]) -> None:

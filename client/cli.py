@@ -28,7 +28,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.prompt}]
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                               "seed": args.seed, "stop": args.stop or ()}
+                               "seed": args.seed, "stop": args.stop or (), "json_schema": _text_arg(args.json_schema),
+                               "regex": args.regex, "choice": args.choice, "grammar": _text_arg(args.grammar)}
     if args.risk:
         options["interpretability"] = pb.InterpretabilityOptions(score_risk=True)
     with Client(args.target, timeout_s=args.timeout_s, token=args.token) as client:
@@ -50,6 +51,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                 for f in risk.top_features[:3])
             print(f"[hallucination risk: {risk.score:.2f} {risk.label.upper()}; drivers: {drivers}]", file=sys.stderr)
     return 0
+
+
+def _text_arg(value: str | None) -> str | None:
+    """A constraint given inline, or as @PATH to read it from a file."""
+    if value is not None and value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -80,6 +89,13 @@ def add_client_commands(sub: Any) -> None:
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--no-stream", action="store_true", help="unary call, print at the end")
     gen.add_argument("--risk", action="store_true", help="score hallucination risk and print it at the end")
+    fmt = gen.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", default=None, help="constrain the answer to this JSON Schema (JSON text, or "
+                                                         "@FILE)")
+    fmt.add_argument("--regex", default=None, help="constrain the answer to this regular expression")
+    fmt.add_argument("--choice", action="append", default=None, help="the answer is one of these (repeatable)")
+    fmt.add_argument("--grammar", default=None, help="constrain the answer to this grammar: EBNF with a root rule "
+                                                     "or Lark (text, or @FILE)")
     _add_target(gen)
     gen.set_defaults(func=_cmd_generate)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from featurelens.v1 import featurelens_pb2 as pb
 
@@ -96,6 +98,11 @@ class GenerateResult:
             request_id=m.request_id,
             risk=Risk.from_pb(m.risk),
         )
+
+    def json(self) -> Any:
+        """The text parsed as JSON (for a request with a `json_schema`); ValueError if it is not JSON, which
+        with a schema happens only when max_new_tokens cut it short (finish_reason "length")."""
+        return json.loads(self.text)
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                          received: RequestFeatures | None = None) -> SamplingParams:
         """vLLM SamplingParams; `received` is the request's open RequestFeatures (its tag rides in the spec)."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         extra = interp.extra_args(key, getattr(received, "tag", None)) if interp.active else None
         if plan.sparsity_percent:
@@ -215,8 +215,11 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             extra = extra or {"featurelens": {"key": key}}
             extra["featurelens"]["quant"] = "int8"
         # Prompt features need every prompt position computed, so such requests skip reading the prefix cache.
+        # A fresh StructuredOutputsParams per engine request: vLLM's processor rewrites it (choice → grammar).
+        structured = StructuredOutputsParams(**plan.structured_output) if plan.structured_output else None
         return SamplingParams(**plan.sampling_kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
-                              skip_reading_prefix_cache=True if interp.include_prompt else None)
+                              skip_reading_prefix_cache=True if interp.include_prompt else None,
+                              structured_outputs=structured)
 
     def _tokens(self, completion: CompletionOutput, plan: GenerationPlan) -> list[pb.Token]:
         tokens = []
@@ -525,7 +528,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 max_stop_sequences=s.max_stop_sequences, max_interventions=s.max_interventions,
                 max_features_per_token=s.max_features_per_token, max_top_logprobs=s.max_top_logprobs,
                 max_steering_strength=s.max_steering_strength, max_message_bytes=s.max_message_bytes,
-                max_in_flight_requests=s.max_in_flight))
+                max_in_flight_requests=s.max_in_flight, max_structured_output_chars=s.max_structured_output_chars))
             return info
 
         return await self._unary(context, "GetModelInfo", body)

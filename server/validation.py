@@ -50,6 +50,8 @@ class GenerationPlan:
     request_id: str
     extra_args: dict[str, Any] = field(default_factory=dict)
     sparsity_percent: int = 0  # WINA level with INFERENCE_MODE_SPARSE, else 0
+    # vLLM StructuredOutputsParams keyword arguments (json / regex / choice / grammar), checked by xgrammar
+    structured_output: dict[str, Any] | None = None
 
 
 def check_finite(field_path: str, value: float) -> None:
@@ -111,6 +113,7 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         raise invalid("logprobs.top_logprobs", f"must be in [0, {settings.max_top_logprobs}], got {top_logprobs}")
     mode, sparsity_percent = check_mode(request.mode, request.sparsity_percent, sparsity_levels,
                                         quantized_available)
+    structured = _structured_output(request, stopping, settings)
 
     ids = prompt_token_ids(request, tokenizer, max_model_len)
     room = max_model_len - len(ids)
@@ -127,7 +130,25 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         mode=mode,
         request_id=request_id,
         sparsity_percent=sparsity_percent,
+        structured_output=structured,
     )
+
+
+def _structured_output(request: Any, stopping: dict[str, Any], settings: Settings) -> dict[str, Any] | None:
+    """`structured_output` → vLLM StructuredOutputsParams kwargs (server/structured_output.py), or None. The
+    constraint decides where the text ends (only end-of-sequence is allowed once it is complete), so stopping
+    options that suppress the end-of-sequence token are refused with it."""
+    if request.structured_output.WhichOneof("constraint") is None:
+        return None
+    if stopping["ignore_eos"]:
+        raise invalid("stopping.ignore_eos", "cannot be combined with structured_output: the constraint ends "
+                                             "the text")
+    if stopping["min_tokens"]:
+        raise invalid("stopping.min_new_tokens", "must be 0 with structured_output: the constraint decides the "
+                                                 "text's length")
+    from featurelens.server.structured_output import structured_output_kwargs
+
+    return structured_output_kwargs(request.structured_output, settings.max_structured_output_chars)
 
 
 def check_mode(mode: int, sparsity_percent: int, sparsity_levels: Sequence[int],

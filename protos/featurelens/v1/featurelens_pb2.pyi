@@ -181,6 +181,24 @@ class SteeringIntervention(_message.Message):
     sae_id: str
     def __init__(self, layer: _Optional[int] = ..., feature_id: _Optional[int] = ..., vector_id: _Optional[str] = ..., op: _Optional[_Union[SteeringOp, str]] = ..., strength: _Optional[float] = ..., positions: _Optional[_Union[TokenPositions, str]] = ..., condition: _Optional[_Union[SteeringCondition, _Mapping]] = ..., preserve_norm: _Optional[bool] = ..., sae_id: _Optional[str] = ...) -> None: ...
 
+class ChoiceList(_message.Message):
+    __slots__ = ("choices",)
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StructuredOutput(_message.Message):
+    __slots__ = ("json_schema", "regex", "choice", "grammar")
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    regex: str
+    choice: ChoiceList
+    grammar: str
+    def __init__(self, json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., choice: _Optional[_Union[ChoiceList, _Mapping]] = ..., grammar: _Optional[str] = ...) -> None: ...
+
 class FeatureActivation(_message.Message):
     __slots__ = ("feature_id", "activation")
     FEATURE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -264,7 +282,7 @@ class ResponseRisk(_message.Message):
     def __init__(self, score: _Optional[float] = ..., label: _Optional[_Union[RiskLabel, str]] = ..., top_features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., probe_id: _Optional[str] = ..., ood: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id")
+    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +293,7 @@ class GenerateRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     sampling: SamplingOptions
@@ -285,7 +304,8 @@ class GenerateRequest(_message.Message):
     mode: InferenceMode
     sparsity_percent: int
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    structured_output: StructuredOutput
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id", "model", "mode")
@@ -310,7 +330,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., prompt_features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., mode: _Optional[_Union[InferenceMode, str]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id")
+    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +341,7 @@ class GenerateStreamRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     sampling: SamplingOptions
@@ -331,7 +352,8 @@ class GenerateStreamRequest(_message.Message):
     mode: InferenceMode
     sparsity_percent: int
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    structured_output: StructuredOutput
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("text_delta", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id")
@@ -596,7 +618,7 @@ class ModeInfo(_message.Message):
     def __init__(self, mode: _Optional[_Union[InferenceMode, str]] = ..., available: _Optional[bool] = ..., sparsity_levels_percent: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_interventions", "max_features_per_token", "max_top_logprobs", "max_steering_strength", "max_message_bytes", "max_in_flight_requests")
+    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_interventions", "max_features_per_token", "max_top_logprobs", "max_steering_strength", "max_message_bytes", "max_in_flight_requests", "max_structured_output_chars")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -606,6 +628,7 @@ class Limits(_message.Message):
     MAX_STEERING_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STRUCTURED_OUTPUT_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_new_tokens: int
     max_stop_sequences: int
@@ -615,7 +638,8 @@ class Limits(_message.Message):
     max_steering_strength: float
     max_message_bytes: int
     max_in_flight_requests: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_features_per_token: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_steering_strength: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_in_flight_requests: _Optional[int] = ...) -> None: ...
+    max_structured_output_chars: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_features_per_token: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_steering_strength: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_in_flight_requests: _Optional[int] = ..., max_structured_output_chars: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens", "dtype")
