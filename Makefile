@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.featurelens-setup-$(shell cat pyproject.toml client/pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast setup model protos lint typecheck check bench clean
+.PHONY: run test test-fast setup model protos lint typecheck check bench gpu-check clean
 
 run: $(STAMP)
 	$(BIN)/featurelens serve $(ARGS)
@@ -46,6 +46,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# On a CUDA machine (no install needed: typings/ links the packages; vLLM optional): one line per part.
+gpu-check:
+	PYTHONPATH=typings $(if $(wildcard $(BIN)/python),$(BIN)/python,python3) tools/gpu_check.py $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/featurelens bench generate $(ARGS)
