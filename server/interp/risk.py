@@ -87,6 +87,12 @@ class RiskProbe:
             probe = load_probe(path)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a usable probe file: {error}") from None
+        if probe.terms:
+            # The file format and the offline pipeline support them; the server does not yet feed each
+            # token's logprob to the probe, so it would score such a probe wrongly: refuse it instead.
+            raise ValueError(f"{path}: not a usable probe file: its uncertainty terms "
+                             f"({', '.join(t.name for t in probe.terms)}) need token logprobs, which this server "
+                             "does not feed to the probe; serve a probe without terms")
         return cls(probe, float(probe.thresholds["medium"]), float(probe.thresholds["high"]))
 
     @property

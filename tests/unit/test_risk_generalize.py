@@ -117,12 +117,19 @@ def _v2_file(tmp_path, pooling: str, transform: str = "identity"):
     return path
 
 
+def test_the_server_refuses_a_probe_with_uncertainty_terms(tmp_path):
+    with pytest.raises(ValueError, match="need token logprobs"):
+        RiskProbe.load(_v2_file(tmp_path, "mean"))
+
+
 @pytest.mark.parametrize("pooling", ["mean", "max", "last_prompt"])
 def test_v2_served_scores_equal_the_offline_reference(tmp_path, pooling):
     """Uncertainty terms and the OOD share, served (per-token codes or the worker's per-row linear term plus
-    the codes it ships) and offline (risk_probe.running_risks / ood_share), token by token."""
+    the codes it ships) and offline (risk_probe.running_risks / ood_share), token by token. (RunningRisk
+    implements the terms, add_logprob; RiskProbe.load refuses such files until the server feeds logprobs.)"""
     path = _v2_file(tmp_path, pooling)
-    served, reference = RiskProbe.load(path), rp.load_probe(path)
+    reference = rp.load_probe(path)
+    served = RiskProbe(reference, 0.5, 0.8)
     # The worker ships the unseen features too, with weight 0: the linear term is the probe's alone.
     workers = {layer: ProbeLayer.build(20, served.feature_ids[layer], served.feature_weights[layer], "identity")
                for layer in (3, 5)}

@@ -119,8 +119,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
     records = usable(_read(args.data))
     layer_sets = [tuple(int(x) for x in s.split("+")) for s in args.layer_sets]
     term_sets = [tuple(t for t in s.split("+") if t) if s != "none" else () for s in args.term_sets]
+    penalties = [(p.split(":")[0], int(p.split(":")[1]) if ":" in p else 0) for p in args.penalties]
     configs = grid(layer_sets, args.poolings, args.transforms, term_sets, args.Cs,
-                   [{"family": True, "plain": False}[w] for w in args.weights])
+                   [{"family": True, "plain": False}[w] for w in args.weights], penalties)
     chosen, table = select(records, configs, log=lambda m: print(m, file=sys.stderr),
                            one_se_fewer_layers=args.selection == "one-se")
     saes = _sae_dirs(args.sae)
@@ -148,7 +149,7 @@ def _cmd_train_general(args: argparse.Namespace) -> int:
     sel = json.loads(Path(args.selection).read_text())
     c = sel["chosen"]
     config = Config(tuple(c["layers"]), c["pooling"], c["transform"], tuple(c["terms"]), float(c["C"]),
-                    bool(c["family_weights"]))
+                    bool(c["family_weights"]), c.get("penalty", "l1"), int(c.get("max_features", 0)))
     best = max(sel["table"], key=lambda row: row["lofo_mean_auroc"])
     row = next(r for r in sel["table"] if r["config"] == config.name())
     probe = train_final(records, config, args.probe_id, _d_sae(_sae_dirs(args.sae)), int(sel["feature_top_k"]),
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--term-sets", nargs="+", default=["none", "neg_mean_logprob+neg_min_logprob+neg_first_logprob"])
     p.add_argument("--Cs", nargs="+", type=float, default=[0.01, 0.03, 0.1])
     p.add_argument("--weights", nargs="+", default=["family"], choices=("family", "plain"))
+    p.add_argument("--penalties", nargs="+", default=["l1", "l2:300"],
+                   help="l1, l2, or l2:N (l2, then the N strongest features refit)")
     p.add_argument("--selection", default="one-se", choices=("one-se", "best"))
     p.add_argument("--ood-min-counts", nargs="+", type=int, default=[1, 2, 5, 10])
     p.add_argument("--sae", action="append", default=None)

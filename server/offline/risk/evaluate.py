@@ -223,7 +223,7 @@ def residual_design(records: Sequence[dict], layer: int, sae_dir: str | Path) ->
 
 
 def _dense_lofo(X: np.ndarray, records: Sequence[dict], C: float = 0.1) -> dict[str, float | None]:
-    from featurelens.server.offline.risk.generalize import auroc, sample_weights
+    from featurelens.server.offline.risk.generalize import MIN_PER_CLASS, auroc, sample_weights
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -235,7 +235,7 @@ def _dense_lofo(X: np.ndarray, records: Sequence[dict], C: float = 0.1) -> dict[
         scaler = StandardScaler().fit(X[tr])
         model = LogisticRegression(C=C, max_iter=2000)
         model.fit(scaler.transform(X[tr]), y[tr], sample_weight=sample_weights(fams[tr].tolist(), y[tr]))
-        out[family] = auroc(y[te], model.decision_function(scaler.transform(X[te])))
+        out[family] = auroc(y[te], model.decision_function(scaler.transform(X[te])), MIN_PER_CLASS)
     return out
 
 
@@ -245,7 +245,8 @@ def config_of(probe: Probe) -> Any:
 
     layers = tuple(sorted({f.layer for f in probe.features}))
     return Config(layers, probe.pooling, probe.input_transform, tuple(t.name for t in probe.terms),
-                  float(probe.metrics.get("C", 0.03)), bool(probe.metrics.get("family_weights", False)))
+                  float(probe.metrics.get("C", 0.03)), bool(probe.metrics.get("family_weights", False)),
+                  str(probe.metrics.get("penalty", "l1")), int(probe.metrics.get("max_features", 0)))
 
 
 def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str | Path, *,
@@ -269,7 +270,7 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
     design = gz.build_design(records, config.layers, config.pooling, config.transform)
     folds = {f.family: f for f in gz.lofo(records, design, config, calibrate=True)}
     base = baseline_scores(records)
-    terms_only = gz.Config(config.layers, config.pooling, config.transform, gz.TERMS, 1.0, True)
+    terms_only = gz.Config(config.layers, config.pooling, config.transform, gz.TERMS, 1.0, True, "l2")
     term_design = gz.Design(design.X[:, :0], {}, design.terms)
     term_folds = {f.family: f.auroc for f in gz.lofo(records, term_design, terms_only)}
     others = {}
@@ -287,7 +288,7 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
         row: dict[str, Any] = {"family": family, "n": int(mask.sum()), "positive_rate": round(float(y[mask].mean()), 3),
                                "probe_lofo": folds[family].auroc}
         for name in (*LOGPROB_BASELINES, "concept_dispersion"):
-            row[name] = gz.auroc(y[mask], base[name][mask])
+            row[name] = gz.auroc(y[mask], base[name][mask], gz.MIN_PER_CLASS)
         valid = [row[n] for n in LOGPROB_BASELINES if row[n] is not None]
         row["best_logprob_baseline"] = max(valid) if valid else None
         row["logprob_terms_lofo"] = term_folds[family]
@@ -296,7 +297,8 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
             row[f"{pid}_config_lofo"] = by[family]
         if probe.features and probe.probe_id and probe.metrics.get("feature_top_k"):
             row["probe_as_given"] = gz.auroc(y[mask], gz.probe_scores(probe, [r for r, m in zip(records, mask,
-                                                                                                 strict=True) if m]))
+                                                                                                 strict=True) if m]),
+                                             gz.MIN_PER_CLASS)
         table.append(row)
     scored = [r for r in table if r["probe_lofo"] is not None and r["best_logprob_baseline"] is not None]
     margin = [r["probe_lofo"] - r["best_logprob_baseline"] for r in scored]

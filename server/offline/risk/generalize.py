@@ -41,11 +41,14 @@ class Config:
     terms: tuple[str, ...] = ()
     C: float = 0.03
     family_weights: bool = True  # each family weighs the same in the fit, each class within it half
+    penalty: str = "l1"  # "l1" (sparse) or "l2" (small weights everywhere; with max_features, then pruned)
+    max_features: int = 0  # l2: keep the largest |weight × RMS| features and refit on them (0: keep all)
 
     def name(self) -> str:
         terms = "+".join(self.terms) if self.terms else "none"
-        return (f"L{'+'.join(map(str, self.layers))}/{self.pooling}/{self.transform}/terms={terms}/C={self.C}"
-                f"/{'famw' if self.family_weights else 'plain'}")
+        prune = f"/top{self.max_features}" if self.max_features else ""
+        return (f"L{'+'.join(map(str, self.layers))}/{self.pooling}/{self.transform}/terms={terms}/{self.penalty}"
+                f"/C={self.C}{prune}/{'famw' if self.family_weights else 'plain'}")
 
 
 @dataclass
@@ -103,20 +106,43 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
     rms = np.sqrt(np.asarray(X.multiply(X).mean(axis=0))).ravel()
     scale = 1.0 / np.where(rms > 0, rms, 1.0)
     weights = sample_weights(families, y) if config.family_weights else None
-    model = LogisticRegression(l1_ratio=1.0, C=config.C, solver="liblinear", max_iter=2000, random_state=seed,
-                               class_weight=None if config.family_weights else "balanced")
-    model.fit(X.multiply(scale).tocsr(), y, sample_weight=weights)
-    return Fitted(model.coef_.ravel() * scale, float(model.intercept_[0]), config.terms)
+    Xs = X.multiply(scale).tocsr()
+
+    def logreg(columns: np.ndarray) -> tuple[np.ndarray, float]:
+        model = LogisticRegression(l1_ratio=1.0 if config.penalty == "l1" else 0.0, C=config.C, solver="liblinear",
+                                   max_iter=3000, random_state=seed,
+                                   class_weight=None if config.family_weights else "balanced")
+        model.fit(Xs[:, columns], y, sample_weight=weights)
+        coef = np.zeros(X.shape[1])
+        coef[columns] = model.coef_.ravel()
+        return coef, float(model.intercept_[0])
+
+    coef, bias = logreg(np.arange(X.shape[1]))
+    if config.max_features and config.penalty == "l2":
+        # The explanation stays readable and the worker ships few pairs: the strongest standardized weights
+        # (uncertainty terms always kept), refit on them.
+        d = X.shape[1] - len(term_idx)
+        top = np.argsort(-np.abs(coef[:d]))[: config.max_features]
+        coef, bias = logreg(np.sort(np.r_[top, np.arange(d, X.shape[1])]).astype(np.int64))
+    return Fitted(coef * scale, bias, config.terms)
 
 
 def design_terms(design: Design, rows: np.ndarray, names: Sequence[str]) -> np.ndarray:
     return design.terms[rows][:, [TERMS.index(t) for t in names]]
 
 
-def auroc(y: np.ndarray, scores: np.ndarray) -> float | None:
+# A family's AUROC is reported when it has at least this many answers of each label: with one or two right
+# answers among a hundred wrong ones (the model gets almost no Roman numeral right) it is noise.
+MIN_PER_CLASS = 5
+
+
+def auroc(y: np.ndarray, scores: np.ndarray, min_per_class: int = 1) -> float | None:
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(y, scores)) if len(set(y.tolist())) == 2 else None
+    y = np.asarray(y)
+    if len(set(y.tolist())) < 2 or min(int(y.sum()), int(len(y) - y.sum())) < min_per_class:
+        return None
+    return float(roc_auc_score(y, scores))
 
 
 @dataclass
@@ -151,7 +177,8 @@ def lofo(records: Sequence[dict], design: Design, config: Config, calibrate: boo
             zc = model.logits(design.X[cal_rows], design_terms(design, cal_rows, config.terms))
             cal = platt(zc, y[cal_rows])
             probs = 1.0 / (1.0 + np.exp(-(cal["a"] * z + cal["b"])))
-        folds.append(Fold(family, len(test), float(y[test].mean()), auroc(y[test], z), probs, y[test]))
+        folds.append(Fold(family, len(test), float(y[test].mean()), auroc(y[test], z, MIN_PER_CLASS), probs,
+                          y[test]))
         if log:
             log(f"  {config.name()} without {family}: {folds[-1].auroc}")
     return folds
@@ -164,9 +191,11 @@ def mean_auroc(folds: Iterable[Fold]) -> float:
 
 def grid(layer_sets: Sequence[tuple[int, ...]], poolings: Sequence[str] = ("mean", "max"),
          transforms: Sequence[str] = ("identity",), term_sets: Sequence[tuple[str, ...]] = ((),),
-         Cs: Sequence[float] = (0.01, 0.03, 0.1), family_weights: Sequence[bool] = (True,)) -> list[Config]:
-    return [Config(tuple(ls), p, t, tuple(ts), C, fw) for ls in layer_sets for p in poolings for t in transforms
-            for ts in term_sets for C in Cs for fw in family_weights]
+         Cs: Sequence[float] = (0.01, 0.03, 0.1), family_weights: Sequence[bool] = (True,),
+         penalties: Sequence[tuple[str, int]] = (("l1", 0),)) -> list[Config]:
+    """Every combination; `penalties`: (penalty, max_features) pairs."""
+    return [Config(tuple(ls), p, t, tuple(ts), C, fw, pen, top) for ls in layer_sets for p in poolings
+            for t in transforms for ts in term_sets for C in Cs for fw in family_weights for pen, top in penalties]
 
 
 def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[str], None] = print,
@@ -185,7 +214,8 @@ def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[st
         folds = lofo(sub, designs[key], config)
         row = {"config": config.name(), "layers": list(config.layers), "pooling": config.pooling,
                "transform": config.transform, "terms": list(config.terms), "C": config.C,
-               "family_weights": config.family_weights, "lofo_mean_auroc": round(mean_auroc(folds), 4),
+               "family_weights": config.family_weights, "penalty": config.penalty,
+               "max_features": config.max_features, "lofo_mean_auroc": round(mean_auroc(folds), 4),
                "lofo_min_auroc": round(min(f.auroc for f in folds if f.auroc is not None), 4),
                "by_family": {f.family: None if f.auroc is None else round(f.auroc, 4) for f in folds}}
         table.append(row)
@@ -314,7 +344,8 @@ def train_final(records: Sequence[dict], config: Config, probe_id: str, d_sae: M
     pv = 1.0 / (1.0 + np.exp(-(probe.calibration["a"] * zv + probe.calibration["b"])))
     probe.thresholds = choose_thresholds(pv, y[val])
     probe.metrics = {"feature_top_k": k, "config": config.name(), "C": config.C,
-                     "family_weights": config.family_weights, "n_train": len(train), "n_val": len(val),
+                     "family_weights": config.family_weights, "penalty": config.penalty,
+                     "max_features": config.max_features, "n_train": len(train), "n_val": len(val),
                      "val_auroc": round(auroc(y[val], zv) or float("nan"), 4), **(metrics or {})}
     return probe
 
