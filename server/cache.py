@@ -297,10 +297,9 @@ class RedisFeatureCache(FeatureCache):
         self._warnings: dict[str, _ThrottledWarning] = {}  # per kind: a corrupt value must not hide an outage
         self._skip_until = 0.0
         self._healthy = True
-        pool = aioredis.ConnectionPool.from_url(
+        self._client = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(
             url, max_connections=max_connections, socket_timeout=socket_timeout_s,
-            socket_connect_timeout=connect_timeout_s, retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self._client = aioredis.Redis(connection_pool=pool)
+            socket_connect_timeout=connect_timeout_s, retry=Retry(NoBackoff(), 0), health_check_interval=0))
 
     async def get(self, key: str) -> CachedFeatures | None:
         if self._circuit_open():
@@ -344,7 +343,7 @@ class RedisFeatureCache(FeatureCache):
 
     async def close(self) -> None:
         try:
-            await self._client.aclose()
+            await self._client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates redis 5's aclose
         except Exception as exc:  # noqa: BLE001 — closing a broken pool must not fail shutdown
             log.debug("closing the redis pool failed: %s", exc)
 

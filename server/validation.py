@@ -46,7 +46,7 @@ class GenerationPlan:
     stop_token_ids: frozenset[int]
     token_logprobs: bool
     top_logprobs: int
-    mode: int
+    mode: pb.InferenceMode
     request_id: str
     extra_args: dict[str, Any] = field(default_factory=dict)
     sparsity_percent: int = 0  # WINA level with INFERENCE_MODE_SPARSE, else 0
@@ -151,8 +151,8 @@ def _structured_output(request: Any, stopping: dict[str, Any], settings: Setting
     return structured_output_kwargs(request.structured_output, settings.max_structured_output_chars)
 
 
-def check_mode(mode: int, sparsity_percent: int, sparsity_levels: Sequence[int],
-               quantized_available: bool) -> tuple[int, int]:
+def check_mode(mode: pb.InferenceMode, sparsity_percent: int, sparsity_levels: Sequence[int],
+               quantized_available: bool) -> tuple[pb.InferenceMode, int]:
     """`mode` + `sparsity_percent` of a request → (mode, sparsity percent or 0), or ApiError naming the field."""
     check_enum("mode", mode, pb.InferenceMode)
     if mode == pb.INFERENCE_MODE_SPARSE:
