@@ -335,7 +335,9 @@ def _subdivision_questions(rng: random.Random, n: int, countries: list[dict]) ->
     out = []
     for s in rng.sample(pool, min(n, len(pool))):
         q = _q("subdivision", f"subdivision:{s.code}", "subdivision", rng, e=s.name, t=kinds[s.type])
-        iso3 = pycountry.countries.get(alpha_2=s.country_code).alpha_3
+        country = pycountry.countries.get(alpha_2=s.country_code)
+        assert country is not None  # every subdivision's country is in pycountry
+        iso3 = country.alpha_3
         q.answers = list(dict.fromkeys(by_iso2[s.country_code] + extra.get(iso3, [])))
         out.append(q)
     return out

@@ -262,6 +262,13 @@ def chat_messages(system: str | None, user: str, answer: str | None = None) -> l
     return msgs
 
 
+def templated(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The chat as text in the model's template (transformers types the result as str or token ids)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert isinstance(text, str)  # tokenize=False
+    return text
+
+
 def generate_chats(model_path: str, instructions: list[tuple[str | None, str]], max_tokens: int,
                    seed: int) -> list[str]:
     """Answer each instruction with the model itself; return the full templated transcripts."""
@@ -269,8 +276,7 @@ def generate_chats(model_path: str, instructions: list[tuple[str | None, str]], 
     from vllm import LLM, SamplingParams
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    prompts = [tok.apply_chat_template(chat_messages(s, u), tokenize=False, add_generation_prompt=True)
-               for s, u in instructions]
+    prompts = [templated(tok, chat_messages(s, u), add_generation_prompt=True) for s, u in instructions]
     llm = LLM(model=model_path, enforce_eager=True, dtype="bfloat16", max_model_len=2048, seed=seed)
     # No per-request seed: vLLM-CPU cannot offset its generator; LLM(seed=) seeds the whole run instead.
     params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=max_tokens)
@@ -278,7 +284,7 @@ def generate_chats(model_path: str, instructions: list[tuple[str | None, str]], 
     chats = []
     for (system, user), out in zip(instructions, outputs, strict=True):
         answer = out.outputs[0].text.strip()
-        chats.append(tok.apply_chat_template(chat_messages(system, user, answer), tokenize=False))
+        chats.append(templated(tok, chat_messages(system, user, answer)))
     return chats
 
 
@@ -301,7 +307,7 @@ def build_corpus(out_dir: str | Path, model_path: str, seed: int = 0, doc_chars:
                            seed) if n_chats else []
     records += [{"source": "chat", "text": t} for t in chats]
     tok = AutoTokenizer.from_pretrained(model_path)
-    records += [{"source": "fact_chat", "text": tok.apply_chat_template(chat_messages(s, q, a), tokenize=False)}
+    records += [{"source": "fact_chat", "text": templated(tok, chat_messages(s, q, a))}
                 for s, q, a in fact_chats(random.Random(seed + 4), n_fact_chats)]
     rng.shuffle(records)
     n_held = max(1, int(len(records) * HELDOUT_FRACTION))

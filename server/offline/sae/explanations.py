@@ -134,7 +134,7 @@ def logit_lens(w_dec: np.ndarray, unembed: np.ndarray, final_norm: np.ndarray | 
 
 def machine_label(examples: list[list[Any]], promoted: list[list[Any]]) -> str:
     """A short heuristic label: the tokens it fires on most, and what it pushes the next token towards."""
-    fired = Counter()
+    fired: Counter[str] = Counter()
     for text, _ in examples:
         m = re.search(f"{MARK_OPEN}(.*?){MARK_CLOSE}", text)
         if m and m.group(1).strip():

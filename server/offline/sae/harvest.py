@@ -68,6 +68,7 @@ def harvest(corpus_path: str, model_path: str, out_dir: str, layers: list[int], 
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def harvest(corpus_path: str, model_path: str, out_dir: str, layers: list[int], 
         chunk = chunks[i]
         n_tokens = sum(len(w) for w in chunk)
         llm.collective_rpc("featurelens_harvest_start", args=(str(out), layers, chunk_tokens * 4))
-        llm.generate([{"prompt_token_ids": w} for w in chunk], params, use_tqdm=False)
+        llm.generate([TokensPrompt(prompt_token_ids=w) for w in chunk], params, use_tqdm=False)
         result = llm.collective_rpc("featurelens_harvest_stop")[0]
         written = {str(k): int(v) for k, v in result["rows_written"].items()}
         if any(v != n_tokens for v in written.values()):

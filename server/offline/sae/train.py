@@ -133,7 +133,7 @@ class TrainableSae(torch.nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:

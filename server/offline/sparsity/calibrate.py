@@ -8,8 +8,7 @@
    generated tokens and runs its prompt dense: one set gives the rotations, one the thresholds, one the held-out
    sparsity report. Corpus documents (package docstrings/READMEs + entity fact paragraphs, see offline/sae/corpus.py,
    seeded, split into calibration and held-out documents) give held-out perplexity and a second held-out
-   sparsity report; `--calibration documents` calibrates on them instead, as the tables shipped until
-   2026-12-06 were.
+   sparsity report; `--calibration documents` calibrates on them instead, as earlier shipped tables were.
 2. Scores: forward pre-hooks on every q/k/v/o/gate/up/down projection record a random sample of the WINA
    scores |x_i| * ||W[:, i]|| of its input on calibration text; thresholds are per-projection quantiles.
    Allocations: uniform (every projection at the level); optionally `--greedy` (TEAL-style, per block),
@@ -35,10 +34,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from featurelens.server.modes.sparsity import (
@@ -80,20 +79,22 @@ def load_model(path: str) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def projections(model: Any) -> dict[str, torch.nn.Module]:
+def projections(model: Any) -> dict[str, torch.nn.Linear]:
     """"<layer>.<proj>" -> nn.Linear for every decoder block (for a rotated projection, the linear of the
     rotated basis: its hooks see x Q and its weight is W Q)."""
-    out: dict[str, torch.nn.Module] = {}
+    out: dict[str, torch.nn.Linear] = {}
     for i, layer in enumerate(model.model.layers):
         for proj, path in PROJECTIONS.items():
-            module = layer.get_submodule(path)
-            out[f"{i}.{proj}"] = module.inner if isinstance(module, RotatedLinear) else module
+            module = layer.get_submodule(path)  # an HF Llama-style block's projections are nn.Linear
+            out[f"{i}.{proj}"] = module.inner if isinstance(module, RotatedLinear) else cast(torch.nn.Linear, module)
     return out
 
 
 class RotatedLinear(torch.nn.Module):
     """x -> inner(x T): a projection that reads its input in another basis (`inner.weight` = W T⁻ᵀ, which is
     W T for an orthogonal T; see sparsity.basis_weight)."""
+
+    rotation: torch.Tensor  # a buffer
 
     def __init__(self, linear: torch.nn.Linear, rotation: torch.Tensor) -> None:
         super().__init__()
@@ -209,7 +210,7 @@ def input_rotations(model: Any, sequences: list[Sequence], groups: list[str], ba
 
 
 @contextmanager
-def hooks(modules: dict[str, torch.nn.Module], make_hook: Any) -> Iterator[None]:
+def hooks(modules: Mapping[str, torch.nn.Module], make_hook: Callable[[str, torch.nn.Module], Any]) -> Iterator[None]:
     handles = [m.register_forward_pre_hook(make_hook(name, m)) for name, m in modules.items()]
     try:
         yield
@@ -354,7 +355,7 @@ def curve_levels(curves: dict[str, list[float]], grid: list[float], targets: lis
     return out
 
 
-def _fisher_accumulate(logp: torch.Tensor, mods: dict[str, torch.nn.Module], norms: dict[str, torch.Tensor],
+def _fisher_accumulate(logp: torch.Tensor, mods: dict[str, torch.nn.Linear], norms: dict[str, torch.Tensor],
                        inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                        thresholds: dict[str, list[float]], samples: int, gen: torch.Generator,
                        acc: dict[str, list[float]], blocks: dict[str, list[float]]) -> None:
@@ -374,7 +375,9 @@ def _fisher_accumulate(logp: torch.Tensor, mods: dict[str, torch.nn.Module], nor
         with torch.no_grad():
             per_block: dict[str, torch.Tensor] = {}
             for n, d in deltas.items():
-                grad = outputs[n].grad[0, -d.shape[1]:]  # the continuation's positions
+                full_grad = outputs[n].grad
+                assert full_grad is not None  # the backward above reached every hooked output
+                grad = full_grad[0, -d.shape[1]:]  # the continuation's positions
                 dots = (d * grad).sum(dim=(1, 2))
                 for j, v in enumerate(dots.tolist()):
                     acc[n][j] += v * v / samples

@@ -3,9 +3,8 @@
 A sequence is (token ids [1, L], first position that counts). A sparse request masks its *generated* tokens (its
 prompt runs dense by default), so the served thresholds are calibrated on what the model generates: its greedy
 continuations of chat prompts, scored at the generated positions only. Thresholds calibrated on documents
-instead undershoot on that traffic: measured 2026-12-06 (AMX box, the 2026-12-03 table), the "40%" table
-zeroed 38.2% of the projection weight bytes on held-out documents but 34.0% on chat continuations (25%: 20.9%,
-50%: 43.3%). Documents stay for held-out perplexity and a second held-out sparsity report.
+instead undershoot on that traffic: a document-calibrated "40%" table zeroed about 34% of the projection weight
+bytes on chat continuations (docs/measurements/). Documents stay for held-out perplexity and a second held-out sparsity report.
 """
 
 from __future__ import annotations

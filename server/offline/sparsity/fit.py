@@ -202,10 +202,9 @@ def quantize_rotations(rotations: Mapping[str, torch.Tensor]) -> dict[str, torch
     """The tensors of an int8 rotation file: every basis T as int8 rows with one float32 scale per row
     (symmetric, round to nearest: `int8_gemm.quantize_weight`). Everything that reads the file
     (`load_rotations`) then uses the rounded basis T~ = q * scale, so the weights W T~^-T, the column norms and
-    the mask path stay consistent with what the engine's int8 walk computes. Measured (2026-12-06, HF float32,
-    200 chat prompts, 40%): agreement 89.34% -> 88.98% for the MLP table, 91.28% -> 91.25% for the q/k/v + MLP
-    table; with weights still built for the exact T instead, 86.6% / 85.1% (T's condition number amplifies the
-    ~1.3% rounding)."""
+    the mask path stay consistent with what the engine's int8 walk computes. The rounded basis costs little
+    greedy agreement; weights still built for the exact T would cost several points, because T's condition
+    number amplifies the ~1.3% rounding (figures in docs/measurements/)."""
     from featurelens.kernels.int8_gemm import quantize_weight
 
     out: dict[str, torch.Tensor] = {}
