@@ -10,12 +10,13 @@ import uuid
 
 from featurelens.server.bench.common import parser, saes_for_bench
 from featurelens.v1 import featurelens_pb2 as pb
+from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
 
 TEXT = ("The Roman Empire was the post-Republican state of ancient Rome. It included large territorial holdings "
         "around the Mediterranean Sea in Europe, North Africa, and Western Asia, ruled by emperors.")
 
 
-async def _latencies(stub: object, layers: list[int], repeats: int, cached: bool) -> list[float]:
+async def _latencies(stub: pb_grpc.FeatureLensServiceStub, layers: list[int], repeats: int, cached: bool) -> list[float]:
     out = []
     for i in range(repeats):
         text = TEXT if cached else f"{TEXT} ({uuid.uuid4().hex[:8]} {i})"

@@ -49,11 +49,12 @@ async def _bench_ours(settings: Settings, prompts: list[str], max_new_tokens: in
 def _bench_raw(settings: Settings, model_path: str, prompts: list[str], max_new_tokens: int,
                levels: list[int]) -> dict[int, dict]:
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     llm = LLM(**baseline_kwargs(settings, model_path))
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     tokenizer = llm.get_tokenizer()
-    inputs = [{"prompt_token_ids": tokenizer.encode(p)} for p in prompts]
+    inputs = [TokensPrompt(prompt_token_ids=tokenizer.encode(p)) for p in prompts]
     results = {}
     for level in levels:
         started = time.perf_counter()
@@ -61,7 +62,7 @@ def _bench_raw(settings: Settings, model_path: str, prompts: list[str], max_new_
         for i in range(0, len(inputs), level):  # `level` requests in flight at once, like our clients
             outputs += llm.generate(inputs[i:i + level], params, use_tqdm=False)
         elapsed = time.perf_counter() - started
-        ttfts = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None) is not None]
+        ttfts = [m.first_token_latency for o in outputs if (m := getattr(o, "metrics", None)) is not None]
         results[level] = {"tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed,
                           "ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan")}
     del llm

@@ -37,6 +37,7 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
     feature_sel = [pb.FeatureSelection(layer=layer, top_k=8) for layer in layers]
     steer = [pb.SteeringIntervention(layer=layers[0], feature_id=3, op=pb.STEERING_OP_NUDGE, strength=4.0)]
     receiver = running.engine.features
+    assert receiver is not None  # made when the engine started
     runs: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}  # (tok/s, latency, bytes/token)
     try:
         async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
@@ -110,8 +111,10 @@ def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, laye
     with torch.no_grad():
         for i in range(0, len(prompts), concurrency):
             batch = tokenizer(prompts[i:i + concurrency], return_tensors="pt", padding=True)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False)
+            # transformers types generate's self as its mixin, which the Auto class's model does not match
+            out = model.generate(**batch, max_new_tokens=max_new_tokens,  # type: ignore[misc]
+                                 min_new_tokens=max_new_tokens, do_sample=False)
+            assert isinstance(out, torch.Tensor)  # token ids: return_dict_in_generate is off
             tokens += (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
     handle.remove()
     return tokens / (time.perf_counter() - started)

@@ -5,7 +5,7 @@
 For SmolLM2-135M's MLP shapes (gate/up 576->1536, down 1536->576) and sparsities 25/40/50/65%:
   dense      what vLLM's CPU backend runs for the dense layer (`engine_linear`: a oneDNN matmul on pre-packed
              weights where vLLM's build has oneDNN; measured 2x faster than F.linear at M = 1 on Zen 5)
-  F.linear   torch F.linear(x, W) with W [out, in] (the baseline of figures before 2026-12-02)
+  F.linear   torch F.linear(x, W) with W [out, in] (the baseline of older figures)
   kernel@0%  our native kernel with nothing skipped (separates "skipping rows" from "a different GEMV")
   native     our C++ sparse kernel on the masked x (featurelens.kernels.sparse_gemv), its prefetches filling the
              cache level it uses by default on this CPU (L2 on AMD, L1 elsewhere)
@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 7) -> float:
     return 2 * n_bytes / statistics.median(times)
 
 
-def _time_rounds(variants: dict[str, Callable[[int], object]], calls: int, rounds: int) -> dict[str, float]:
+def _time_rounds(variants: Mapping[str, Callable[..., object]], calls: int, rounds: int) -> dict[str, float]:
     """Median microseconds per call of each variant; variants alternate within every round."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():  # warm-up (first native call may build/load the extension)
@@ -84,7 +85,8 @@ def engine_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor
     layer = torch.nn.Module()
     layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
     dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-    return lambda x: layer.cpu_linear(x, layer.weight, None)
+    cpu_linear = cast(Callable[..., torch.Tensor], layer.cpu_linear)  # a plain attribute the dispatch sets
+    return lambda x: cpu_linear(x, layer.weight, None)
 
 
 def _masked_input(n_in: int, sparsity: float, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -95,7 +97,7 @@ def _masked_input(n_in: int, sparsity: float, dtype: torch.dtype, seed: int) -> 
     return x.to(dtype)
 
 
-def _other(r: dict[str, float]) -> str:
+def _other(r: Mapping[str, float]) -> str:
     """'other pf' time and native's speed-up over it (> 1: the default level is the faster one here)."""
     if "other pf" not in r:
         return ""
@@ -127,7 +129,7 @@ def bench_shape(n_in: int, n_out: int, dtype: torch.dtype, hot: bool, rounds: in
     try:
         for s in SPARSITIES:
             xs = _masked_input(n_in, s, dtype, seed=int(s * 100))
-            variants = {
+            variants: dict[str, Callable[..., object]] = {
                 "dense": lambda j: engine_w[j % copies](x_dense),
                 "F.linear": lambda j: F.linear(x_dense, dense_w[j % copies]),
                 "kernel@0%": at_level(default, x0),
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{1 / (1 - s):>6.2f}x {_other(r)}")
         for s in SPARSITIES:
             # MLP = gate + up (same input, same shape) + down.
-            mlp = {k: 2 * per_shape["gate/up"][s][k] + per_shape["down"][s][k]
+            mlp: dict[str, float] = {k: 2 * per_shape["gate/up"][s][k] + per_shape["down"][s][k]
                    for k in ("dense", "F.linear", "native", "gather", "other pf") if k in per_shape["down"][s]}
             print(f"{dname:<5} {'MLP':<8} {s:>6.0%} {mlp['dense']:>9.1f} {mlp['F.linear']:>8.1f} {'':>8} {mlp['native']:>9.1f} "
                   f"{mlp['dense'] / mlp['native']:>6.2f}x {'':>6} {mlp['gather']:>9.1f} {mlp['dense'] / mlp['gather']:>6.2f}x"
@@ -235,7 +237,7 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
     basis_int8 = basis_int8_kernel() if stored_int8 else None
     q32 = {n: q for n in names
            if (q := rotation_of(rotations, int(n.split(".")[0]), parts_of[n.split(".")[1]][0])) is not None}
-    rot8 = {n: q for n in names if (q := rotation_of(stored_int8, int(n.split(".")[0]),
+    rot8 = {n: b for n in names if (b := rotation_of(stored_int8, int(n.split(".")[0]),
                                                      parts_of[n.split(".")[1]][0])) is not None}
     rot = {n: q.to(torch.bfloat16).contiguous() for n, q in q32.items() if n not in rot8}  # bf16-walked bases only
     inverses = {n: basis_inverse(q, torch.float64) for n, q in q32.items()}  # once per module, not per part
@@ -271,6 +273,7 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
                     else:
                         x = xs[n][t]
                         if n in rot8:  # x T~ by the int8 walk, as the engine does for int8 bases
+                            assert basis_int8 is not None  # loaded with the int8 bases
                             basis_int8(x.contiguous(), *rot8[n], rot_out[n])
                             x = rot_out[n]
                         elif n in rot:  # x T by the same native call at threshold 0, as the engine does
@@ -279,7 +282,9 @@ def allocation_step_times(levels: tuple[str, ...], rounds: int = 7, prompts: int
                         zeroed[a] = zeroed.get(a, 0) + kernel(x.contiguous(), w_t[n], norms[n],
                                                               thresholds[a][n], outs[n])
 
-        times = _time_rounds({a: lambda _j, a=a: step(a) for a in ("dense", *thresholds)}, 1, rounds)
+        by_allocation: dict[str, Callable[..., object]] = {
+            a: lambda _j, a=a: step(a) for a in ("dense", *thresholds)}
+        times = _time_rounds(by_allocation, 1, rounds)
         result[level] = {a: {"us": us / n_tok, "zeroed": zeroed.get(a, 0) / (inputs * steps[a])}
                          for a, us in times.items()}
     return result
@@ -320,6 +325,9 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 16, 32, 128, 512)
         return run
 
     int8_best, int8_avx2 = weight_only(best), weight_only("avx2")
+
+    def w8a8(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+        return int8_gemm.int8_linear(x, wq, sw, scheme="w8a8")
     engine_int8 = int8_gemm.weight_only_kernel()
 
     def engine_int8_best(x: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
@@ -344,14 +352,15 @@ def main_int8(rounds: int = 7, ms: tuple[int, ...] = (1, 4, 8, 16, 32, 128, 512)
         for m in ms:
             x16 = torch.randn(m, n_in, generator=g).to(torch.bfloat16)
             x32 = x16.float()
-            variants = {  # called at once: the loop variables are bound while they are current
+            # Called at once: the loop variables are bound while they are current.
+            variants: dict[str, Callable[..., object]] = {
                 "bf16": lambda j, x16=x16, e16=e16: e16[j % len(e16)](x16),
                 "fp32": lambda j, x32=x32, e32=e32: e32[j % len(e32)](x32),
                 "int8": lambda j, x16=x16, wq=wq: engine_int8_best(x16, *wq[j % len(wq)]),
             }
             if m <= 32:  # the GEMV-style kernels do M times the work per weight read: seconds at prefill sizes
                 variants["gemv"] = lambda j, x16=x16, wq=wq: int8_best(x16, *wq[j % len(wq)])
-                variants["w8a8"] = lambda j, x16=x16, wq=wq: int8_gemm.int8_linear(x16, *wq[j % len(wq)], scheme="w8a8")
+                variants["w8a8"] = lambda j, x16=x16, wq=wq: w8a8(x16, *wq[j % len(wq)])
                 if both:
                     variants["avx2"] = lambda j, x16=x16, wq=wq: int8_avx2(x16, *wq[j % len(wq)])
             r = _time_rounds(variants, max(copies, 20) if m <= 32 else 6, rounds if m <= 32 else 3)

@@ -62,7 +62,8 @@ def _request(prompt: Any, level: int, max_new_tokens: int, stream: bool = True) 
 async def _stream(stub: Any, request: Any) -> tuple[list[int], float, float, float]:
     """(token ids, start, first-token time, end) of one streamed generation."""
     started = time.perf_counter()
-    first, ids = 0.0, []
+    first = 0.0
+    ids: list[int] = []
     async for chunk in stub.GenerateStream(request):
         if chunk.tokens and not first:
             first = time.perf_counter()
@@ -71,7 +72,7 @@ async def _stream(stub: Any, request: Any) -> tuple[list[int], float, float, flo
 
 
 async def _bench_engine(model: str, prompts: list[str], new_tokens: int, batches: list[int],
-                        rounds: int) -> dict[str, dict[str, float]]:
+                        rounds: int) -> dict[str, dict[str, Any]]:
     from featurelens.client import AsyncClient
     from featurelens.server.app import start_server
     from featurelens.server.config import Settings
@@ -146,7 +147,7 @@ async def _compare_engines(model: str, other: str, prompts: list[str], new_token
     servers: dict[str, Any] = {}
     try:
         for label, table in (("served", None), ("other", other)):
-            extra = {"sparsity_thresholds": table} if table else {}
+            extra: dict[str, Any] = {"sparsity_thresholds": table} if table else {}
             servers[label] = await start_server(Settings(model=model, port=0, metrics_port=-1, quantized_mode="none",
                                                          max_in_flight=10_000, **extra))
         modes = [(name, level) for name, level in _modes() if level >= 0]
@@ -383,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"bench modes --compare-thresholds: {n_prompts} prompts x {args.max_new_tokens} tokens, "
               f"{args.rounds} rounds x {B1_REPEATS} requests per mode and server, servers alternating", flush=True)
-        speeds = asyncio.run(_compare_engines(args.model, other, texts, args.max_new_tokens, args.rounds))
-        print("\n".join(compare_table(speeds, _sparsity_table(), other)))
+        compared = asyncio.run(_compare_engines(args.model, other, texts, args.max_new_tokens, args.rounds))
+        print("\n".join(compare_table(compared, _sparsity_table(), other)))
         print(f"total {time.perf_counter() - started:.0f} s")
         return 0
     batches = args.concurrency or [1, 32]
@@ -392,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {batches}; prefill ~500 tokens; {args.rounds} rounds, modes interleaved", flush=True)
     engine = asyncio.run(_bench_engine(args.model, texts, args.max_new_tokens, batches, args.rounds))
     print(f"engine done ({time.perf_counter() - started:.0f} s)", flush=True)
-    # Teacher-forced agreement on its own, larger prompt set: 12 prompts (what this used until 2026-12-03)
-    # read 91.9% where 200 read 87.8% for the same table, too noisy for a 90% goal.
+    # Teacher-forced agreement on its own, larger prompt set: 12 prompts (what this used before) read several
+    # points above 200 prompts for the same table, too noisy for a 90% goal.
     quality = _bench_quality(args.quality_prompts, 32)
     print(f"quality done ({time.perf_counter() - started:.0f} s)\n", flush=True)
     bounds = decode_bounds()

@@ -19,6 +19,7 @@ import grpc
 import psutil
 from featurelens.server.bench.common import parser, saes_for_bench
 from featurelens.v1 import featurelens_pb2 as pb
+from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
 
 
 def _rss_mb() -> float:
@@ -55,7 +56,7 @@ async def _soak(clients: int, duration_s: float, max_new_tokens: int) -> dict:
     rng = random.Random(0)
     rss_start = _rss_mb()
 
-    async def client_loop(stub: object, index: int) -> None:
+    async def client_loop(stub: pb_grpc.FeatureLensServiceStub, index: int) -> None:
         while time.monotonic() < deadline:
             if index % 8 == 0:  # some clients hit the cached feature RPC, which uses Redis
                 try:
