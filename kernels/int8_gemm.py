@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Literal
@@ -194,7 +193,7 @@ class WeightOnlyGemm:
         return out
 
 
-def weight_only_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def weight_only_kernel() -> WeightOnlyGemm:
     """The engine's weight-only GEMM (a `WeightOnlyGemm` with this machine's defaults)."""
     return WeightOnlyGemm()
 

@@ -2,7 +2,8 @@
 //   weight-only (W8A16, what the engine serves): y[m, o] = sw[o] * sum_k wq[o, k] * x[m, k], fp32 accumulation;
 //   W8A8: y[m, o] = sx[m] * sw[o] * sum_k xq[m, k] * wq[o, k], exact int32 accumulation.
 // On SmolLM2-135M weight-only keeps held-out perplexity at x1.00 of dense and W8A8 with per-token activations
-// costs x1.03 (docs/modes.md) — the activation quantization costs the quality, so the mode is weight-only; W8A8 stays for comparison (`featurelens bench modes`) and for a CPU with fast int8 dot products.
+// costs x1.03 (docs/modes.md) — the activation quantization costs the quality, so the mode is weight-only;
+// W8A8 stays for comparison (`featurelens bench modes`) and for a CPU with fast int8 dot products.
 //
 // Weights: int8, [out, in] row-major, symmetric per-output-channel scales sw (quantize_weight in
 // kernels/int8_gemm.py). Activations: quantized here, per row (token), symmetric dynamic: sx = max|x| / 127,
@@ -11,8 +12,9 @@
 // the final float scaling.
 //
 // Why hand-written: at decode sizes (M = 1..16) vLLM's oneDNN int8 primitive measured several times slower than
-// the bf16 F.linear it should beat (see docs/modes.md). This kernel reads each weight row once for all M rows (it stays in L1 across them),
-// widens int8 -> int16 (vpmovsxbw) and multiplies-adds pairs into int32 (vpmaddwd): 16 weights per 3 ops.
+// the bf16 F.linear it should beat (see docs/modes.md). This kernel reads each weight row once for all M rows
+// (it stays in L1 across them), widens int8 -> int16 (vpmovsxbw) and multiplies-adds pairs into int32
+// (vpmaddwd): 16 weights per 3 ops.
 // The weight-only GEMM has AVX-512 paths too, picked at run time where the CPU has them (section below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -34,11 +36,11 @@ template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
 // Every 64 bytes of weights read, the line kStreamAhead bytes further down the thread's range of weight rows is
-// prefetched (`stop` = the end of that range). On an Intel AMX box the hardware prefetcher does not run far
-// enough ahead of one stream: with the row-ahead prefetch alone the kernel read about half the bandwidth of a
-// pure streaming read, and a line ~2 KB ahead recovered much of the gap (further ahead gained little).
+// prefetched (`stop` = the end of that range). On an Emerald Rapids box the hardware prefetcher does not run
+// far enough ahead of one stream: with the row-ahead prefetch alone the kernel read about half the bandwidth
+// of a pure streaming read, and a line ~2 KB ahead recovered much of the gap (further ahead gained little).
 // These prefetches fill L1. Filling L2 instead (as the sparse walk does on AMD, isa.h) measured slower for this
-// single stream on Zen 4 (figures: docs/modes.md).
+// single stream on Zen 4 (figures: docs/measurements/).
 constexpr int64_t kStreamAhead = 2048;
 
 inline void prefetch_stream(const int8_t* p, const int8_t* stop) {
@@ -203,8 +205,8 @@ void run_w8a16_avx2(const torch::Tensor& x, const torch::Tensor& wq, const torch
 //     one vdpbf16ps (32 products) per activation row, 8 rows per pass. bf16 x bf16 products are exact in fp32
 //     and accumulate in fp32, so both equal the fp32 reference up to summation order.
 // Chosen against alternatives timed in a standalone harness (1 thread, one SmolLM2 block, weights cold, Zen 5;
-// figures in docs/modes.md): fp32 FMA rows are fastest up to M = 3 and dpbf16 over 8 rows from M = 4, both
-// well ahead of the AVX2 path and of dequantizing 4 rows into an L1 bf16 buffer with a 4x4 register tile.
+// figures in docs/measurements/): fp32 FMA rows are fastest up to M = 3 and dpbf16 over 8 rows from M = 4,
+// both well ahead of the AVX2 path and of dequantizing 4 rows into an L1 bf16 buffer with a 4x4 register tile.
 // For M = 1, four weight rows sharing each activation load were slower (four streams defeat the prefetcher);
 // prefetching 2/8/16 rows ahead or 2 lines changed nothing. Masked loads on every chunk (not just the tail)
 // made the cold M = 2..4 runs 3-4x slower, so full chunks use plain loads.

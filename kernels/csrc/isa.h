@@ -37,7 +37,7 @@ inline Isa parse_isa(const std::string& name) {
 // row streams' L1 prefetches occupy the L1 miss buffers that the demand loads need. Elsewhere L1 is what was
 // measured (an older walk on an AVX2 AMD box saw L2 within noise or worse). So "auto" is L2 on AMD CPUs and
 // L1 elsewhere; FEATURELENS_PREFETCH=l1|l2 overrides it, the extension's `set_prefetch` switches it at run
-// time, and `featurelens bench kernels` times both levels on any box (figures: docs/modes.md).
+// time, and `featurelens bench kernels` times both levels on any box (figures: docs/measurements/).
 // The int8 GEMM's single far-prefetched stream keeps L1: L2 measured slower there on Zen 4.
 enum class Prefetch { kL1, kL2 };
 

@@ -39,7 +39,7 @@ constexpr int64_t kSubBlock = 2048;    // columns per pass over the active rows:
 constexpr int64_t kRowsPerPass = 8;    // active rows accumulated per pass over y
 constexpr int64_t kPrefetchLines = 4;  // first lines of the first pass's rows prefetched before the walk
 // Why this walk (alternatives timed in a standalone harness: 1 thread as in the vLLM worker, bf16, weights
-// coming from DRAM; figures in docs/modes.md):
+// coming from DRAM; figures in docs/measurements/):
 // - full-range passes beat 256-column passes, and 8 rows per pass over y beat 4 rows. Prefetching whole rows,
 //   further ahead, or 16-64 rows ahead was within noise or worse.
 // - A panel layout ([out/64][in][64], every row split in 128-byte pieces) streamed fastest dense but gained
