@@ -172,7 +172,7 @@ class RedisVectorStore:
         return bool(await self._call(self._delete(keys=self._keys(namespace), args=[vector_id])))
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates redis 5's aclose
 
 
 def make_vector_store(redis_url: str | None, model_id: str, max_vectors: int, max_bytes: int) -> VectorStore:

@@ -206,13 +206,13 @@ def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[st
     rows = np.flatnonzero(np.asarray([r.get("split", "train") != "test" for r in records]))
     sub = [records[i] for i in rows]
     designs: dict[tuple[Any, ...], Design] = {}
-    table = []
+    table: list[dict[str, Any]] = []
     for config in configs:
         key = (config.layers, config.pooling, config.transform)
         if key not in designs:
             designs[key] = build_design(sub, config.layers, config.pooling, config.transform)
         folds = lofo(sub, designs[key], config)
-        row = {"config": config.name(), "layers": list(config.layers), "pooling": config.pooling,
+        row: dict[str, Any] = {"config": config.name(), "layers": list(config.layers), "pooling": config.pooling,
                "transform": config.transform, "terms": list(config.terms), "C": config.C,
                "family_weights": config.family_weights, "penalty": config.penalty,
                "max_features": config.max_features, "lofo_mean_auroc": round(mean_auroc(folds), 4),
