@@ -82,6 +82,7 @@ class Family:
     unembedding: tuple[str, ...]  # module(s) whose quant_method computes the logits, the first present wins
     unembedding_keys: tuple[str, ...]  # checkpoint tensors of the unembedding, the first present wins
     sparse: str = ""  # why sparse mode cannot run on this family ("" = it can)
+    moe_block: str = ""  # the mixture-of-experts block under a layer, which neither mode wraps
     notes: str = ""
 
     @property
@@ -126,11 +127,11 @@ FAMILIES: tuple[Family, ...] = (
             "down_proj": WeightSource("mlp.down_proj.weight")},
            "model.layers", "model.norm", LM_HEAD, TIED, notes="q|k|v and gate|up are fused in the checkpoint"),
     Family("qwen3_moe", ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"), "model.layers", "fused_residual",
-           LLAMA_STYLE, _separate(), "model.layers", "model.norm", LM_HEAD, TIED, sparse=MOE,
+           LLAMA_STYLE, _separate(), "model.layers", "model.norm", LM_HEAD, TIED, sparse=MOE, moe_block="mlp",
            notes="int8 mode quantizes attention and any dense MLP (mlp_only_layers); experts stay full precision"),
     Family("mixtral", ("MixtralForCausalLM",), "model.layers", "fused_residual", ATTENTION_ONLY,
            {p: w for p, w in _separate().items() if p in ("q_proj", "k_proj", "v_proj", "o_proj")},
-           "model.layers", "model.norm", LM_HEAD, TIED, sparse=MOE,
+           "model.layers", "model.norm", LM_HEAD, TIED, sparse=MOE, moe_block="block_sparse_moe",
            notes="int8 mode quantizes attention; the experts (block_sparse_moe) stay full precision"),
     Family("olmo2", ("Olmo2Model",), "model.layers", "stream", LLAMA_STYLE, _separate(), "model.layers",
            "model.norm", LM_HEAD, TIED, notes="vLLM's Transformers backend: HF layers returning the stream "

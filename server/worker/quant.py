@@ -112,11 +112,11 @@ class QuantRuntime:
     @property
     def covers(self) -> str:
         """What runs in int8, in words (GetModelInfo's mode description)."""
-        if not self.skipped:
+        moe = self.layout.family.moe_block
+        if not self.skipped and not moe:
             return "the decoder projections"
-        return (f"{len(self.wrapped)} of the {len(self.layout.family.projections)} projection modules per block "
-                f"where present ({', '.join(sorted(self.wrapped))}); {len(self.skipped)} modules stay in full "
-                "precision (mixture-of-experts blocks)")
+        kept = f"the mixture-of-experts blocks ({moe})" if moe else f"{len(self.skipped)} modules"
+        return f"the projections {', '.join(sorted(self.wrapped))} where present; {kept} stay in full precision"
 
     def begin(self, requests: list[tuple[str, int, int]], total_rows: int) -> None:
         self.rows, self.segments = None, []
