@@ -87,6 +87,11 @@ def native_available() -> bool:
     return module is not None
 
 
+# Where these kernels run: the native ones and their torch fallback read and write CPU tensors (the
+# quantized mode and the int8 unembedding are installed only on such devices).
+DEVICES = ("cpu",)
+
+
 def native_status() -> str:
     module, reason = _native_module()
     return f"native ({module.isa()})" if module is not None else f"torch fallback ({reason})"

@@ -52,6 +52,13 @@ class GenerationPlan:
     sparsity_percent: int = 0  # WINA level with INFERENCE_MODE_SPARSE, else 0
     # vLLM StructuredOutputsParams keyword arguments (json / regex / choice / grammar), checked by xgrammar
     structured_output: dict[str, Any] | None = None
+    num_samples: int = 1  # independent samples, one engine request each (SamplingOptions.num_samples)
+
+    def sample_kwargs(self, index: int) -> dict[str, Any]:
+        """vLLM sampling arguments of sample `index`: its own seed stream, seed + index, when a seed was given."""
+        if index == 0 or self.sampling_kwargs.get("seed") is None:
+            return self.sampling_kwargs
+        return {**self.sampling_kwargs, "seed": self.sampling_kwargs["seed"] + index}
 
 
 def check_finite(field_path: str, value: float) -> None:
@@ -107,6 +114,7 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         raise invalid("request_id", "must be 1-128 characters of letters, digits and . _ : / -")
     check_enum("mode", request.mode, pb.InferenceMode)
     sampling = _sampling_kwargs(request.sampling, vocab_size)
+    num_samples = _num_samples(request.sampling, sampling.get("seed"), settings)
     stopping, stop_ids = _stopping_kwargs(request.stopping, settings, vocab_size)
     top_logprobs = request.logprobs.top_logprobs
     if not 0 <= top_logprobs <= settings.max_top_logprobs:
@@ -131,7 +139,19 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         request_id=request_id,
         sparsity_percent=sparsity_percent,
         structured_output=structured,
+        num_samples=num_samples,
     )
+
+
+def _num_samples(sampling: pb.SamplingOptions, seed: int | None, settings: Settings) -> int:
+    """`sampling.num_samples` (0 means 1); sample i's seed is seed + i, which must stay a 63-bit integer."""
+    n = sampling.num_samples or 1
+    if not 1 <= n <= settings.max_samples:
+        raise invalid("sampling.num_samples", f"must be in [1, {settings.max_samples}] (0 means 1), got "
+                                              f"{sampling.num_samples}")
+    if seed is not None and seed + n - 1 >= 2**63:
+        raise invalid("sampling.seed", f"sample {n - 1} would use seed + {n - 1}, past the 63-bit range")
+    return n
 
 
 def _structured_output(request: Any, stopping: dict[str, Any], settings: Settings) -> dict[str, Any] | None:
@@ -163,8 +183,8 @@ def check_mode(mode: pb.InferenceMode, sparsity_percent: int, sparsity_levels: S
     if mode == pb.INFERENCE_MODE_QUANTIZED and not quantized_available:
         raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                        "mode: INFERENCE_MODE_QUANTIZED is not available on this server (disabled with "
-                       "--quantized-mode none, compiled mode, or the model's safetensors could not be read; "
-                       "GetModelInfo.modes says which modes are available)")
+                       "--quantized-mode none, compiled mode, a device its int8 kernels do not run on, or the "
+                       "model's safetensors could not be read; GetModelInfo.modes says which modes are available)")
     return mode or pb.INFERENCE_MODE_DENSE, 0
 
 

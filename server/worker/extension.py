@@ -196,7 +196,13 @@ class FeatureLensWorkerExtension:
                 refused["sparse"] = f"{type(error).__name__}: {error}"
                 log.warning("sparse mode unavailable: %s", refused["sparse"])
         self._fl_quant, self._fl_head = None, None
-        if config.get("quantized"):
+        from featurelens.server.worker.quant import unavailable_on
+
+        int8_problem = unavailable_on(device)
+        if config.get("quantized") and int8_problem is not None:
+            refused["quantized"] = int8_problem
+            log.warning("quantized mode unavailable: %s", int8_problem)
+        elif config.get("quantized"):
             from featurelens.server.worker.quant import QuantRuntime
 
             try:
@@ -207,7 +213,7 @@ class FeatureLensWorkerExtension:
                 # Only a module whose forward was replaced reaches the runtime, and it stays inert (no rows).
                 refused["quantized"] = f"{type(error).__name__}: {error}"
                 log.warning("quantized mode unavailable: %s", refused["quantized"])
-        rescore = (self._fl_sparse is not None and sparsity is not None
+        rescore = (self._fl_sparse is not None and sparsity is not None and int8_problem is None
                    and sparsity.get("logits", "int8-rescored") == "int8-rescored")
         if self._fl_quant is not None or rescore:
             # The int8 unembedding: quantized requests' logits, and sparse requests' re-scored ones.

@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 MAX_STATS = 4096
 
 
+def unavailable_on(device: torch.device) -> str | None:
+    """Why int8 mode (and the int8 unembedding) cannot run on `device`, or None when it can."""
+    from featurelens.kernels import int8_gemm
+
+    if device.type in int8_gemm.DEVICES:
+        return None
+    return (f"the int8 kernels run on {', '.join(int8_gemm.DEVICES)} only; this worker's device is {device.type} "
+            "(kernels/int8_gemm.py DEVICES)")
+
+
 class QuantRuntime:
     """The int8 weights and the wrapped projections of one model."""
 

@@ -146,3 +146,16 @@ def test_quantized_requests_get_their_own_prefix_cache_namespace():
 
 
 # -- the real engine over gRPC -----------------------------------------------------------------------------
+
+
+def test_int8_mode_declares_the_devices_it_runs_on():
+    """A QUANTIZED request on a device without the int8 kernels must be refused, not crash the engine: the
+    worker installs the mode (and the int8 unembedding) only where the kernels name the device."""
+    from featurelens.kernels import int8_gemm
+    from featurelens.server.worker.quant import unavailable_on
+
+    assert int8_gemm.DEVICES == ("cpu",)
+    assert unavailable_on(torch.device("cpu")) is None
+    reason = unavailable_on(torch.device("cuda", 0))
+    assert reason is not None and "cuda" in reason and "cpu" in reason
+    assert unavailable_on(torch.device("meta")) is not None
