@@ -126,7 +126,7 @@ FAMILIES: tuple[Family, ...] = (
             "up_proj": WeightSource("mlp.gate_up_proj.weight", 1, 2),
             "down_proj": WeightSource("mlp.down_proj.weight")},
            "model.layers", "model.norm", LM_HEAD, TIED, notes="q|k|v and gate|up are fused in the checkpoint"),
-    Family("qwen3_moe", ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"), "model.layers", "fused_residual",
+    Family("qwen3_moe", ("Qwen3MoeForCausalLM",), "model.layers", "fused_residual",
            LLAMA_STYLE, _separate(), "model.layers", "model.norm", LM_HEAD, TIED, sparse=MOE, moe_block="mlp",
            notes="int8 mode quantizes attention and any dense MLP (mlp_only_layers); experts stay full precision"),
     Family("mixtral", ("MixtralForCausalLM",), "model.layers", "fused_residual", ATTENTION_ONLY,
