@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -185,7 +185,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     # -- generation ------------------------------------------------------------------------------------
 
-    async def _plan(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[GenerationPlan, InterpPlan]:
+    async def _plan(self, request: pb.GenerateRequest | pb.GenerateStreamRequest,
+                    context: grpc.aio.ServicerContext) -> tuple[GenerationPlan, InterpPlan]:
         shape = self._shape
         plan = validate_generate(request, self.engine, self.settings, shape.max_model_len, shape.vocab_size,
                                  self._request_id(request, context), sparsity_levels=self.engine.sparsity_levels,
@@ -347,7 +348,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     # -- features ----------------------------------------------------------------------------------------
 
-    def _request_mode(self, request: Any) -> tuple[pb.InferenceMode, int]:
+    def _request_mode(self, request: pb.GetFeatureActivationsRequest | pb.ScoreHallucinationRequest
+                      ) -> tuple[pb.InferenceMode, int]:
         return check_mode(request.mode, request.sparsity_percent, self.engine.sparsity_levels,
                           self.engine.quantized is not None)
 
@@ -418,7 +420,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             raise ApiError(grpc.StatusCode.UNAVAILABLE, "vector_id: the vector store is not ready yet; retry")
         return self.vectors
 
-    async def _resolve_vectors(self, steering: Any, context: grpc.aio.ServicerContext) -> dict[str, StoredVector]:
+    async def _resolve_vectors(self, steering: Sequence[pb.SteeringIntervention],
+                               context: grpc.aio.ServicerContext) -> dict[str, StoredVector]:
         """The caller's registered vectors that `steering` adds, from the shared store (any replica may have
         registered them). Unknown ids are left out: validation then names the field."""
         ids = {item.vector_id for item in steering if item.WhichOneof("target") == "vector_id"}
