@@ -163,8 +163,9 @@ def to_layer_features(layer: int, sae_id: str, indices: np.ndarray, values: np.n
     return lf
 
 
-async def token_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Codes]:
-    return {layer: await received.get(layer, position) for layer in plan.capture}
+async def token_codes(received: RequestFeatures, plan: InterpPlan, position: int,
+                      keep: bool = False) -> dict[int, Codes]:
+    return {layer: await received.get(layer, position, keep=keep) for layer in plan.capture}
 
 
 async def risk_codes(received: RequestFeatures, plan: InterpPlan, position: int) -> dict[int, Codes]:
@@ -179,8 +180,10 @@ def layer_features(codes: Mapping[int, Codes], plan: InterpPlan, engine: PlanEng
 async def prompt_features(received: RequestFeatures, plan: InterpPlan, engine: PlanEngine,
                           prompt_ids: list[int]) -> list[pb.TokenFeatures]:
     tokens = []
+    last = len(prompt_ids) - 1  # also predicts the first generated token, which reads it again
     for position, token_id in enumerate(prompt_ids):
         tf = pb.TokenFeatures(token_id=token_id, token_text=engine.token_text(token_id))
-        tf.features.extend(layer_features(await token_codes(received, plan, position), plan, engine))
+        tf.features.extend(layer_features(await token_codes(received, plan, position, keep=position == last),
+                                          plan, engine))
         tokens.append(tf)
     return tokens

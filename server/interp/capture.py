@@ -83,9 +83,14 @@ class RequestFeatures:
         self.error = error
         self.arrived.set()
 
-    async def get(self, layer: int, position: int, timeout_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
-        """The top-k codes at (layer, position), removed once read (each is read once)."""
+    async def get(self, layer: int, position: int, timeout_s: float = 30.0,
+                  keep: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k codes at (layer, position), removed once read (each is read once) unless `keep`: the last
+        prompt position is read twice with prompt features, as that token's features and as the first generated
+        token's."""
         row = await self._wait(self.rows, (layer, position), timeout_s, f"codes for layer {layer} position {position}")
+        if keep:
+            return row
         del self.rows[(layer, position)]
         self.read_through[layer] = max(self.read_through.get(layer, -1), position)
         return row

@@ -194,6 +194,25 @@ def test_a_long_stream_holds_only_its_unread_rows():
     asyncio.run(run())
 
 
+def test_a_kept_row_can_be_read_again():
+    """With prompt features the last prompt position is read twice: as that prompt token's features and as the
+    features of the first generated token, which it predicts."""
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="rpc")
+        received = receiver.open("prompt")
+        values, indices = codes(3, 8, 4096, seed=5)
+        probe = ProbeLayer.build(4096, indices[0, :3].tolist(), [1.0, -1.0, 0.5], "identity")
+        receiver._dispatch(msgspec.msgpack.encode([[[_risk_record(received.tag, 0, 3, values, indices, probe)],
+                                                    [0.0, 0.0]]]))
+        first = [await received.get(22, p, timeout_s=1, keep=p == 2) for p in range(3)]
+        again = await received.get(22, 2, timeout_s=1)
+        assert np.array_equal(again[0], first[2][0]) and not received.rows
+        with pytest.raises(TimeoutError):
+            await received.get(22, 1, timeout_s=0.05)  # an unkept row is gone once read
+
+    asyncio.run(run())
+
+
 def test_a_failing_receiver_fails_its_waiters_at_once_and_restarts(tmp_path):
     """The receiving loop raising must not stall feature RPCs for their 30 s timeout: the open requests fail
     at once, the owner hears of it (health NOT_SERVING) and the loop runs again (SERVING)."""
