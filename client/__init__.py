@@ -6,8 +6,16 @@
 """
 
 from featurelens.client._client import AsyncClient, Client, build_generate_request, structured_output
-from featurelens.client.types import GenerateResult, ModelInfo, Risk, SteeringVector, StreamChunk, TokenInfo
+from featurelens.client.types import (
+    GenerateResult,
+    ModelInfo,
+    Risk,
+    SampleResult,
+    SteeringVector,
+    StreamChunk,
+    TokenInfo,
+)
 from featurelens.v1 import featurelens_pb2 as pb
 
-__all__ = ["AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "SteeringVector", "StreamChunk", "TokenInfo",
-           "build_generate_request", "pb", "structured_output"]
+__all__ = ["AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "SampleResult", "SteeringVector", "StreamChunk",
+           "TokenInfo", "build_generate_request", "pb", "structured_output"]

@@ -45,7 +45,8 @@ def _metadata(token: str | None, request_id: str | None) -> list[tuple[str, str]
 def build_generate_request(prompt: str | Sequence[dict[str, str]], *, stream: bool = False,
                            max_new_tokens: int | None = None, min_new_tokens: int = 0,
                            temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                           seed: int | None = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+                           seed: int | None = None, n: int | None = None, stop: Sequence[str] = (),
+                           stop_token_ids: Sequence[int] = (),
                            logprobs: bool = False, top_logprobs: int = 0, request_id: str = "",
                            interpretability: pb.InterpretabilityOptions | None = None,
                            steering: Sequence[pb.SteeringIntervention] = (),
@@ -53,13 +54,14 @@ def build_generate_request(prompt: str | Sequence[dict[str, str]], *, stream: bo
                            json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
                            choice: Sequence[str] | None = None, grammar: str | None = None) -> Any:
     """A GenerateRequest (or GenerateStreamRequest) from keyword arguments; `prompt` is text or chat
-    messages like [{"role": "user", "content": "Hi"}]. At most one of `json_schema` (a JSON Schema as a dict or
+    messages like [{"role": "user", "content": "Hi"}]. `n`: independent samples (sample i seeded seed + i). At most one of `json_schema` (a JSON Schema as a dict or
     JSON text), `regex`, `choice` and `grammar` (EBNF `root ::= ...` or Lark) constrains the text."""
     message = (pb.GenerateStreamRequest if stream else pb.GenerateRequest)(request_id=request_id, mode=mode,
                                                                           sparsity_percent=sparsity_percent)
     _set_prompt(message, prompt)
     s = message.sampling
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
+                        ("num_samples", n)):
         if value is not None:
             setattr(s, name, value)
     if max_new_tokens is not None:

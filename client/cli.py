@@ -32,11 +32,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                "regex": args.regex, "choice": args.choice, "grammar": _text_arg(args.grammar)}
     if args.risk:
         options["interpretability"] = pb.InterpretabilityOptions(score_risk=True)
+    if args.samples > 1:
+        options["n"] = args.samples
     with Client(args.target, timeout_s=args.timeout_s, token=args.token) as client:
-        if args.no_stream:
+        if args.no_stream or args.samples > 1:  # several samples' tokens would interleave on a terminal
             result = client.generate(prompt, **options)
-            print(result.text)
-            print(f"[finish: {result.finish_reason}, {result.completion_tokens} tokens]", file=sys.stderr)
+            for sample in result.samples:
+                if len(result.samples) > 1:
+                    print(f"[sample {sample.sample_index}]", file=sys.stderr)
+                print(sample.text)
+                risk = f", risk {sample.risk.score:.2f} {sample.risk.label.upper()}" if sample.risk else ""
+                print(f"[finish: {sample.finish_reason}, {sample.completion_tokens} tokens{risk}]", file=sys.stderr)
             return 0
         finish, risk = None, None
         for chunk in client.generate_stream(prompt, **options):
@@ -88,6 +94,8 @@ def add_client_commands(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--no-stream", action="store_true", help="unary call, print at the end")
+    gen.add_argument("--samples", type=int, default=1, help="independent samples (sample i seeded --seed + i); "
+                                                            "more than 1 prints each at the end")
     gen.add_argument("--risk", action="store_true", help="score hallucination risk and print it at the end")
     fmt = gen.add_mutually_exclusive_group()
     fmt.add_argument("--json-schema", default=None, help="constrain the answer to this JSON Schema (JSON text, or "

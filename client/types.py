@@ -78,7 +78,32 @@ class Risk:
 
 
 @dataclass(frozen=True)
+class SampleResult:
+    """One sample of a response (`n` > 1): its own tokens, features, risk and finish reason."""
+
+    sample_index: int
+    text: str
+    tokens: list[TokenInfo]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    risk: Risk | None = None
+
+    @classmethod
+    def from_pb(cls, m: pb.Sample) -> SampleResult:
+        return cls(m.sample_index, m.text, [TokenInfo.from_pb(t) for t in m.tokens],
+                   _enum_name(pb.FinishReason, m.finish_reason, "FINISH_REASON_"), m.usage.prompt_tokens,
+                   m.usage.completion_tokens, Risk.from_pb(m.risk))
+
+    def json(self) -> Any:
+        """The text parsed as JSON (see GenerateResult.json)."""
+        return json.loads(self.text)
+
+
+@dataclass(frozen=True)
 class GenerateResult:
+    """A response; with `n` > 1 the top-level fields are sample 0's and `samples` has every sample."""
+
     text: str
     tokens: list[TokenInfo]
     finish_reason: str  # "length" | "stop_sequence" | "eos" | "cancelled" | "error"
@@ -86,17 +111,25 @@ class GenerateResult:
     completion_tokens: int
     request_id: str
     risk: Risk | None = None
+    samples: list[SampleResult] = field(default_factory=list)  # every sample, by index; [this one] when n is 1
 
     @classmethod
     def from_pb(cls, m: pb.GenerateResponse) -> GenerateResult:
+        tokens = [TokenInfo.from_pb(t) for t in m.tokens]
+        finish_reason = _enum_name(pb.FinishReason, m.finish_reason, "FINISH_REASON_")
+        risk = Risk.from_pb(m.risk)
+        samples = ([SampleResult.from_pb(s) for s in m.samples] if m.samples else
+                   [SampleResult(0, m.text, tokens, finish_reason, m.usage.prompt_tokens, m.usage.completion_tokens,
+                                 risk)])
         return cls(
             text=m.text,
-            tokens=[TokenInfo.from_pb(t) for t in m.tokens],
-            finish_reason=_enum_name(pb.FinishReason, m.finish_reason, "FINISH_REASON_"),
+            tokens=tokens,
+            finish_reason=finish_reason,
             prompt_tokens=m.usage.prompt_tokens,
             completion_tokens=m.usage.completion_tokens,
             request_id=m.request_id,
-            risk=Risk.from_pb(m.risk),
+            risk=risk,
+            samples=samples,
         )
 
     def json(self) -> Any:
@@ -114,6 +147,7 @@ class StreamChunk:
     risk: Risk | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    sample_index: int = 0  # the sample this chunk belongs to (n > 1); finish_reason ends that sample only
 
     @classmethod
     def from_pb(cls, m: pb.GenerateStreamResponse) -> StreamChunk:
@@ -126,6 +160,7 @@ class StreamChunk:
             risk=Risk.from_pb(m.risk),
             prompt_tokens=m.usage.prompt_tokens,
             completion_tokens=m.usage.completion_tokens,
+            sample_index=m.sample_index,
         )
 
 

@@ -8,11 +8,12 @@ Unary Generate is the stream collected, so both always agree.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -82,6 +83,48 @@ def _cache_salt(steering_salt: str | None, sparsity_percent: int, mode: int = 0,
     if mode == pb.INFERENCE_MODE_QUANTIZED:
         return f"int8-{steering_salt or 'plain'}"
     return steering_salt
+
+
+_T = TypeVar("_T")
+_ENDED = object()
+
+
+async def merge_streams(streams: Sequence[AsyncIterator[_T]]) -> AsyncIterator[_T]:
+    """The items of several async generators as they come. The first error ends the merge and is raised; when
+    the merge ends early (error, cancel, the consumer stops) every stream is closed, so each aborts its engine
+    request. A small queue keeps producers at most a few items ahead of the consumer."""
+    queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue(maxsize=2 * len(streams))
+
+    async def pump(stream: AsyncIterator[_T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((item, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 — handed to the consumer, which raises it
+            await queue.put((None, error))
+            return
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await queue.put((_ENDED, None))
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    running = len(tasks)
+    try:
+        while running:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is _ENDED:
+                running -= 1
+                continue
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
@@ -203,8 +246,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         return plan, interp
 
     def _sampling_params(self, plan: GenerationPlan, interp: InterpPlan, key: str,
-                         received: RequestFeatures | None = None) -> SamplingParams:
-        """vLLM SamplingParams; `received` is the request's open RequestFeatures (its tag rides in the spec)."""
+                         received: RequestFeatures | None = None, sample_index: int = 0) -> SamplingParams:
+        """vLLM SamplingParams of one sample; `received` is its open RequestFeatures (the tag rides in the spec)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -218,7 +261,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         # Prompt features need every prompt position computed, so such requests skip reading the prefix cache.
         # A fresh StructuredOutputsParams per engine request: vLLM's processor rewrites it (choice → grammar).
         structured = StructuredOutputsParams(**plan.structured_output) if plan.structured_output else None
-        return SamplingParams(**plan.sampling_kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
+        return SamplingParams(**plan.sample_kwargs(sample_index), output_kind=RequestOutputKind.DELTA, extra_args=extra,
                               skip_reading_prefix_cache=True if interp.include_prompt else None,
                               structured_outputs=structured)
 
@@ -238,8 +281,18 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             tokens.append(token)
         return tokens
 
-    async def _chunks(self, plan: GenerationPlan, interp: InterpPlan) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """One generation as stream chunks (features attached); the last carries finish reason and usage.
+    def _samples(self, plan: GenerationPlan, interp: InterpPlan) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Every sample's chunks, interleaved as they come. One engine request per sample, each with its own seed
+        (seed + i), feature channel and running risk: vLLM's own n > 1 fans out child requests that share the
+        parent's spec, and with it the tag the worker files codes under. Prompt features come with sample 0."""
+        if plan.num_samples == 1:
+            return self._chunks(plan, interp)
+        others = dataclasses.replace(interp, include_prompt=False)
+        return merge_streams([self._chunks(plan, interp if i == 0 else others, i) for i in range(plan.num_samples)])
+
+    async def _chunks(self, plan: GenerationPlan, interp: InterpPlan,
+                      sample_index: int = 0) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """One sample as stream chunks (features attached); the last carries finish reason and usage.
         The request is aborted in the engine if the consumer stops early."""
         engine_id = f"{plan.request_id}-{uuid.uuid4().hex[:8]}"
         received = self._features.open(engine_id) if interp.receives else None
@@ -253,12 +306,13 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         if interp.vectors:
             await self.engine.use_vectors(interp.vectors)
         try:
-            params = self._sampling_params(plan, interp, engine_id, received)
+            params = self._sampling_params(plan, interp, engine_id, received, sample_index)
             async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
                                                      self._salt(interp, plan.prompt_token_ids, plan.sparsity_percent,
                                                                 plan.mode)):
                 completion = output.outputs[0]
-                chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id)
+                chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id,
+                                                  sample_index=sample_index)
                 tokens = self._tokens(completion, plan)
                 if received is not None:
                     if generated == 0 and interp.include_prompt:
@@ -309,7 +363,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         async def body() -> AsyncIterator[pb.GenerateStreamResponse]:
             plan, interp = await self._plan(request, context)
-            async for chunk in self._chunks(plan, interp):
+            async for chunk in self._samples(plan, interp):
                 yield chunk
 
         async for chunk in self._guard(context, "GenerateStream", body):
@@ -320,16 +374,26 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             plan, interp = await self._plan(request, context)
             response = pb.GenerateResponse(request_id=plan.request_id, model=self._shape.model_id,
                                            mode=plan.mode)
-            pieces = []
-            async for chunk in self._chunks(plan, interp):
-                pieces.append(chunk.text_delta)
-                response.tokens.extend(chunk.tokens)
+            samples = [pb.Sample(sample_index=i) for i in range(plan.num_samples)]
+            pieces: list[list[str]] = [[] for _ in samples]
+            async for chunk in self._samples(plan, interp):
+                sample = samples[chunk.sample_index]
+                pieces[chunk.sample_index].append(chunk.text_delta)
+                sample.tokens.extend(chunk.tokens)
                 response.prompt_features.extend(chunk.prompt_features)
                 if chunk.finish_reason:
-                    response.finish_reason = chunk.finish_reason
-                    response.usage.CopyFrom(chunk.usage)
-                    response.risk.CopyFrom(chunk.risk)
-            response.text = "".join(pieces)
+                    sample.finish_reason = chunk.finish_reason
+                    sample.usage.CopyFrom(chunk.usage)
+                    sample.risk.CopyFrom(chunk.risk)
+            for sample, parts in zip(samples, pieces, strict=True):
+                sample.text = "".join(parts)
+            first = samples[0]  # the single-answer fields, as before num_samples existed
+            response.text, response.finish_reason = first.text, first.finish_reason
+            response.tokens.extend(first.tokens)
+            response.usage.CopyFrom(first.usage)
+            response.risk.CopyFrom(first.risk)
+            if plan.num_samples > 1:
+                response.samples.extend(samples)
             return response
 
         return await self._unary(context, "Generate", body)
@@ -531,7 +595,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 max_stop_sequences=s.max_stop_sequences, max_interventions=s.max_interventions,
                 max_features_per_token=s.max_features_per_token, max_top_logprobs=s.max_top_logprobs,
                 max_steering_strength=s.max_steering_strength, max_message_bytes=s.max_message_bytes,
-                max_in_flight_requests=s.max_in_flight, max_structured_output_chars=s.max_structured_output_chars))
+                max_in_flight_requests=s.max_in_flight, max_structured_output_chars=s.max_structured_output_chars,
+                max_samples=s.max_samples))
             return info
 
         return await self._unary(context, "GetModelInfo", body)

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(256, description="RPCs admitted at once; more get RESOURCE_EXHAUSTED")
     max_structured_output_chars: int = Field(65536, ge=1, description="characters of a request's structured "
                                              "output constraint (JSON Schema, regex, grammar, or all choices)")
+    max_samples: int = Field(16, ge=1, description="largest num_samples of a request (each sample is one engine "
+                                                   "request: a request with n samples holds n batch slots)")
 
     # -- cache --
     redis_url: str | None = Field(None, description="redis://host:port/db for the shared feature cache")

@@ -23,11 +23,20 @@ class Recorder(pb_grpc.FeatureLensServiceServicer):
 
     def Generate(self, request, context):
         self.requests.append(request)
-        return pb.GenerateResponse(text='{"city": "Paris"}', finish_reason=pb.FINISH_REASON_EOS)
+        n = request.sampling.num_samples or 1
+        samples = [pb.Sample(sample_index=i, text=f"answer {i}", finish_reason=pb.FINISH_REASON_EOS,
+                             tokens=[pb.Token(token_id=i)], usage=pb.Usage(prompt_tokens=3, completion_tokens=1),
+                             risk=pb.ResponseRisk(score=0.1 * i, label=pb.RISK_LABEL_LOW)) for i in range(n)]
+        if n == 1:
+            return pb.GenerateResponse(text='{"city": "Paris"}', finish_reason=pb.FINISH_REASON_EOS)
+        first = samples[0]
+        return pb.GenerateResponse(text=first.text, tokens=first.tokens, finish_reason=first.finish_reason,
+                                   usage=first.usage, risk=first.risk, samples=samples)
 
     def GenerateStream(self, request, context):
         self.requests.append(request)
-        yield pb.GenerateStreamResponse(text_delta="Paris", finish_reason=pb.FINISH_REASON_EOS)
+        for i in range(request.sampling.num_samples or 1):
+            yield pb.GenerateStreamResponse(text_delta="Paris", finish_reason=pb.FINISH_REASON_EOS, sample_index=i)
 
 
 @pytest.fixture
@@ -98,3 +107,27 @@ def test_cli_sends_the_constraint(recorder, tmp_path):
     both = subprocess.run([sys.executable, "-m", "featurelens.client.cli", "generate", "x", "--regex", "a",
                            "--choice", "b"], capture_output=True, text=True)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_samples_are_typed_and_one_sample_is_a_list_of_one(recorder):
+    service, target = recorder
+    with Client(target, timeout_s=10) as client:
+        several = client.generate("Rome?", n=3, seed=5, temperature=1.0)
+        one = client.generate("Rome?")
+        chunks = list(client.generate_stream("Rome?", n=2))
+    assert service.requests[0].sampling.num_samples == 3 and service.requests[0].sampling.seed == 5
+    assert [s.sample_index for s in several.samples] == [0, 1, 2]
+    assert [s.text for s in several.samples] == ["answer 0", "answer 1", "answer 2"]
+    assert several.samples[2].risk is not None and several.samples[2].risk.score == pytest.approx(0.2)
+    assert several.text == several.samples[0].text and several.samples[1].tokens[0].token_id == 1
+    assert len(one.samples) == 1 and one.samples[0].text == one.text and one.samples[0].json() == {"city": "Paris"}
+    assert [c.sample_index for c in chunks] == [0, 1]
+
+
+def test_cli_prints_every_sample(recorder):
+    service, target = recorder
+    out = subprocess.run([sys.executable, "-m", "featurelens.client.cli", "generate", "Rome?", "--target", target,
+                          "--timeout-s", "10", "--samples", "2", "--temperature", "1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["answer 0", "answer 1"]
+    assert "[sample 1]" in out.stderr and service.requests[-1].sampling.num_samples == 2

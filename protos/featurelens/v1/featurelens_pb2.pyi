@@ -96,18 +96,20 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "seed", "repetition_penalty")
+    __slots__ = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "num_samples")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
     seed: int
     repetition_penalty: float
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+    num_samples: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
 
 class StoppingOptions(_message.Message):
     __slots__ = ("max_new_tokens", "min_new_tokens", "stop_sequences", "stop_token_ids", "ignore_eos")
@@ -307,8 +309,24 @@ class GenerateRequest(_message.Message):
     structured_output: StructuredOutput
     def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
 
+class Sample(_message.Message):
+    __slots__ = ("sample_index", "text", "tokens", "finish_reason", "usage", "risk")
+    SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    sample_index: int
+    text: str
+    tokens: _containers.RepeatedCompositeFieldContainer[Token]
+    finish_reason: FinishReason
+    usage: Usage
+    risk: ResponseRisk
+    def __init__(self, sample_index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id", "model", "mode")
+    __slots__ = ("text", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id", "model", "mode", "samples")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +336,7 @@ class GenerateResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: _containers.RepeatedCompositeFieldContainer[Token]
     finish_reason: FinishReason
@@ -327,7 +346,8 @@ class GenerateResponse(_message.Message):
     request_id: str
     model: str
     mode: InferenceMode
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., prompt_features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., mode: _Optional[_Union[InferenceMode, str]] = ...) -> None: ...
+    samples: _containers.RepeatedCompositeFieldContainer[Sample]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., prompt_features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
     __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output")
@@ -356,7 +376,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text_delta", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id")
+    __slots__ = ("text_delta", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id", "sample_index")
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -364,6 +384,7 @@ class GenerateStreamResponse(_message.Message):
     RISK_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_INDEX_FIELD_NUMBER: _ClassVar[int]
     text_delta: str
     tokens: _containers.RepeatedCompositeFieldContainer[Token]
     finish_reason: FinishReason
@@ -371,7 +392,8 @@ class GenerateStreamResponse(_message.Message):
     risk: ResponseRisk
     prompt_features: _containers.RepeatedCompositeFieldContainer[TokenFeatures]
     request_id: str
-    def __init__(self, text_delta: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., prompt_features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    sample_index: int
+    def __init__(self, text_delta: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., prompt_features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., request_id: _Optional[str] = ..., sample_index: _Optional[int] = ...) -> None: ...
 
 class TokenFeatures(_message.Message):
     __slots__ = ("token_id", "token_text", "features")
@@ -618,7 +640,7 @@ class ModeInfo(_message.Message):
     def __init__(self, mode: _Optional[_Union[InferenceMode, str]] = ..., available: _Optional[bool] = ..., sparsity_levels_percent: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_interventions", "max_features_per_token", "max_top_logprobs", "max_steering_strength", "max_message_bytes", "max_in_flight_requests", "max_structured_output_chars")
+    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_interventions", "max_features_per_token", "max_top_logprobs", "max_steering_strength", "max_message_bytes", "max_in_flight_requests", "max_structured_output_chars", "max_samples")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -629,6 +651,7 @@ class Limits(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_STRUCTURED_OUTPUT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_new_tokens: int
     max_stop_sequences: int
@@ -639,7 +662,8 @@ class Limits(_message.Message):
     max_message_bytes: int
     max_in_flight_requests: int
     max_structured_output_chars: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_features_per_token: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_steering_strength: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_in_flight_requests: _Optional[int] = ..., max_structured_output_chars: _Optional[int] = ...) -> None: ...
+    max_samples: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_features_per_token: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_steering_strength: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_in_flight_requests: _Optional[int] = ..., max_structured_output_chars: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens", "dtype")
