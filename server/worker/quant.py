@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -171,7 +171,8 @@ class Int8Head:
     to the first, so after the exact re-score the argmax, and every probability above ~1e-6, are the dense
     head's. The tail's logits stay int8: sampled and reported logprobs differ from dense only through them."""
 
-    def __init__(self, linear: Any, rescore: bool = False) -> None:
+    def __init__(self, linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 rescore: bool = False) -> None:
         self.linear = linear
         self.rescore = rescore  # sparse requests' rows re-scored (--sparse-logits int8-rescored)
         self.int8_rows: torch.Tensor | None = None
