@@ -41,8 +41,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 if len(result.samples) > 1:
                     print(f"[sample {sample.sample_index}]", file=sys.stderr)
                 print(sample.text)
-                risk = f", risk {sample.risk.score:.2f} {sample.risk.label.upper()}" if sample.risk else ""
-                print(f"[finish: {sample.finish_reason}, {sample.completion_tokens} tokens{risk}]", file=sys.stderr)
+                risk_note = f", risk {sample.risk.score:.2f} {sample.risk.label.upper()}" if sample.risk else ""
+                print(f"[finish: {sample.finish_reason}, {sample.completion_tokens} tokens{risk_note}]", file=sys.stderr)
             return 0
         finish, risk = None, None
         for chunk in client.generate_stream(prompt, **options):
