@@ -402,7 +402,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         risk = running.response_risk(self.engine.explain)
         self.metrics.observe_response_risk(self._shape.model_id, mode, risk.score,
                                            risk.label == pb.RISK_LABEL_HIGH)
-        if running.probe.unseen:  # the probe file carries an OOD reference (v2)
+        if running.probe.reports_ood:  # the probe file carries an OOD reference (v2)
             self.metrics.observe_response_ood(self._shape.model_id, mode, risk.ood)
         return risk
 

@@ -80,6 +80,45 @@ class RiskProbe:
             extra = [int(i) for i in np.flatnonzero(table) if int(i) not in own]
             self.feature_ids[layer] += extra
             self.feature_weights[layer] += [0.0] * len(extra)
+        # "nearest_cosine": the response's whole code vector at one layer against the training answers'
+        # (probe_file's reference, stored column by column so a response touches only its own features). The
+        # worker then ships every code of that layer's top-k (all feature ids, the missing ones weight 0).
+        self.nearest_layer: int | None = None
+        reference = self.probe.ood_reference
+        if self.probe.ood and self.probe.ood.get("method") == "nearest_cosine" and reference is not None:
+            layer = int(self.probe.ood["layer"])
+            if layer not in self._layers:
+                raise ValueError(f"risk probe {self.probe.probe_id}: its OOD layer {layer} is not a probe layer")
+            self.nearest_layer, self.ood_k = layer, int(self.probe.ood["k"])
+            indptr = np.asarray(reference.indptr, dtype=np.int64)
+            rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+            order = np.argsort(np.asarray(reference.indices), kind="stable")
+            self.ref_rows = rows[order]
+            self.ref_values = np.asarray(reference.values, dtype=np.float64)[order]
+            self.ref_colptr = np.zeros(reference.d + 1, dtype=np.int64)
+            np.cumsum(np.bincount(np.asarray(reference.indices), minlength=reference.d), out=self.ref_colptr[1:])
+            self.ref_n = len(indptr) - 1
+            self.ood_d = reference.d
+            own = set(self.feature_ids.get(layer, []))
+            extra = [i for i in range(reference.d) if i not in own]
+            self.feature_ids[layer] = self.feature_ids.get(layer, []) + extra
+            self.feature_weights[layer] = self.feature_weights.get(layer, []) + [0.0] * len(extra)
+
+    def nearest_ood(self, pooled: np.ndarray) -> float:
+        """1 − max cosine similarity of a pooled code vector (length d) to the reference rows."""
+        ids = np.flatnonzero(pooled)
+        norm = float(np.sqrt((pooled[ids] ** 2).sum()))
+        if not len(ids) or norm == 0.0:
+            return 0.0
+        starts, ends = self.ref_colptr[ids], self.ref_colptr[ids + 1]
+        take = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
+        weights = self.ref_values[take] * np.repeat(pooled[ids], ends - starts)
+        sims = np.bincount(self.ref_rows[take], weights=weights, minlength=self.ref_n)
+        return 1.0 - max(0.0, min(1.0, float(sims.max()) / norm))
+
+    @property
+    def reports_ood(self) -> bool:
+        return bool(self.unseen) or self.nearest_layer is not None
 
     @classmethod
     def load(cls, path: str | Path) -> RiskProbe:
@@ -154,6 +193,7 @@ class RunningRisk:
         self.logprobs: list[float] = []  # the scored tokens' logprobs, for a probe with uncertainty terms
         self.unseen_hits = 0  # codes on features training never saw, over the scored tokens (OOD)
         self.ood_tokens = 0
+        self.ood_sum = np.zeros(probe.ood_d) if probe.nearest_layer is not None else None  # Σ codes (nearest)
 
     @property
     def needs_logprobs(self) -> bool:
@@ -164,7 +204,16 @@ class RunningRisk:
         self.logprobs.append(float(logprob))
 
     def _count_unseen(self, codes: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
-        """OOD: one token's codes (its top-k, or what the worker shipped of them) on unseen features."""
+        """OOD: one token's codes (its top-k, or what the worker shipped of them): those on unseen features,
+        or ("nearest_cosine") their sum."""
+        if self.ood_sum is not None:
+            layer = self.probe.nearest_layer
+            ids = np.asarray(codes[layer][0], dtype=np.int64)[: self.probe.ood_k]
+            vals = np.asarray(codes[layer][1], dtype=np.float64)[: self.probe.ood_k]
+            known = (ids < len(self.ood_sum)) & (vals > 0.0)
+            np.add.at(self.ood_sum, ids[known], vals[known])
+            self.ood_tokens += 1
+            return
         if not self.probe.unseen:
             return
         self.ood_tokens += 1
@@ -175,7 +224,10 @@ class RunningRisk:
             self.unseen_hits += int(table[ids[known]].sum())
 
     def ood(self) -> float:
-        """risk_probe.ood_share over the scored tokens so far (0 for a probe without an OOD reference)."""
+        """risk_probe.ood_nearest / ood_share over the scored tokens so far (0 for a probe without an OOD
+        reference)."""
+        if self.ood_sum is not None:
+            return self.probe.nearest_ood(self.ood_sum / self.ood_tokens) if self.ood_tokens else 0.0
         if not self.probe.unseen or not self.ood_tokens:
             return 0.0
         return self.unseen_hits / (self.ood_tokens * self.probe.ood_k * len(self.probe.unseen))
@@ -205,6 +257,8 @@ class RunningRisk:
         pooling = self.probe.probe.pooling
         use = tokens[:1] if pooling == "last_prompt" else tokens
         self.unseen_hits = self.ood_tokens = 0
+        if self.ood_sum is not None:
+            self.ood_sum[:] = 0.0
         for codes in tokens:
             self._count_unseen(codes)
         state = np.zeros_like(self.state)
@@ -255,7 +309,7 @@ class RunningRisk:
     def response_risk(self, explain: Callable[[int, int], str] | None = None, top: int = 5) -> pb.ResponseRisk:
         value = self.risk()
         out = pb.ResponseRisk(score=value, label=self.probe.label(value), probe_id=self.probe.probe_id)
-        if self.probe.unseen:
+        if self.probe.reports_ood:
             out.ood = self.ood()
         weights = self.probe.weights
         ranked = sorted(((weights[key] * v, key, v) for key, v in self.pooled().items() if key in weights),

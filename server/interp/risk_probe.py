@@ -15,10 +15,15 @@ by `running_risks` below and mirrored by the server:
 Version 2 (version 1 files load unchanged) adds two optional parts:
   "terms": [{"name", "weight"}]   named uncertainty terms of the scored tokens' log-probabilities so far
                (`TERMS`, `term_values`): logit_t += Σ weight · term(logprob_1..t)
-  "ood": {"method": "unseen_share", "min_count", "k", "unseen": {layer: [feature_id, ...]}, "reference"}
-               how far the response lies from the training data: the share of its scored tokens' top-k codes
-               (k = "k", at the listed layers) that fall on features seen in fewer than min_count training
-               answers (`ood_share`); 0 = every code familiar, 1 = none. It does not change the risk.
+  "ood": how far the response lies from the training data, in [0, 1]; it does not change the risk. Methods:
+     {"method": "nearest_cosine", "layer", "k", "reference_file", "n_reference", "reference"}
+               1 − the largest cosine similarity between the response's code vector (mean over its scored
+               tokens of their top-k codes at `layer`, fired values) and the training answers' code vectors,
+               stored beside the file in `reference_file` (an .npz: CSR rows, unit norm; `OodReference`).
+               0 = an answer exactly like one seen in training (`ood_nearest`).
+     {"method": "unseen_share", "min_count", "k", "unseen": {layer: [feature_id, ...]}}
+               the share of the scored tokens' top-k codes that fall on features seen in fewer than
+               min_count training answers (`ood_share`).
 
 Scoring needs only the standard library; training (numpy/scipy/scikit-learn) lives in
 featurelens.server.offline.risk.train.
@@ -38,6 +43,7 @@ POOLINGS = ("mean", "max", "last_prompt")
 # worst surprise, and the first token's (where a made-up answer usually commits).
 TERMS = ("neg_mean_logprob", "neg_min_logprob", "neg_first_logprob")
 VERSIONS = (1, 2)
+OOD_METHODS = ("nearest_cosine", "unseen_share")
 TRANSFORMS = ("identity", "log1p")
 FeatureKey = tuple[int, int]  # (layer, feature_id)
 
@@ -76,8 +82,9 @@ class Probe:
         for term in self.terms:
             if term.name not in TERMS:
                 raise ValueError(f"unknown uncertainty term {term.name!r}; known: {TERMS}")
-        if self.ood is not None and self.ood.get("method") != "unseen_share":
-            raise ValueError(f"unknown ood method {self.ood.get('method')!r}")
+        if self.ood is not None and self.ood.get("method") not in OOD_METHODS:
+            raise ValueError(f"unknown ood method {self.ood.get('method')!r}; known: {OOD_METHODS}")
+        self.ood_reference: OodReference | None = None  # nearest_cosine: loaded from reference_file
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.input_transform not in TRANSFORMS:
@@ -93,8 +100,8 @@ class Probe:
         return bool(self.terms)
 
     def ood_sets(self) -> dict[int, frozenset[int]]:
-        """layer → the feature ids the training data (almost) never saw; empty without an "ood" part."""
-        if not self.ood:
+        """layer → the feature ids the training data (almost) never saw; empty unless "unseen_share"."""
+        if not self.ood or self.ood.get("method") != "unseen_share":
             return {}
         return {int(layer): frozenset(int(i) for i in ids) for layer, ids in self.ood["unseen"].items()}
 
@@ -123,15 +130,53 @@ class Probe:
                    ood=dict(data["ood"]) if data.get("ood") else None)
 
 
+@dataclass
+class OodReference:
+    """The training answers' code vectors for "nearest_cosine": CSR rows (indptr, indices, values), each of
+    unit norm, over `d` features."""
+
+    indptr: Any
+    indices: Any
+    values: Any
+    d: int
+
+    def rows(self) -> list[dict[int, float]]:
+        ptr, idx, val = (list(map(int, self.indptr)), [int(i) for i in self.indices], [float(v) for v in self.values])
+        return [dict(zip(idx[ptr[i]:ptr[i + 1]], val[ptr[i]:ptr[i + 1]], strict=True)) for i in range(len(ptr) - 1)]
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a name without it
+            np.savez_compressed(f, indptr=np.asarray(self.indptr, dtype=np.int32),
+                                indices=np.asarray(self.indices, dtype=np.uint16 if self.d <= 65536 else np.int32),
+                                values=np.asarray(self.values, dtype=np.float16), d=np.asarray(self.d))
+
+    @classmethod
+    def load(cls, path: Path) -> OodReference:
+        import numpy as np
+
+        with np.load(path) as z:
+            return cls(z["indptr"].astype(np.int64), z["indices"].astype(np.int64), z["values"].astype(np.float32),
+                       int(z["d"]))
+
+
 def save_probe(probe: Probe, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if probe.ood_reference is not None and probe.ood:
+        probe.ood["reference_file"] = f"{path.stem}.ood.npz"
+        probe.ood_reference.save(path.parent / probe.ood["reference_file"])
     path.write_text(json.dumps(probe.to_dict(), indent=1) + "\n")
     return path
 
 
 def load_probe(path: str | Path) -> Probe:
-    return Probe.from_dict(json.loads(Path(path).read_text()))
+    path = Path(path)
+    probe = Probe.from_dict(json.loads(path.read_text()))
+    if probe.ood and probe.ood.get("method") == "nearest_cosine":
+        probe.ood_reference = OodReference.load(path.parent / probe.ood["reference_file"])
+    return probe
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -199,6 +244,28 @@ def token_inputs(probe: Probe, token_codes: Mapping[int, Iterable[tuple[int, flo
             if (layer, feature_id) in probe.weights:
                 x[(layer, feature_id)] = _transform(float(value), probe.input_transform)
     return x
+
+
+def pooled_codes(tokens: Sequence[Mapping[int, Iterable[tuple[int, float]]]], layer: int, k: int) -> dict[int, float]:
+    """The response's code vector for "nearest_cosine": mean over the tokens of their first k codes at `layer`
+    (fired: value > 0)."""
+    pooled: dict[int, float] = {}
+    for codes in tokens:
+        for feature_id, value in list(codes.get(layer, ()))[:k]:
+            if value > 0:
+                pooled[int(feature_id)] = pooled.get(int(feature_id), 0.0) + float(value) / len(tokens)
+    return pooled
+
+
+def ood_nearest(reference: OodReference, tokens: Sequence[Mapping[int, Iterable[tuple[int, float]]]], layer: int,
+                k: int) -> float:
+    """1 − max cosine similarity between the tokens' code vector and the reference rows (0 without tokens)."""
+    x = pooled_codes(tokens, layer, k)
+    norm = math.sqrt(sum(v * v for v in x.values()))
+    if not tokens or norm == 0.0:
+        return 0.0
+    best = max((sum(v * row.get(f, 0.0) for f, v in x.items()) for row in reference.rows()), default=0.0)
+    return 1.0 - max(0.0, min(1.0, best / norm))
 
 
 def running_risks(probe: Probe, tokens: Sequence[Mapping[int, Iterable[tuple[int, float]]]],

@@ -15,6 +15,7 @@ QUESTIONS = ["What is the capital of France?", "What is the atomic number of quy
 
 @pytest.mark.parametrize("question", QUESTIONS)
 async def test_served_risk_equals_offline_scoring_of_the_same_answer(served, stub, question):
+    from featurelens.server.interp import risk_probe as rp
     from featurelens.server.offline.risk import generalize as gz
     from featurelens.server.offline.risk.data import Question, reply_to_record
     from featurelens.server.offline.risk.train import calibrated, probe_logits
@@ -35,7 +36,14 @@ async def test_served_risk_equals_offline_scoring_of_the_same_answer(served, stu
     offline = float(calibrated(probe, probe_logits(probe, [record]))[0])
     assert reply.risk.score == pytest.approx(offline, abs=2e-3)
     assert [t.risk for t in reply.tokens][-1] == pytest.approx(reply.risk.score)
-    if risk.unseen:
+    if risk.nearest_layer is not None:  # the training answers' code vectors, nearest cosine
+        layer, k_ood = int(probe.ood["layer"]), int(probe.ood["k"])
+        expected = float(gz.nearest_scores([record], probe.ood_reference, layer, k_ood)[0])
+        entry = record["features"][str(layer)]
+        tokens = [{layer: list(zip(i, v, strict=True))} for i, v in zip(entry["idx"], entry["val"], strict=True)]
+        assert rp.ood_nearest(probe.ood_reference, tokens, layer, k_ood) == pytest.approx(expected, abs=1e-6)
+        assert reply.risk.ood == pytest.approx(expected, abs=2e-3)
+    elif risk.unseen:
         unseen = {int(layer): ids for layer, ids in probe.ood["unseen"].items()}
         expected = float(gz.ood_scores([record], unseen, int(probe.ood["k"]))[0])
         assert reply.risk.ood == pytest.approx(expected, abs=1e-6)
@@ -44,7 +52,7 @@ async def test_served_risk_equals_offline_scoring_of_the_same_answer(served, stu
 
 
 async def test_ood_histogram_counts_scored_responses(served, stub):
-    if not served.engine.risk_probe.unseen:
+    if not served.engine.risk_probe.reports_ood:
         pytest.skip("the session's probe has no OOD reference")
 
     def count() -> float:

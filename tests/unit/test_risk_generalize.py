@@ -200,3 +200,77 @@ def test_term_values():
     assert values == pytest.approx({"neg_mean_logprob": 2.6 / 3, "neg_min_logprob": 2.0, "neg_first_logprob": 0.5})
     assert rp.term_values([]) == dict.fromkeys(rp.TERMS, 0.0)
     assert not math.isnan(gz.terms_matrix([{"logprobs": [-1.0]}], rp.TERMS).sum())
+
+
+def _nearest_probe(tmp_path, pooling: str = "mean"):
+    """A v2 probe with a "nearest_cosine" OOD reference of three training answers over 20 features."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(2)
+    dense = np.zeros((3, 20))
+    for row in dense:
+        row[rng.choice(20, 6, replace=False)] = rng.exponential(1.0, 6)
+    dense /= np.linalg.norm(dense, axis=1, keepdims=True)
+    X = sparse.csr_matrix(dense)
+    probe = rp.Probe(probe_id="near", features=[rp.ProbeFeature(5, "s5", 3, 0.4), rp.ProbeFeature(5, "s5", 9, -0.2)],
+                     bias=0.1, pooling=pooling, metrics={"feature_top_k": 4},
+                     ood={"method": "nearest_cosine", "layer": 5, "k": 4, "n_reference": 3})
+    probe.ood_reference = rp.OodReference(X.indptr, X.indices, X.data.astype(np.float16).astype(np.float32), 20)
+    path = rp.save_probe(probe, tmp_path / "near.json")
+    return path, dense
+
+
+def test_nearest_cosine_reference_round_trips_and_scores_by_hand(tmp_path):
+    path, dense = _nearest_probe(tmp_path)
+    assert (tmp_path / "near.ood.npz").exists()
+    probe = rp.load_probe(path)
+    assert probe.ood["reference_file"] == "near.ood.npz" and probe.ood_reference is not None
+    # A response whose code vector is exactly reference row 1: distance 0 (float16 storage aside).
+    ids = np.flatnonzero(dense[1])
+    tokens = [{5: [(int(i), float(dense[1, i])) for i in ids[:4]]}, {5: [(int(i), float(dense[1, i])) for i in ids[4:]]}]
+    # Each token holds half the features; the mean of the two halves points the same way as row 1.
+    assert rp.ood_nearest(probe.ood_reference, tokens, 5, 4) == pytest.approx(0.0, abs=2e-3)
+    unused = int(np.flatnonzero(dense.sum(axis=0) == 0)[0])  # no training answer has this feature
+    assert rp.ood_nearest(probe.ood_reference, [{5: [(unused, 1.0)]}], 5, 4) == pytest.approx(1.0)
+    assert rp.ood_nearest(probe.ood_reference, [], 5, 4) == 0.0
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_nearest_cosine_served_equals_the_reference(tmp_path, pooling):
+    path, _ = _nearest_probe(tmp_path, pooling)
+    served, reference = RiskProbe.load(path), rp.load_probe(path)
+    assert served.reports_ood and served.nearest_layer == 5
+    assert sorted(served.feature_ids[5]) == list(range(20))  # the worker ships every code of the layer
+    worker = ProbeLayer.build(20, served.feature_ids[5], served.feature_weights[5], "identity")
+    rng = np.random.default_rng(9)
+    running, scored = served.start(), served.start()
+    tokens, shipped = [], []
+    for _ in range(6):
+        idx = rng.choice(20, 4, replace=False).astype(np.int64)
+        val = np.where(rng.random(4) < 0.25, 0.0, rng.exponential(1.0, 4)).astype(np.float32)
+        tokens.append({5: list(zip(idx.tolist(), val.tolist(), strict=True))})
+        running.add({5: (idx, val)})
+        _counts, pair_idx, pair_val, _starts, scores = worker.select(val[None], idx[None], 4)
+        shipped.append({5: (pair_idx.astype(np.int64), pair_val.astype(np.float32))})
+        if scored.takes_scores:
+            scored.add_score(float(scores[0]))
+        expected = rp.ood_nearest(reference.ood_reference, tokens, 5, 4)
+        assert running.ood() == pytest.approx(expected, abs=1e-9)
+        assert running.risk() == pytest.approx(rp.running_risks(reference, tokens)[-1], rel=1e-6)
+    if scored.takes_scores:
+        scored.pool(shipped)
+        assert scored.ood() == pytest.approx(running.ood(), abs=1e-9)
+    assert running.response_risk().ood == pytest.approx(running.ood(), rel=1e-6)
+    from featurelens.server.offline.risk import generalize as gz
+
+    record = {"token_ids": list(range(len(tokens))),
+              "features": {"5": {"idx": [[i for i, _ in t[5]] for t in tokens],
+                                 "val": [[v for _, v in t[5]] for t in tokens]}}}
+    assert gz.nearest_scores([record], reference.ood_reference, 5, 4)[0] == pytest.approx(running.ood(), abs=1e-6)
+
+
+def test_nearest_ood_is_higher_for_a_family_absent_from_training(synthetic):
+    report = gz.ood_lofo(synthetic, [1], {1: 200}, k=8, method="nearest_cosine")["nearest_cosine"]
+    for family, row in report["by_family"].items():
+        assert row["family_mean"] > row["entities_mean"], family
+    assert report["mean_auroc"] > 0.9

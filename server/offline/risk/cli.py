@@ -129,14 +129,17 @@ def _cmd_select(args: argparse.Namespace) -> int:
     # The OOD threshold is chosen without the test split: the val split plays the held-out entities.
     train_val = [r | {"split": "test" if r["split"] == "val" else r["split"]} for r in records if r["split"] != "test"]
     ood = ood_lofo(train_val, list(chosen.layers), _d_sae(saes), k, args.ood_min_counts)
+    ood |= ood_lofo(train_val, list(chosen.layers), _d_sae(saes), k, method="nearest_cosine")
     best_m = max(ood, key=lambda m: ood[m]["mean_auroc"])
     out = {"chosen": chosen.__dict__, "table": table, "ood": {m: {x: v[x] for x in ("mean_auroc", "min_auroc",
                                                                                    "pooled_auroc")}
                                                              for m, v in ood.items()},
-           "ood_min_count": int(best_m), "feature_top_k": k}
+           "ood_method": "nearest_cosine" if best_m == "nearest_cosine" else "unseen_share",
+           "ood_min_count": int(best_m) if best_m.isdigit() else 0, "feature_top_k": k}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=list) + "\n")
-    print(json.dumps({"chosen": chosen.name(), "ood": out["ood"], "ood_min_count": out["ood_min_count"]}, indent=1))
+    print(json.dumps({"chosen": chosen.name(), "ood": out["ood"], "ood_method": out["ood_method"],
+                      "ood_min_count": out["ood_min_count"]}, indent=1))
     return 0
 
 
@@ -153,7 +156,8 @@ def _cmd_train_general(args: argparse.Namespace) -> int:
     best = max(sel["table"], key=lambda row: row["lofo_mean_auroc"])
     row = next(r for r in sel["table"] if r["config"] == config.name())
     probe = train_final(records, config, args.probe_id, _d_sae(_sae_dirs(args.sae)), int(sel["feature_top_k"]),
-                        int(args.ood_min_count or sel["ood_min_count"]),
+                        int(args.ood_min_count or sel.get("ood_min_count") or 20),
+                        ood_method=args.ood_method or sel.get("ood_method", "unseen_share"),
                         metrics={"selection_rule": "leave-one-family-out mean AUROC (train+val splits)",
                                  "selection_lofo_mean_auroc": row["lofo_mean_auroc"],
                                  "selection_best_lofo_mean_auroc": best["lofo_mean_auroc"],
@@ -163,7 +167,7 @@ def _cmd_train_general(args: argparse.Namespace) -> int:
     print(json.dumps({"probe": str(out), "features": len(probe.features), "terms": [t.name for t in probe.terms],
                       "config": config.name(), "val_auroc": probe.metrics["val_auroc"],
                       "calibration": probe.calibration, "thresholds": probe.thresholds,
-                      "ood_unseen": {k: len(v) for k, v in probe.ood["unseen"].items()}}, indent=1))
+                      "ood": {k: v for k, v in probe.ood.items() if k != "unseen"}}, indent=1))
     return 0
 
 
@@ -279,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-id", default="smollm2-risk-v3")
     p.add_argument("--out", default=None, help="default server/assets/probes/<probe-id>.json")
     p.add_argument("--ood-min-count", type=int, default=None)
+    p.add_argument("--ood-method", default=None, choices=("nearest_cosine", "unseen_share"),
+                   help="default: the one `risk select` measured best")
     p.add_argument("--sae", action="append", default=None)
     p.set_defaults(func=_cmd_train_general)
 

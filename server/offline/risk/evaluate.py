@@ -327,13 +327,18 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
         gz.auroc(yt, baseline_scores(test)[n]) or 0.0 for n in LOGPROB_BASELINES)
     if probe.ood:
         k = int(probe.ood["k"])
-        d_sae = {int(layer): max(4096, 1 + max(ids, default=0)) for layer, ids in probe.ood["unseen"].items()}
-        ood = gz.ood_lofo(records, [int(layer) for layer in probe.ood["unseen"]], d_sae, k,
-                          ood_min_counts or (int(probe.ood["min_count"]),))
-        summary["ood"] = {m: {key: v[key] for key in ("mean_auroc", "min_auroc", "pooled_auroc")}
-                          for m, v in ood.items()}
-        summary["ood_by_family"] = ood[str(int(probe.ood["min_count"]))]["by_family"] \
-            if str(int(probe.ood["min_count"])) in ood else None
+        if probe.ood["method"] == "nearest_cosine":
+            layers = [int(probe.ood["layer"])]
+            d_sae = {layers[0]: int(probe.ood_reference.d) if probe.ood_reference is not None else 4096}
+            ood = gz.ood_lofo(records, layers, d_sae, k, method="nearest_cosine")
+            key = "nearest_cosine"
+        else:
+            layers = [int(layer) for layer in probe.ood["unseen"]]
+            d_sae = {layer: 4096 for layer in layers}
+            ood = gz.ood_lofo(records, layers, d_sae, k, ood_min_counts or (int(probe.ood["min_count"]),))
+            key = str(int(probe.ood["min_count"]))
+        summary["ood"] = {m: {x: v[x] for x in ("mean_auroc", "min_auroc", "pooled_auroc")} for m, v in ood.items()}
+        summary["ood_by_family"] = ood[key]["by_family"] if key in ood else None
     report = {"probe_id": probe.probe_id, "config": config.name(), "summary": summary, "by_family": table}
     (out / "risk_generalization.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     log(format_generalization(report))

@@ -10,9 +10,10 @@ is visible.
 Uncertainty terms (`TERMS`): running statistics of the response tokens' log-probabilities that the engine
 computes anyway; the probe file lists them with their weights, so the explanation names them.
 
-OOD: the share of a response's top-k codes (at the probe's layers, over its scored tokens) that fall on
-features seen in fewer than `min_count` training answers — "the training data never saw this". The probe file
-stores that unseen set per layer; serving counts them among the codes it already reads.
+OOD ("nearest_cosine", shipped): 1 − the cosine similarity of the response's code vector (mean of its tokens'
+top-k codes at the probe layer) to the nearest training answer's — "the training data never saw an answer like
+this". The probe file's sidecar .npz stores the training answers' vectors. ("unseen_share", measured and
+kept: the share of the codes on features seen in fewer than `min_count` training answers; weaker.)
 """
 
 from __future__ import annotations
@@ -273,22 +274,72 @@ def ood_scores(records: Sequence[dict], unseen: Mapping[int, Iterable[int]], k: 
     return np.asarray(out)
 
 
+def code_vectors(records: Sequence[dict], layer: int, k: int, d: int) -> Any:
+    """(n, d) CSR of each record's code vector (risk_probe.pooled_codes: mean over its scored tokens of their
+    first k fired codes at `layer`), rows of unit norm (zero rows stay zero)."""
+    from scipy import sparse
+
+    rows, cols, vals = [], [], []
+    for i, r in enumerate(records):
+        entry = r["features"][str(layer)]
+        n_tokens = len(r["token_ids"])
+        pooled: dict[int, float] = {}
+        for idx, val in list(zip(entry["idx"], entry["val"], strict=False))[:n_tokens]:
+            for f, v in list(zip(idx, val, strict=False))[:k]:
+                if v > 0:
+                    pooled[int(f)] = pooled.get(int(f), 0.0) + float(v) / n_tokens
+        norm = math.sqrt(sum(v * v for v in pooled.values())) or 1.0
+        rows += [i] * len(pooled)
+        cols += list(pooled)
+        vals += [v / norm for v in pooled.values()]
+    return sparse.csr_matrix((np.asarray(vals), (rows, cols)), shape=(len(records), d))
+
+
+def nearest_reference(records: Sequence[dict], layer: int, k: int, d: int) -> Any:
+    """risk_probe.OodReference of the records' unit code vectors (float16 values, as stored in the file)."""
+    from featurelens.server.interp.risk_probe import OodReference
+
+    X = code_vectors(records, layer, k, d)
+    X.sort_indices()
+    return OodReference(X.indptr.astype(np.int64), X.indices.astype(np.int64),
+                        X.data.astype(np.float16).astype(np.float32), d)
+
+
+def nearest_scores(records: Sequence[dict], reference: Any, layer: int, k: int) -> np.ndarray:
+    """risk_probe.ood_nearest per record (vectorised): 1 − max cosine similarity to the reference rows."""
+    from scipy import sparse
+
+    R = sparse.csr_matrix((reference.values, reference.indices, reference.indptr),
+                          shape=(len(reference.indptr) - 1, reference.d))
+    X = code_vectors(records, layer, k, reference.d)
+    sims = (X @ R.T).toarray() if len(records) else np.zeros((0, 1))
+    best = sims.max(axis=1) if sims.shape[1] else np.zeros(len(records))
+    empty = np.asarray(X.getnnz(axis=1) == 0)
+    return np.where(empty, 0.0, 1.0 - np.clip(best, 0.0, 1.0))
+
+
 def ood_lofo(records: Sequence[dict], layers: Sequence[int], d_sae: Mapping[int, int], k: int,
-             min_counts: Sequence[int] = (1, 2, 5, 10)) -> dict[str, Any]:
+             min_counts: Sequence[int] = (1, 2, 5, 10), method: str = "unseen_share") -> dict[str, Any]:
     """For each held-out family D: the unseen set from the other families' train split; OOD AUROC of D's
     answers (positives) against the other families' test-split answers (held-out entities, negatives).
     Reported per min_count: the mean over folds and the pooled AUROC (every fold's scores together)."""
     fams = np.asarray([r["domain"] for r in records])
     split = np.asarray([r.get("split", "train") for r in records])
     out: dict[str, Any] = {}
-    for m in min_counts:
+    layer = max(layers)
+    for m in (min_counts if method == "unseen_share" else (0,)):
         per_family, pooled_s, pooled_y = {}, [], []
         for family in sorted(set(fams.tolist())):
             train = [r for r, f, s in zip(records, fams, split, strict=True) if f != family and s == "train"]
-            unseen = unseen_sets(feature_counts(train, layers, k), d_sae, m)
             held_fam = [r for r, f in zip(records, fams, strict=True) if f == family]
             held_ent = [r for r, f, s in zip(records, fams, split, strict=True) if f != family and s == "test"]
-            s_fam, s_ent = ood_scores(held_fam, unseen, k), ood_scores(held_ent, unseen, k)
+            if method == "nearest_cosine":
+                reference = nearest_reference(train, layer, k, d_sae[layer])
+                s_fam, s_ent = nearest_scores(held_fam, reference, layer, k), nearest_scores(held_ent, reference,
+                                                                                             layer, k)
+            else:
+                unseen = unseen_sets(feature_counts(train, layers, k), d_sae, m)
+                s_fam, s_ent = ood_scores(held_fam, unseen, k), ood_scores(held_ent, unseen, k)
             y = np.r_[np.ones(len(s_fam)), np.zeros(len(s_ent))]
             scores = np.r_[s_fam, s_ent]
             per_family[family] = {"auroc": auroc(y, scores), "family_mean": float(s_fam.mean()),
@@ -296,7 +347,7 @@ def ood_lofo(records: Sequence[dict], layers: Sequence[int], d_sae: Mapping[int,
             pooled_s.append(scores)
             pooled_y.append(y)
         values = [v["auroc"] for v in per_family.values() if v["auroc"] is not None]
-        out[str(m)] = {"mean_auroc": float(np.mean(values)), "min_auroc": float(np.min(values)),
+        out[str(m) if method == "unseen_share" else method] = {"mean_auroc": float(np.mean(values)), "min_auroc": float(np.min(values)),
                        "pooled_auroc": auroc(np.concatenate(pooled_y), np.concatenate(pooled_s)),
                        "by_family": per_family}
     return out
@@ -309,7 +360,7 @@ def standard_error(auc: float, y: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------ the probe
 
 def train_final(records: Sequence[dict], config: Config, probe_id: str, d_sae: Mapping[int, int], k: int,
-                min_count: int, metrics: dict[str, Any] | None = None) -> Any:
+                min_count: int, metrics: dict[str, Any] | None = None, ood_method: str = "nearest_cosine") -> Any:
     """The shipped probe for `config`: fit on every family's train split, Platt-calibrated and thresholded on
     the val split, with the OOD reference (features seen in fewer than `min_count` train answers)."""
     from featurelens.server.interp.risk_probe import Probe, ProbeFeature, ProbeTerm
@@ -329,16 +380,24 @@ def train_final(records: Sequence[dict], config: Config, probe_id: str, d_sae: M
     features.sort(key=lambda f: -abs(f.weight))
     terms = [ProbeTerm(name=name, weight=round(float(w), 6))
              for name, w in zip(config.terms, model.weights[d:], strict=True) if abs(w) > 1e-9]
-    unseen = unseen_sets(feature_counts([records[i] for i in train], config.layers, k), d_sae, min_count)
     train_records = [records[i] for i in train]
-    reference = ood_scores([records[i] for i in split_rows(split, "test")], unseen, k)
+    test_records = [records[i] for i in split_rows(split, "test")]
+    layer = max(config.layers)
+    if ood_method == "nearest_cosine":
+        ref = nearest_reference(train_records, layer, k, d_sae[layer])
+        held = nearest_scores(test_records, ref, layer, k)
+        ood: dict[str, Any] = {"method": "nearest_cosine", "layer": layer, "k": k, "n_reference": len(train)}
+    else:
+        unseen = unseen_sets(feature_counts(train_records, config.layers, k), d_sae, min_count)
+        held = ood_scores(test_records, unseen, k)
+        ood = {"method": "unseen_share", "min_count": min_count, "k": k,
+               "unseen": {str(layer): ids for layer, ids in unseen.items()}}
+    ood["reference"] = {"heldout_entities_median": round(float(np.median(held)), 4),
+                        "heldout_entities_p95": round(float(np.quantile(held, 0.95)), 4)}
     probe = Probe(probe_id=probe_id, features=features, bias=round(model.bias, 6), pooling=config.pooling,
-                  input_transform=config.transform, terms=terms, version=2,
-                  ood={"method": "unseen_share", "min_count": min_count, "k": k,
-                       "unseen": {str(layer): ids for layer, ids in unseen.items()},
-                       "reference": {"heldout_entities_median": round(float(np.median(reference)), 4),
-                                     "heldout_entities_p95": round(float(np.quantile(reference, 0.95)), 4),
-                                     "n_train": len(train_records)}})
+                  input_transform=config.transform, terms=terms, version=2, ood=ood)
+    if ood_method == "nearest_cosine":
+        probe.ood_reference = ref
     zv = model.logits(design.X[val], design_terms(design, val, config.terms))
     probe.calibration = platt(zv, y[val])
     pv = 1.0 / (1.0 + np.exp(-(probe.calibration["a"] * zv + probe.calibration["b"])))
