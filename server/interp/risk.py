@@ -208,6 +208,7 @@ class RunningRisk:
         or ("nearest_cosine") their sum."""
         if self.ood_sum is not None:
             layer = self.probe.nearest_layer
+            assert layer is not None  # ood_sum exists only for a probe with a nearest-cosine layer
             ids = np.asarray(codes[layer][0], dtype=np.int64)[: self.probe.ood_k]
             vals = np.asarray(codes[layer][1], dtype=np.float64)[: self.probe.ood_k]
             known = (ids < len(self.ood_sum)) & (vals > 0.0)
