@@ -497,9 +497,8 @@ class Harness:
         self.handled = 0
         self.servicer = FeatureLensServicer(StandInEngine(), SETTINGS,
                                             cache=LruFeatureCache(SETTINGS.cache_ttl_s, SETTINGS.cache_max_value_bytes))
-        self.servicer.vectors = store = MemoryVectorStore("toy-model", SETTINGS.max_vectors_per_caller,
-                                                          SETTINGS.max_vector_bytes_per_caller)
-        self.loop.run_until_complete(store.put("public", StoredVector("v1", (0.5,) * HIDDEN_SIZE)))
+        self.store = MemoryVectorStore("toy-model", SETTINGS.max_vectors_per_caller,
+                                       SETTINGS.max_vector_bytes_per_caller)
         self.internal_errors: list[logging.LogRecord] = []
 
     def call(self, rpc: str, request: Message) -> Refusal | None:
@@ -507,6 +506,10 @@ class Harness:
         self.handled += 1
         engine = StandInEngine()
         self.servicer.engine = engine
+        # The registered vectors the pure layer assumes (VECTORS), as each call's starting state: a fuzzed
+        # DeleteSteeringVector of "v1" must not make a later Generate disagree with the pure validator.
+        self.servicer.vectors = self.store
+        self.loop.run_until_complete(self.store.put("public", StoredVector("v1", (0.5,) * HIDDEN_SIZE)))
         self.internal_errors.clear()
         handler = getattr(self.servicer, rpc)
         streaming = SERVICE.methods_by_name[rpc].server_streaming
