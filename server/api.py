@@ -588,8 +588,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                        f"{' and the unembedding' if quant.get('lm_head') else ''} (per-channel "
                                        f"scales, weight-only; {quant['backend']} kernel); embeddings, norms, "
                                        f"attention and the KV cache keep the server's precision (GetModelInfo.kv_cache_dtype)" if quant else
-                                       "disabled (--quantized-mode none, compiled mode, unreadable weights or "
-                                       "no projection of this architecture it can wrap)")
+                                       "unavailable: " + getattr(self.engine, "modes_refused", {}).get(
+                                           "quantized", "disabled (--quantized-mode none or compiled mode)"))
             info.limits.CopyFrom(pb.Limits(
                 max_prompt_tokens=shape.max_model_len - 1, max_new_tokens=s.max_new_tokens,
                 max_stop_sequences=s.max_stop_sequences, max_interventions=s.max_interventions,

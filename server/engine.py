@@ -49,6 +49,18 @@ def check_kv_cache_dtype(dtype: str) -> None:
                             "attention has no fp8 KV cache without them); use --kv-cache-dtype auto")
 
 
+def cpu_threads_bind(workers: int, cpus: Sequence[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `workers` CPU workers (tensor x pipeline parallel): this process's CPUs in
+    `workers` consecutive groups, "0|1" on a 2-core box. vLLM's default ("auto") binds a worker per NUMA node
+    and cannot start two workers on a one-node machine."""
+    if len(cpus) < workers:
+        raise SettingsError(f"{workers} CPU workers (tensor x pipeline parallel) need at least {workers} CPUs; "
+                            f"this process may use {len(cpus)}")
+    size = len(cpus) // workers
+    groups = [cpus[i * size:(i + 1) * size] for i in range(workers)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
+
+
 def resolve_dtype(setting: str, on_cpu: bool | None = None) -> tuple[str, str]:
     """The dtype vLLM is given for `--dtype setting`, and why (the start-up log says both).
 
@@ -175,6 +187,14 @@ class Engine:
         s = self.settings
         # vLLM reads its CPU KV cache size from the environment; set it before the engine is built.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(s.kv_cache_gib)))))
+        workers = s.tensor_parallel_size * s.pipeline_parallel_size
+        if workers > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                bind = cpu_threads_bind(workers, sorted(os.sched_getaffinity(0)))
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+                log.info("%d CPU workers: VLLM_CPU_OMP_THREADS_BIND=%s", workers, bind)
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

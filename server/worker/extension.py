@@ -164,7 +164,9 @@ class FeatureLensWorkerExtension:
         self._fl_view = _EMPTY
         self._fl_harvest: HarvestSink | None = None
         self._fl_harvest_layers: set[int] = set()
-        self._fl_is_sender = int(getattr(self, "rank", 0)) == 0
+        # One worker per pipeline stage ships codes: its tensor-parallel rank 0 (every TP rank holds the same
+        # residual stream after a layer's all-reduce, and steers it identically; only the sender encodes).
+        self._fl_is_sender = _tensor_parallel_rank(int(getattr(self, "rank", 0))) == 0
         self._fl_socket: zmq.Socket[bytes] | None = None
         self._fl_buffer: list[Any] = []  # used when the frontend polls with featurelens_drain instead of ZMQ
         if self._fl_is_sender and config.get("endpoint"):
@@ -424,7 +426,7 @@ class FeatureLensWorkerExtension:
                 if delta is not None:
                     hidden.index_add_(0, index, delta.to(hidden.dtype))
             members = view.capture_at.get(layer)
-            if members and sae is not None:
+            if members and sae is not None and self._fl_is_sender:  # other TP ranks would encode the same rows
                 self._fl_capture(view, layer, sae, hidden, residual, members)
 
         return hook
@@ -593,6 +595,17 @@ def _row_index(members: list[_RequestRows], device: torch.device) -> torch.Tenso
 def _prompt_lengths(members: list[_RequestRows], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.full(r.end - r.start, r.num_prompt_tokens) for r in members])).to(
         device)
+
+
+def _tensor_parallel_rank(rank: int) -> int:
+    """This worker's rank in its tensor-parallel group (0 with TP=1); `rank` (the global one) outside vLLM's
+    distributed set-up."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError):
+        return rank
 
 
 def _stream_rows(hidden: torch.Tensor, residual: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:

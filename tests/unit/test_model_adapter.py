@@ -340,3 +340,14 @@ def test_turn_terminator_from_the_chat_template(tokenizer):
     plain.chat_template = "{{ raise_exception('no assistant turns') }}"
     token, why = chat_turn_terminator(plain)
     assert token == plain.eos_token_id and "failed" in why
+
+
+def test_cpu_threads_bind_gives_each_worker_its_cpus():
+    from featurelens.server.config import SettingsError
+    from featurelens.server.engine import cpu_threads_bind
+
+    assert cpu_threads_bind(2, [0, 1]) == "0|1"
+    assert cpu_threads_bind(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
+    assert cpu_threads_bind(4, list(range(8))) == "0,1|2,3|4,5|6,7"
+    with pytest.raises(SettingsError, match="need at least 4 CPUs"):
+        cpu_threads_bind(4, [0, 1])
