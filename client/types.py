@@ -177,11 +177,13 @@ class ModelInfo:
     kv_cache_tokens: int  # tokens the server's KV cache holds across all running requests
     dtype: str  # the model's dtype as the engine runs it ("bfloat16", "float32", ...)
     raw: pb.GetModelInfoResponse
+    scheduling_policy: str = "fcfs"  # "priority" when requests' priority is honoured (lower first)
 
     @classmethod
     def from_pb(cls, m: pb.GetModelInfoResponse) -> ModelInfo:
         return cls(m.model, m.num_layers, m.hidden_size, m.vocab_size, m.max_model_len, m.server_version,
-                   m.interpretability_available, m.kv_cache_dtype, m.kv_cache_tokens, m.dtype, m)
+                   m.interpretability_available, m.kv_cache_dtype, m.kv_cache_tokens, m.dtype, m,
+                   m.scheduling_policy or "fcfs")
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             params = self._sampling_params(plan, interp, engine_id, received, sample_index)
             async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
                                                      self._salt(interp, plan.prompt_token_ids, plan.sparsity_percent,
-                                                                plan.mode)):
+                                                                plan.mode), priority=plan.priority):
                 completion = output.outputs[0]
                 chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id,
                                                   sample_index=sample_index)
@@ -564,7 +564,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 risk_available=self.engine.risk_probe is not None,
                 risk_probe_id=self.engine.risk_probe.probe_id if self.engine.risk_probe else "",
                 kv_cache_dtype=s.kv_cache_dtype, kv_cache_tokens=self.engine.kv_cache_tokens,
-                dtype=self.engine.dtype,
+                dtype=self.engine.dtype, scheduling_policy=s.scheduling_policy,
             )
             for entry in self.engine.saes.values():
                 info.saes.add(sae_id=entry.sae_id, layer=entry.layer, hook_name=entry.cfg.hook_name or "",

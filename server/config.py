@@ -27,6 +27,10 @@ class Settings(BaseSettings):
                        "or bfloat16 / float16 / float32")
     max_model_len: int = Field(2048, description="context length the engine is built for (tokens)")
     max_num_seqs: int = Field(64, description="max requests batched together in one engine step")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="vLLM's scheduling of waiting requests: 'fcfs' (arrival order; a request's priority "
+                            "must be 0) or 'priority' (lower priority value first, then arrival; under KV "
+                            "pressure the lowest-priority running request is preempted)")
     enforce_eager: bool = Field(True, description="eager mode; interpretability hooks need it")
     kv_cache_gib: float = Field(1.0, description="KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE)")
     kv_cache_blocks: int | None = Field(None, ge=1, description="cap the KV cache at this many blocks (vLLM's "

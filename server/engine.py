@@ -91,6 +91,7 @@ def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
         "dtype": resolve_dtype(settings.dtype)[0],
         "max_model_len": settings.max_model_len,
         "max_num_seqs": settings.max_num_seqs,
+        "scheduling_policy": settings.scheduling_policy,
         "enforce_eager": settings.enforce_eager,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
@@ -445,16 +446,17 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields vLLM RequestOutputs. If the consumer stops early (cancel, deadline, error), the request is
         aborted in the engine so its slot and KV blocks are freed at once. A `cache_salt` keeps the request's
-        KV blocks apart from others in the prefix cache (steered requests must not share with unsteered)."""
+        KV blocks apart from others in the prefix cache (steered requests must not share with unsteered).
+        `priority`: lower is scheduled earlier, with --scheduling-policy priority (vLLM ignores it otherwise)."""
         prompt: TokensPrompt = {"prompt_token_ids": prompt_token_ids}
         if cache_salt:
             prompt["cache_salt"] = cache_salt
         finished = False
         try:
-            async for output in self._running().generate(prompt, params, request_id):
+            async for output in self._running().generate(prompt, params, request_id, priority=priority):
                 finished = output.finished
                 yield output
         finally:

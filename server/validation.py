@@ -53,6 +53,7 @@ class GenerationPlan:
     # vLLM StructuredOutputsParams keyword arguments (json / regex / choice / grammar), checked by xgrammar
     structured_output: dict[str, Any] | None = None
     num_samples: int = 1  # independent samples, one engine request each (SamplingOptions.num_samples)
+    priority: int = 0  # vLLM scheduling priority, lower first (only with --scheduling-policy priority)
 
     def sample_kwargs(self, index: int) -> dict[str, Any]:
         """vLLM sampling arguments of sample `index`: its own seed stream, seed + index, when a seed was given."""
@@ -140,7 +141,18 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         sparsity_percent=sparsity_percent,
         structured_output=structured,
         num_samples=num_samples,
+        priority=_priority(request.priority, settings),
     )
+
+
+def _priority(priority: int, settings: Settings) -> int:
+    """A request's scheduling priority; only a server started with --scheduling-policy priority honours one."""
+    if priority and settings.scheduling_policy != "priority":
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"priority: this server schedules requests first come, first served, so priority must be 0 "
+                       f"(got {priority}); start it with --scheduling-policy priority (GetModelInfo."
+                       f"scheduling_policy)")
+    return priority
 
 
 def _num_samples(sampling: pb.SamplingOptions, seed: int | None, settings: Settings) -> int:

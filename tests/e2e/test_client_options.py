@@ -131,3 +131,14 @@ def test_cli_prints_every_sample(recorder):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["answer 0", "answer 1"]
     assert "[sample 1]" in out.stderr and service.requests[-1].sampling.num_samples == 2
+
+
+def test_priority_is_sent_by_client_and_cli(recorder):
+    service, target = recorder
+    with Client(target, timeout_s=10) as client:
+        client.generate("x", priority=-2)
+    assert service.requests[-1].priority == -2
+    out = subprocess.run([sys.executable, "-m", "featurelens.client.cli", "generate", "x", "--target", target,
+                          "--timeout-s", "10", "--priority", "4"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert service.requests[-1].priority == 4

@@ -284,7 +284,7 @@ class ResponseRisk(_message.Message):
     def __init__(self, score: _Optional[float] = ..., label: _Optional[_Union[RiskLabel, str]] = ..., top_features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., probe_id: _Optional[str] = ..., ood: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output")
+    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output", "priority")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +296,7 @@ class GenerateRequest(_message.Message):
     SPARSITY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     sampling: SamplingOptions
@@ -307,7 +308,8 @@ class GenerateRequest(_message.Message):
     sparsity_percent: int
     request_id: str
     structured_output: StructuredOutput
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("sample_index", "text", "tokens", "finish_reason", "usage", "risk")
@@ -350,7 +352,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., prompt_features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output")
+    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output", "priority")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +364,7 @@ class GenerateStreamRequest(_message.Message):
     SPARSITY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     sampling: SamplingOptions
@@ -373,7 +376,8 @@ class GenerateStreamRequest(_message.Message):
     sparsity_percent: int
     request_id: str
     structured_output: StructuredOutput
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("text_delta", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id", "sample_index")
@@ -666,7 +670,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_features_per_token: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_steering_strength: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_in_flight_requests: _Optional[int] = ..., max_structured_output_chars: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens", "dtype")
+    __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens", "dtype", "scheduling_policy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -682,6 +686,7 @@ class GetModelInfoResponse(_message.Message):
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_POLICY_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_layers: int
     hidden_size: int
@@ -697,7 +702,8 @@ class GetModelInfoResponse(_message.Message):
     kv_cache_dtype: str
     kv_cache_tokens: int
     dtype: str
-    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., modes: _Optional[_Iterable[_Union[ModeInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., interpretability_available: _Optional[bool] = ..., risk_available: _Optional[bool] = ..., risk_probe_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    scheduling_policy: str
+    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., modes: _Optional[_Iterable[_Union[ModeInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., interpretability_available: _Optional[bool] = ..., risk_available: _Optional[bool] = ..., risk_probe_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., scheduling_policy: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "chat")
