@@ -316,6 +316,8 @@ class RedisFeatureCache(FeatureCache):
             self._count(hit=False)
             return None
         try:
+            if not isinstance(data, bytes):  # this client does not decode responses: bytes or nothing
+                raise CacheCorrupt(f"a {type(data).__name__} value, not bytes")
             value = decode_features(data)
         except CacheCorrupt as exc:
             # Left in place: the caller computes the features again and its `set` overwrites this value.
@@ -343,7 +345,7 @@ class RedisFeatureCache(FeatureCache):
 
     async def close(self) -> None:
         try:
-            await self._client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates redis 5's aclose
+            await self._client.aclose()
         except Exception as exc:  # noqa: BLE001 — closing a broken pool must not fail shutdown
             log.debug("closing the redis pool failed: %s", exc)
 

@@ -162,17 +162,24 @@ class RedisVectorStore:
 
     async def get(self, namespace: str, vector_id: str) -> StoredVector | None:
         data = await self._call(self._client.hget(self._keys(namespace)[0], vector_id))
-        return StoredVector(vector_id, unpack_values(data)) if data is not None else None
+        return StoredVector(vector_id, unpack_values(_raw(data))) if data is not None else None
 
     async def list(self, namespace: str) -> list[StoredVector]:
         items = await self._call(self._client.hgetall(self._keys(namespace)[0]))
-        return [StoredVector(k.decode(), unpack_values(v)) for k, v in sorted(items.items())]
+        return [StoredVector(_raw(k).decode(), unpack_values(_raw(v))) for k, v in sorted(items.items())]
 
     async def delete(self, namespace: str, vector_id: str) -> bool:
         return bool(await self._call(self._delete(keys=self._keys(namespace), args=[vector_id])))
 
     async def close(self) -> None:
-        await self._client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates redis 5's aclose
+        await self._client.aclose()
+
+
+def _raw(value: bytes | str) -> bytes:
+    """Redis replies of a client without decode_responses are bytes (its types allow str as well)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes from Redis, got {type(value).__name__}")
+    return value
 
 
 def make_vector_store(redis_url: str | None, model_id: str, max_vectors: int, max_bytes: int) -> VectorStore:
