@@ -9,8 +9,9 @@ cleanly (MoE: int8 on attention only, sparse refused).
 Which families run: FEATURELENS_TEST_FAMILIES = "ci" (the default: one per code path of the architecture
 adapter, see CI_FAMILIES), "all", or a comma-separated list of tests/tiny_models.py FAMILIES. The families left
 out of "ci" share their code path with one in it (qwen2/qwen3/mistral: llama's; gemma3: gemma2's; mixtral:
-qwen3_moe's; olmo2: gpt_neox's — vLLM's Transformers backend). Cost on the 2-core dev box (shared, 2026-12-07):
-29-93 s of engine start-up per family and a few seconds of tests; the six "ci" families 5 min 55 s in all."""
+qwen3_moe's; olmo2: gpt_neox's — vLLM's Transformers backend). Cost on the 2-core dev box (shared with other
+sessions, 2026-12-07): 29-94 s of engine start-up per family and a few seconds of tests; the six "ci" families
+5 min 55 s and 9 min 37 s in two runs, the other six 4 min 38 s."""
 
 from __future__ import annotations
 
