@@ -35,6 +35,7 @@ from featurelens.server.interp_plan import (
 from featurelens.server.metrics import Metrics
 from featurelens.server.security import caller_namespace, request_id_var
 from featurelens.server.state import StoredVector, VectorStore, worker_key
+from featurelens.server.tracing import Tracing, end_rpc, mark_error, monotonic_to_epoch_ns, rpc_span
 from featurelens.server.validation import (
     ApiError,
     GenerationPlan,
@@ -50,6 +51,7 @@ from featurelens.v1 import featurelens_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from featurelens.server.interp.catalog import FeatureCatalog
     from featurelens.server.interp.risk import RunningRisk
+    from opentelemetry.trace import Span
     from vllm import CompletionOutput, SamplingParams
     from vllm.tokenizers import TokenizerLike
 
@@ -129,9 +131,10 @@ async def merge_streams(streams: Sequence[AsyncIterator[_T]]) -> AsyncIterator[_
 
 class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None,
-                 cache: FeatureCache | None = None) -> None:
+                 cache: FeatureCache | None = None, tracing: Tracing | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.tracing = tracing if tracing is not None else Tracing.from_settings(settings)
         self.metrics = metrics if metrics is not None else Metrics()
         self.cache = cache if cache is not None else LruFeatureCache(settings.cache_ttl_s,
                                                                      settings.cache_max_value_bytes)
@@ -151,6 +154,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         """The request's own id, else x-request-id metadata, else the id made for this RPC's logs."""
         request_id = getattr(request, "request_id", "") or self._metadata_request_id(context) or request_id_var.get()
         request_id_var.set(request_id)
+        rpc_span.get().set_attribute("featurelens.request_id", request_id)
         return request_id
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: BaseException) -> None:
@@ -165,9 +169,11 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                      body: Callable[[], AsyncIterator[Any]]) -> AsyncIterator[Any]:
         """Admission, status mapping and RPC metrics around a handler body (an async generator)."""
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code, detail = grpc.StatusCode.OK, ""
         self.in_flight += 1
         request_id_var.set(self._metadata_request_id(context) or uuid.uuid4().hex)  # this RPC's task only
+        span = self.tracing.start_rpc(method, context.invocation_metadata())  # this RPC's task only, too
+        span.set_attribute("featurelens.request_id", request_id_var.get())
         try:
             with self.metrics.in_flight():
                 if self.in_flight > self.settings.max_in_flight:
@@ -177,10 +183,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 async for item in body():
                     yield item
         except ApiError as error:
-            code = error.code
+            code, detail = error.code, error.message
             await self._fail(context, error)
         except FeatureChannelError as error:  # the worker's codes stopped coming: retry, maybe elsewhere
-            code = grpc.StatusCode.UNAVAILABLE
+            code, detail = grpc.StatusCode.UNAVAILABLE, f"features: {error}"
             await self._fail(context, ApiError(code, f"features: {error}; retry the request"))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -189,11 +195,12 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             if isinstance(error, grpc.aio.AbortError):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            code = grpc.StatusCode.INTERNAL
+            code, detail = grpc.StatusCode.INTERNAL, type(error).__name__
             await self._fail(context, error)
         finally:
             self.in_flight -= 1
             self.metrics.observe_rpc(method, code, time.perf_counter() - started)
+            end_rpc(span, code, detail)
 
     # RPCs reach the servicer as soon as gRPC listens, while the engine still starts (health NOT_SERVING):
     # what only a started engine has is read through these, which say so instead of failing on None.
@@ -303,6 +310,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             self.metrics.count_steering(spec["op"])
         started = last = time.perf_counter()
         generated = 0
+        span, interp_span = self._trace_sample(plan, interp, engine_id, sample_index)
+        submitted_ns, interp_s, finish = time.time_ns(), 0.0, pb.FINISH_REASON_UNSPECIFIED
         if interp.vectors:
             await self.engine.use_vectors(interp.vectors)
         try:
@@ -311,10 +320,14 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                                      self._salt(interp, plan.prompt_token_ids, plan.sparsity_percent,
                                                                 plan.mode), priority=plan.priority):
                 completion = output.outputs[0]
+                if submitted_ns:  # the first output: the request has left vLLM's queue
+                    self._trace_queue(span, getattr(output, "metrics", None), submitted_ns)
+                    submitted_ns = 0
                 chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id,
                                                   sample_index=sample_index)
                 tokens = self._tokens(completion, plan)
                 if received is not None:
+                    interp_started = time.perf_counter()
                     if generated == 0 and interp.include_prompt:
                         chunk.prompt_features.extend(
                             await prompt_features(received, interp, self.engine, plan.prompt_token_ids))
@@ -331,6 +344,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                         generated += 1
                     for lf in (f for token in tokens for f in token.features):
                         self.metrics.count_features_returned(lf.layer, len(lf.activations))
+                    interp_s += time.perf_counter() - interp_started
                 else:
                     generated += len(tokens)
                 chunk.tokens.extend(tokens)
@@ -342,7 +356,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                         self.metrics.observe_inter_token_latency(mode, (now - last) / len(tokens))
                     last = now
                 if completion.finish_reason is not None:
-                    chunk.finish_reason = _finish_reason(completion, plan)
+                    chunk.finish_reason = finish = _finish_reason(completion, plan)
                     chunk.usage.prompt_tokens = n_prompt
                     chunk.usage.completion_tokens = generated
                     self.metrics.observe_request(mode, now - started, n_prompt, generated)
@@ -352,17 +366,57 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                             running_risk.pool([received.risk_codes_arrived(interp.risk_capture, p)
                                                for p in range(n_prompt - 1, n_prompt - 1 + generated)])
                         chunk.risk.CopyFrom(self._response_risk(running_risk, mode))
+                        if interp_span is not None:
+                            interp_span.set_attributes({"featurelens.risk.score": chunk.risk.score,
+                                                        "featurelens.risk.label": pb.RiskLabel.Name(chunk.risk.label)})
                 yield chunk
+        except Exception as error:
+            mark_error(span, error)
+            raise
         finally:
             if received is not None:
                 self._features.close(engine_id)
             if interp.vectors:
                 await self.engine.release_vectors(interp.vectors)
+            span.set_attributes({"featurelens.completion_tokens": generated,
+                                 "featurelens.finish_reason": pb.FinishReason.Name(finish)})
+            if interp_span is not None:
+                interp_span.set_attribute("featurelens.interp.frontend_s", interp_s)
+                interp_span.end()
+            span.end()
+
+    def _trace_sample(self, plan: GenerationPlan, interp: InterpPlan, engine_id: str,
+                      sample_index: int) -> tuple[Span, Span | None]:
+        """The `engine` span of one sample's engine request and, when it asked for any, its `interpretability`
+        span (what was asked; the frontend's time attaching features and risk, waits for codes included)."""
+        span = self.tracing.start("engine", attributes={
+            "featurelens.engine_request_id": engine_id, "featurelens.sample_index": sample_index,
+            "featurelens.prompt_tokens": len(plan.prompt_token_ids), "featurelens.priority": plan.priority,
+            "featurelens.mode": MODE_LABELS.get(plan.mode, "dense"),
+            "featurelens.structured_output": ",".join(plan.structured_output or ())})
+        if not interp.active:
+            return span, None
+        return span, self.tracing.start("interpretability", span, {
+            "featurelens.features.layers": list(interp.returned), "featurelens.risk": interp.risk is not None,
+            "featurelens.steering.interventions": len(interp.steer), "featurelens.prompt_features": interp.include_prompt})
+
+    def _trace_queue(self, parent: Span, stats: Any, submitted_ns: int) -> None:
+        """The `queue` span: from vLLM's own stamps (queued → first scheduled, engine-core monotonic clock) when
+        it keeps per-request stats, else from handing the request over to its first output (prefill included)."""
+        if not self.tracing.recording:
+            return
+        queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
+        if queued and scheduled >= queued:
+            start, end, source = monotonic_to_epoch_ns(queued), monotonic_to_epoch_ns(scheduled), "vllm"
+        else:
+            start, end, source = submitted_ns, time.time_ns(), "first_output"
+        self.tracing.start("queue", parent, {"featurelens.queue.source": source}, start_time=start).end(end_time=end)
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         async def body() -> AsyncIterator[pb.GenerateStreamResponse]:
-            plan, interp = await self._plan(request, context)
+            with self.tracing.span("validation"):
+                plan, interp = await self._plan(request, context)
             async for chunk in self._samples(plan, interp):
                 yield chunk
 
@@ -371,7 +425,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def body() -> pb.GenerateResponse:
-            plan, interp = await self._plan(request, context)
+            with self.tracing.span("validation"):
+                plan, interp = await self._plan(request, context)
             response = pb.GenerateResponse(request_id=plan.request_id, model=self._shape.model_id,
                                            mode=plan.mode)
             samples = [pb.Sample(sample_index=i) for i in range(plan.num_samples)]
@@ -428,7 +483,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         key = cache_key(self._shape.model_id, ",".join(e.sae_id for e in entries),
                         ",".join(e.version for e in entries), list(capture), ids, options)
         cached = await self.cache.get(key)
-        if cached is not None and [lc.layer for lc in cached.layers] == list(capture):
+        hit = cached is not None and [lc.layer for lc in cached.layers] == list(capture)
+        rpc_span.get().set_attribute("featurelens.feature_cache_hit", hit)
+        if cached is not None and hit:
             return cached, True
         interp = InterpPlan(capture=capture, include_prompt=True)
         plan = GenerationPlan(prompt_token_ids=ids, sampling_kwargs={"max_tokens": 1, "temperature": 0.0},

@@ -91,6 +91,7 @@ class RunningServer:
         if self.metrics_http is not None:
             self.metrics_http.stop()
         await self.engine.shutdown()
+        self.servicer.tracing.shutdown()  # flush the spans still queued for export
         self.stopped.set()
 
 
@@ -110,6 +111,7 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
                        lru_max_bytes=settings.cache_lru_bytes, metrics=metrics)
     log.info("feature cache: %s", "redis" if settings.redis_url else "in-process LRU")
     servicer = FeatureLensServicer(engine, settings, metrics=metrics, cache=cache)
+    log.info("traces: %s", f"OTLP/gRPC to {settings.otlp_endpoint}" if settings.otlp_endpoint else "off (--otlp-endpoint)")
     add_to_server(servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # -- logging --
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_json: bool = Field(False, description="one JSON object per log line")
+    otlp_endpoint: str | None = Field(None, description="OpenTelemetry collector (OTLP/gRPC) for traces, e.g. "
+                                                        "http://otel-collector:4317 (https:// for TLS); unset: no "
+                                                        "tracing")
 
     @field_validator("sae", mode="before")
     @classmethod
