@@ -343,7 +343,9 @@ async def test_search_features_by_text_and_by_example(stub):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("page_size:")
 
 
-LONG_PROMPT = ("Notes from the field trip. " * 30).strip() + "\n"  # > one 128-token KV block with its answer
+# 97 tokens: under one 128-token KV block, which its 48-token answer then fills (turn 2 shares that block)
+LONG_PROMPT = ("Notes from the field trip. " * 16).strip() + "\n"
+BLOCK_PROMPT = ("Notes from the field trip. " * 30).strip() + "\n"  # 181 tokens: one full block of prompt
 
 
 async def _tokens_of(stub, text: str) -> list[int]:
@@ -372,10 +374,10 @@ async def test_re_registering_a_vector_changes_what_it_computes(stub, served):
     size = served.engine.shape.hidden_size
     steer = [pb.SteeringIntervention(layer=5, vector_id="salted", op=pb.STEERING_OP_ADD, strength=120.0)]
     await stub.RegisterSteeringVector(pb.RegisterSteeringVectorRequest(vector_id="salted", values=[1.0 / math.sqrt(size)] * size))
-    first = await stub.Generate(gen(text=LONG_PROMPT, n=6, steering=steer))
+    first = await stub.Generate(gen(text=BLOCK_PROMPT, n=6, steering=steer))
     await stub.RegisterSteeringVector(pb.RegisterSteeringVectorRequest(
         vector_id="salted", values=[(-1.0) ** i / math.sqrt(size) for i in range(size)]))
-    second = await stub.Generate(gen(text=LONG_PROMPT, n=6, steering=steer))
+    second = await stub.Generate(gen(text=BLOCK_PROMPT, n=6, steering=steer))
     assert await served.engine.llm.reset_prefix_cache()
-    fresh = await stub.Generate(gen(text=LONG_PROMPT, n=6, steering=steer))
+    fresh = await stub.Generate(gen(text=BLOCK_PROMPT, n=6, steering=steer))
     assert logprobs_of(second) == logprobs_of(fresh) != logprobs_of(first)
