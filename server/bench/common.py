@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -22,6 +23,31 @@ PROMPTS = [
 
 def prompts(n: int) -> list[str]:
     return [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(n)]
+
+
+def machine() -> str:
+    """What the figures were measured on, for the header: CPU model, family/model, the ISA features that change
+    the kernels' speed, and the GPU when there is one."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    isa = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX"), ("avx512f", "AVX-512"),
+                                   ("avx2", "AVX2")) if flag in flags]
+    cpu = (f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')} model "
+           f"{info.get('model', '?')}; {', '.join(isa[:2]) or 'no AVX2'}; {os.cpu_count()} cores)")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name()}; host {cpu}"
+    except ImportError:
+        pass
+    return cpu
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
