@@ -310,6 +310,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             self.metrics.count_steering(spec["op"])
         started = last = time.perf_counter()
         generated = 0
+        risk_positions: list[int] = []  # positions whose codes the risk scored (end of sequence is not)
         span, interp_span = self._trace_sample(plan, interp, engine_id, sample_index)
         submitted_ns, interp_s, finish = time.time_ns(), 0.0, pb.FINISH_REASON_UNSPECIFIED
         if interp.vectors:
@@ -337,10 +338,16 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                         if interp.returned:
                             codes = await token_codes(received, interp, position)
                             token.features.extend(layer_features(codes, interp, self.engine))
-                        if running_risk is not None and running_risk.takes_scores:
+                        if running_risk is not None and token.token_id in self._shape.eos_token_ids:
+                            # End of sequence is not scored (the probe is trained and documented on the
+                            # text's tokens, as ScoreHallucination scores them): it carries the risk so far.
+                            token.risk = running_risk.risk()
+                        elif running_risk is not None and running_risk.takes_scores:
                             token.risk = running_risk.add_score(await received.get_risk_score(position))
+                            risk_positions.append(position)
                         elif running_risk is not None:
                             token.risk = running_risk.add(await risk_codes(received, interp, position))
+                            risk_positions.append(position)
                         generated += 1
                     for lf in (f for token in tokens for f in token.features):
                         self.metrics.count_features_returned(lf.layer, len(lf.activations))
@@ -364,7 +371,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                         if running_risk.scored:  # the explanation's pooled features, once
                             assert received is not None  # a risk request receives its codes
                             running_risk.pool([received.risk_codes_arrived(interp.risk_capture, p)
-                                               for p in range(n_prompt - 1, n_prompt - 1 + generated)])
+                                               for p in risk_positions])
                         chunk.risk.CopyFrom(self._response_risk(running_risk, mode))
                         if interp_span is not None:
                             interp_span.set_attributes({"featurelens.risk.score": chunk.risk.score,
@@ -698,10 +705,11 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             running = probe.start()
             token_risks = []
             by_layer = {lc.layer: lc for lc in codes.layers}
-            for position in range(len(prompt_ids) - 1, len(ids) - 1):
+            for position in range(len(prompt_ids) - 1, len(ids) - 2):  # the response's tokens, not EOS
                 token_risks.append(running.add({layer: (lc.indices[position].astype(np.int64),
                                                         lc.values[position].astype(np.float32))
                                                 for layer, lc in by_layer.items()}))
+            token_risks.append(running.risk())  # end of sequence carries the risk so far
             response = pb.ScoreHallucinationResponse(response_tokens=len(response_ids) + 1, cached=cached)
             response.risk.CopyFrom(self._response_risk(running, MODE_LABELS[mode]))
             if request.return_token_risks:
