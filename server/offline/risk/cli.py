@@ -111,10 +111,23 @@ def _d_sae(saes: dict[int, str]) -> dict[int, int]:
     return {layer: int(json.loads((Path(path) / "cfg.json").read_text())["d_sae"]) for layer, path in saes.items()}
 
 
+def _load_residual_bases(saes: dict[int, str]) -> None:
+    """generalize.RESIDUAL_BASES from the SAE files, for "residual" probes."""
+    import numpy as np
+    from featurelens.server.offline.risk import generalize
+    from safetensors.numpy import load_file
+
+    for layer, path in saes.items():
+        generalize.RESIDUAL_BASES[layer] = load_file(str(Path(path) / "sae_weights.safetensors"))["W_dec"].astype(
+            np.float64)
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     """LOFO model selection over a grid; writes the table and the chosen configuration."""
     from featurelens.server.offline.risk.generalize import grid, ood_lofo, select
     from featurelens.server.offline.risk.train import usable
+
+    _load_residual_bases(_sae_dirs(args.sae))
 
     records = usable(_read(args.data))
     layer_sets = [tuple(int(x) for x in s.split("+")) for s in args.layer_sets]
@@ -149,6 +162,7 @@ def _cmd_train_general(args: argparse.Namespace) -> int:
     from featurelens.server.offline.risk.train import usable
 
     records = usable(_read(args.data))
+    _load_residual_bases(_sae_dirs(args.sae))
     sel = json.loads(Path(args.selection).read_text())
     c = sel["chosen"]
     config = Config(tuple(c["layers"]), c["pooling"], c["transform"], tuple(c["terms"]), float(c["C"]),
@@ -181,6 +195,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       log=lambda m: print(m, file=sys.stderr))
     if not args.no_domains:
         compare = [load_probe(p) for p in args.compare or ()]
+        _load_residual_bases(_sae_dirs(args.sae))
         general = evaluate_generalization(records, probe, args.out, saes=_sae_dirs(args.sae), compare=compare,
                                           log=print)
         report["generalization"] = general["summary"]
@@ -270,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--term-sets", nargs="+", default=["none", "neg_mean_logprob+neg_min_logprob+neg_first_logprob"])
     p.add_argument("--Cs", nargs="+", type=float, default=[0.01, 0.03, 0.1])
     p.add_argument("--weights", nargs="+", default=["family"], choices=("family", "plain"))
-    p.add_argument("--penalties", nargs="+", default=["l1", "l2:300"],
-                   help="l1, l2, or l2:N (l2, then the N strongest features refit)")
+    p.add_argument("--penalties", nargs="+", default=["l1", "l2", "residual"],
+                   help="l1, l2, l2:N (l2, then the N strongest features refit), or residual (l2 on the "
+                        "residual rebuilt from the codes, folded back into feature weights)")
     p.add_argument("--selection", default="one-se", choices=("one-se", "best"))
     p.add_argument("--ood-min-counts", nargs="+", type=int, default=[1, 2, 5, 10])
     p.add_argument("--sae", action="append", default=None)

@@ -118,6 +118,8 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
         coef[columns] = model.coef_.ravel()
         return coef, float(model.intercept_[0])
 
+    if config.penalty == "residual":
+        return fit_residual(design, rows, y, families, config)
     coef, bias = logreg(np.arange(X.shape[1]))
     if config.max_features and config.penalty == "l2":
         # The explanation stays readable and the worker ships few pairs: the strongest standardized weights
@@ -126,6 +128,35 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
         top = np.argsort(-np.abs(coef[:d]))[: config.max_features]
         coef, bias = logreg(np.sort(np.r_[top, np.arange(d, X.shape[1])]).astype(np.int64))
     return Fitted(coef * scale, bias, config.terms)
+
+
+# layer → the SAE's decoder (d_sae, d_model), for "residual" probes: set by the caller (cli: from the SAE files).
+RESIDUAL_BASES: dict[int, np.ndarray] = {}
+
+
+def fit_residual(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str], config: Config) -> Fitted:
+    """An L2 logistic regression in the residual stream rebuilt from the codes (pooled codes @ W_dec,
+    standardized), folded back into one weight per SAE feature: w_f = W_dec[f] · (w / σ), bias b − Σ w μ / σ.
+    The same linear function of the pooled codes, so the probe file and the server stay as they are; the
+    regulariser prefers directions of the residual stream over single features."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(config.layers) != 1 or config.terms:
+        raise ValueError("residual probes take one layer and no uncertainty terms")
+    basis = RESIDUAL_BASES[config.layers[0]]
+    columns = np.full(basis.shape[0], -1, dtype=np.int64)
+    for (_layer, feature), c in design.columns.items():
+        columns[feature] = c
+    present = np.flatnonzero(columns >= 0)
+    B = np.zeros((design.X.shape[1], basis.shape[1]))
+    B[columns[present]] = basis[present]
+    R = np.asarray(design.X[rows] @ B)
+    mu, sd = R.mean(axis=0), R.std(axis=0) + 1e-6
+    weights = sample_weights(families, y) if config.family_weights else None
+    model = LogisticRegression(C=config.C, max_iter=3000, class_weight=None if config.family_weights else "balanced")
+    model.fit((R - mu) / sd, y, sample_weight=weights)
+    w = model.coef_.ravel() / sd
+    return Fitted(B @ w, float(model.intercept_[0] - w @ mu), ())
 
 
 def design_terms(design: Design, rows: np.ndarray, names: Sequence[str]) -> np.ndarray:
