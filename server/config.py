@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(256, description="RPCs admitted at once; more get RESOURCE_EXHAUSTED")
     max_structured_output_chars: int = Field(65536, ge=1, description="characters of a request's structured "
                                              "output constraint (JSON Schema, regex, grammar, or all choices)")
+    structured_output_whitespace: Literal["compact", "any"] = Field(
+        "compact", description="JSON from a json_schema constraint: 'compact' (no whitespace between tokens, the "
+                               "engine's choice for every request) or 'any' (the model may put whitespace "
+                               "anywhere JSON allows; small models can then loop on newlines)")
     max_samples: int = Field(16, ge=1, description="largest num_samples of a request (each sample is one engine "
                                                    "request: a request with n samples holds n batch slots)")
 

@@ -97,7 +97,8 @@ def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
         "pipeline_parallel_size": settings.pipeline_parallel_size,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "kv_cache_dtype": settings.kv_cache_dtype,
-        "structured_outputs_config": {"backend": STRUCTURED_OUTPUT_BACKEND},
+        "structured_outputs_config": {"backend": STRUCTURED_OUTPUT_BACKEND,
+                                      "disable_any_whitespace": settings.structured_output_whitespace == "compact"},
         "num_gpu_blocks_override": settings.kv_cache_blocks,
     }
 

@@ -104,5 +104,12 @@ def test_stopping_options_that_fight_the_constraint_are_refused(stopping, field)
 
 
 def test_the_engine_compiles_with_the_backend_validation_checks_against():
-    kwargs = vllm_engine_kwargs(Settings(), "/models/m")
-    assert kwargs["structured_outputs_config"] == {"backend": STRUCTURED_OUTPUT_BACKEND} == {"backend": "xgrammar"}
+    config = vllm_engine_kwargs(Settings(), "/models/m")["structured_outputs_config"]
+    assert config["backend"] == STRUCTURED_OUTPUT_BACKEND == "xgrammar"
+
+
+def test_json_is_compact_unless_asked_otherwise():
+    """Any-whitespace JSON let SmolLM2 loop on newlines: 2 of 16 answers finished in 512 tokens, 14 compact."""
+    assert vllm_engine_kwargs(Settings(), "/m")["structured_outputs_config"]["disable_any_whitespace"] is True
+    loose = Settings(structured_output_whitespace="any")
+    assert vllm_engine_kwargs(loose, "/m")["structured_outputs_config"]["disable_any_whitespace"] is False
