@@ -261,3 +261,17 @@ def test_entities_share_one_split_across_families(bank):
     assert all(len(s) == 1 for s in seen.values())
     families_of_fra = {r["domain"] for r in rows if r["entity"] == "country:FRA"}
     assert len(families_of_fra) >= 1
+
+
+def test_subdivision_real_questions(every):
+    q = next(q for (f, _), qs in every.items() if f == "subdivision" for q in qs if not q.fictional)
+    assert rd.grade(q, f"It is in {q.answers[0]}.")["label"] == R
+    assert rd.grade(q, "It is in Atlantis.")["label"] == W
+
+
+def test_every_family_has_hand_made_cases():
+    """Each family appears in a grading test above (names listed here so a new family needs cases)."""
+    covered = {c[0] for c in CASES} | {"population_compare", "addition", "multiplication", "unit_conversion",
+                                       "word_problem", "powers_roots", "days_in_month", "roman_numeral", "weekday",
+                                       "calendar_offset", "word_letter", "alphabet", "subdivision"}
+    assert set(fam.FAMILIES) <= covered, set(fam.FAMILIES) - covered

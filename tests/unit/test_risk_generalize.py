@@ -274,3 +274,20 @@ def test_nearest_ood_is_higher_for_a_family_absent_from_training(synthetic):
     for family, row in report["by_family"].items():
         assert row["family_mean"] > row["entities_mean"], family
     assert report["mean_auroc"] > 0.9
+
+
+def test_ood_histogram_series():
+    from featurelens.server.metrics import Metrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = Metrics()
+    m.observe_response_ood("smollm2-135m", "dense", 0.07)
+    m.observe_response_ood("smollm2-135m", "INFERENCE_MODE_SPARSE", 3.0)  # clamped into [0, 1]
+    family = next(f for f in text_string_to_metric_families(m.exposition().decode())
+                  if f.name == "featurelens_response_risk_ood")
+    assert family.type == "histogram" and family.documentation
+    counts = {tuple(sorted(s.labels.items())): s.value for s in family.samples if s.name.endswith("_count")}
+    assert counts == {(("mode", "dense"), ("model", "smollm2-135m")): 1,
+                      (("mode", "sparse"), ("model", "smollm2-135m")): 1}
+    sums = [s.value for s in family.samples if s.name.endswith("_sum")]
+    assert sorted(sums) == pytest.approx([0.07, 1.0])
