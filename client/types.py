@@ -67,6 +67,9 @@ class Risk:
     label: str  # "low" | "medium" | "high"
     top_features: list[FeatureContribution]
     probe_id: str
+    # How far the response lies from the probe's training data, in [0, 1] (ResponseRisk.ood; 0 when the
+    # probe has no OOD reference): a low score with a high ood means "never seen this", not "safe".
+    ood: float = 0.0
 
     @classmethod
     def from_pb(cls, m: pb.ResponseRisk) -> Risk | None:
@@ -74,7 +77,7 @@ class Risk:
             return None
         return cls(m.score, _enum_name(pb.RiskLabel, m.label, "RISK_LABEL_"),
                    [FeatureContribution(f.layer, f.feature_id, f.activation, f.weight, f.contribution, f.explanation)
-                    for f in m.top_features], m.probe_id)
+                    for f in m.top_features], m.probe_id, m.ood)
 
 
 @dataclass(frozen=True)

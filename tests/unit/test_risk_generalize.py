@@ -291,3 +291,11 @@ def test_ood_histogram_series():
                       (("mode", "sparse"), ("model", "smollm2-135m")): 1}
     sums = [s.value for s in family.samples if s.name.endswith("_sum")]
     assert sorted(sums) == pytest.approx([0.07, 1.0])
+
+
+def test_client_risk_carries_ood():
+    from featurelens.client.types import Risk
+    from featurelens.v1 import featurelens_pb2 as pb
+
+    risk = Risk.from_pb(pb.ResponseRisk(score=0.2, label=pb.RISK_LABEL_LOW, probe_id="p", ood=0.25))
+    assert risk is not None and risk.ood == pytest.approx(0.25) and risk.label == "low"
