@@ -7,6 +7,7 @@
 
 from featurelens.client._client import AsyncClient, Client, build_generate_request, structured_output
 from featurelens.client.types import (
+    AdapterInfo,
     GenerateResult,
     ModelInfo,
     Risk,
@@ -17,5 +18,5 @@ from featurelens.client.types import (
 )
 from featurelens.v1 import featurelens_pb2 as pb
 
-__all__ = ["AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "SampleResult", "SteeringVector", "StreamChunk",
+__all__ = ["AdapterInfo", "AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "SampleResult", "SteeringVector", "StreamChunk",
            "TokenInfo", "build_generate_request", "pb", "structured_output"]

@@ -52,14 +52,16 @@ def build_generate_request(prompt: str | Sequence[dict[str, str]], *, stream: bo
                            steering: Sequence[pb.SteeringIntervention] = (),
                            mode: pb.InferenceMode = pb.INFERENCE_MODE_UNSPECIFIED, sparsity_percent: int = 0,
                            json_schema: str | Mapping[str, Any] | None = None, regex: str | None = None,
-                           choice: Sequence[str] | None = None, grammar: str | None = None, priority: int = 0) -> Any:
+                           choice: Sequence[str] | None = None, grammar: str | None = None, priority: int = 0,
+                           adapter: str = "") -> Any:
     """A GenerateRequest (or GenerateStreamRequest) from keyword arguments; `prompt` is text or chat
     messages like [{"role": "user", "content": "Hi"}]. `n`: independent samples (sample i seeded seed + i). At most one of `json_schema` (a JSON Schema as a dict or
     JSON text), `regex`, `choice` and `grammar` (EBNF `root ::= ...` or Lark) constrains the text. `priority`:
-    lower is scheduled earlier, on a server started with --scheduling-policy priority (0 elsewhere)."""
+    lower is scheduled earlier, on a server started with --scheduling-policy priority (0 elsewhere). `adapter`:
+    a LoRA adapter the server loaded (ModelInfo.adapters), "" for the base model."""
     message = (pb.GenerateStreamRequest if stream else pb.GenerateRequest)(request_id=request_id, mode=mode,
                                                                           sparsity_percent=sparsity_percent,
-                                                                          priority=priority)
+                                                                          priority=priority, adapter=adapter)
     _set_prompt(message, prompt)
     s = message.sampling
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),

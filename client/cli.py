@@ -30,7 +30,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                "seed": args.seed, "stop": args.stop or (), "json_schema": _text_arg(args.json_schema),
                                "regex": args.regex, "choice": args.choice, "grammar": _text_arg(args.grammar),
-                               "priority": args.priority}
+                               "priority": args.priority, "adapter": args.adapter}
     if args.risk:
         options["interpretability"] = pb.InterpretabilityOptions(score_risk=True)
     if args.samples > 1:
@@ -95,6 +95,7 @@ def add_client_commands(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--no-stream", action="store_true", help="unary call, print at the end")
+    gen.add_argument("--adapter", default="", help="a LoRA adapter the server loaded (info lists them)")
     gen.add_argument("--priority", type=int, default=0, help="scheduling priority, lower first (servers started "
                                                               "with --scheduling-policy priority)")
     gen.add_argument("--samples", type=int, default=1, help="independent samples (sample i seeded --seed + i); "

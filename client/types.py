@@ -181,12 +181,23 @@ class ModelInfo:
     dtype: str  # the model's dtype as the engine runs it ("bfloat16", "float32", ...)
     raw: pb.GetModelInfoResponse
     scheduling_policy: str = "fcfs"  # "priority" when requests' priority is honoured (lower first)
+    adapters: list[AdapterInfo] = field(default_factory=list)  # LoRA adapters a request may name
 
     @classmethod
     def from_pb(cls, m: pb.GetModelInfoResponse) -> ModelInfo:
         return cls(m.model, m.num_layers, m.hidden_size, m.vocab_size, m.max_model_len, m.server_version,
                    m.interpretability_available, m.kv_cache_dtype, m.kv_cache_tokens, m.dtype, m,
-                   m.scheduling_policy or "fcfs")
+                   m.scheduling_policy or "fcfs",
+                   [AdapterInfo(a.name, a.rank, tuple(a.target_modules)) for a in m.adapters])
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A LoRA adapter the server loaded (`adapter=` of a generation names it)."""
+
+    name: str
+    rank: int
+    target_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)

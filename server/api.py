@@ -240,7 +240,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         shape = self._shape
         plan = validate_generate(request, self.engine, self.settings, shape.max_model_len, shape.vocab_size,
                                  self._request_id(request, context), sparsity_levels=self.engine.sparsity_levels,
-                                 quantized_available=self.engine.quantized is not None)
+                                 quantized_available=self.engine.quantized is not None,
+                                 adapters=getattr(self.engine, "adapters", {}))
         vectors = await self._resolve_vectors(request.steering, context)
         interp = plan_interpretability(request, self.engine, self.settings,
                                        {vector_id: len(v.values) for vector_id, v in vectors.items()})
@@ -319,7 +320,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             params = self._sampling_params(plan, interp, engine_id, received, sample_index)
             async for output in self.engine.generate(engine_id, plan.prompt_token_ids, params,
                                                      self._salt(interp, plan.prompt_token_ids, plan.sparsity_percent,
-                                                                plan.mode), priority=plan.priority):
+                                                                plan.mode), priority=plan.priority,
+                                                     adapter=plan.adapter):
                 completion = output.outputs[0]
                 if submitted_ns:  # the first output: the request has left vLLM's queue
                     self._trace_queue(span, getattr(output, "metrics", None), submitted_ns)
@@ -399,7 +401,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         span = self.tracing.start("engine", attributes={
             "featurelens.engine_request_id": engine_id, "featurelens.sample_index": sample_index,
             "featurelens.prompt_tokens": len(plan.prompt_token_ids), "featurelens.priority": plan.priority,
-            "featurelens.mode": MODE_LABELS.get(plan.mode, "dense"),
+            "featurelens.mode": MODE_LABELS.get(plan.mode, "dense"), "featurelens.adapter": plan.adapter,
             "featurelens.structured_output": ",".join(plan.structured_output or ())})
         if not interp.active:
             return span, None
@@ -630,6 +632,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 kv_cache_dtype=s.kv_cache_dtype, kv_cache_tokens=self.engine.kv_cache_tokens,
                 dtype=self.engine.dtype, scheduling_policy=s.scheduling_policy,
             )
+            for adapter in getattr(self.engine, "adapters", {}).values():
+                info.adapters.add(name=adapter.name, rank=adapter.rank, target_modules=adapter.target_modules)
             for entry in self.engine.saes.values():
                 info.saes.add(sae_id=entry.sae_id, layer=entry.layer, hook_name=entry.cfg.hook_name or "",
                               d_in=entry.cfg.d_in, d_sae=entry.d_sae, architecture=entry.cfg.architecture)

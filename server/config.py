@@ -61,6 +61,12 @@ class Settings(BaseSettings):
                                                                       "int8 copies of the decoder projections at start-up "
                                                                       "(~1 byte per weight), 'none' disables the mode")
     sae: Annotated[list[str], NoDecode] = Field(default_factory=list, description="SAEs to load, 'LAYER=PATH' (repeatable)")
+    lora: Annotated[list[str], NoDecode] = Field(default_factory=list, description="LoRA adapters (PEFT format) to "
+                                                 "load at start-up, 'NAME=PATH' (repeatable); requests choose one "
+                                                 "by name")
+    max_lora_rank: int = Field(16, description="largest rank of a --lora adapter, one of 1, 8, 16, 32, 64, 128, "
+                                               "256, 320, 512 (vLLM sizes its LoRA buffers for it)")
+    max_loras: int = Field(4, ge=1, description="distinct LoRA adapters in one engine step (vLLM's max_loras)")
     sae_gemm_dtype: Literal["bfloat16", "float32", "torch"] = Field(
         "bfloat16", description="the worker's SAE encode matmul: oneDNN in bfloat16 (half the weight bytes, ~3 "
                                 "significant digits per activation; risk AUROC unchanged, docs/risk.md) or "
@@ -116,7 +122,7 @@ class Settings(BaseSettings):
                                                         "http://otel-collector:4317 (https:// for TLS); unset: no "
                                                         "tracing")
 
-    @field_validator("sae", mode="before")
+    @field_validator("sae", "lora", mode="before")
     @classmethod
     def _split_sae(cls, value: Any) -> Any:
         # From the environment a list may come as "6=/a,20=/b" rather than JSON.
@@ -125,6 +131,13 @@ class Settings(BaseSettings):
             if value.startswith("["):
                 return json.loads(value)
             return [part for part in value.split(",") if part]
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _check_lora_rank(cls, value: int) -> int:
+        if value not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+            raise ValueError("max_lora_rank must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's ranks)")
         return value
 
     @field_validator("quantized_mode")

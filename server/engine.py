@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from featurelens.server.config import Settings, SettingsError
 
 if TYPE_CHECKING:
+    from featurelens.server.adapters import Adapter
     from featurelens.server.interp.capture import FeatureReceiver
     from featurelens.server.interp.catalog import FeatureCatalog
     from featurelens.server.interp.registry import SaeEntry
@@ -86,7 +87,9 @@ def resolve_dtype(setting: str, on_cpu: bool | None = None) -> tuple[str, str]:
 def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
     """The engine settings that decide what vLLM computes and how fast. Our engine and every benchmark's
     plain-vLLM baseline are built from this one dict, so a ratio never compares unlike engines."""
-    return {
+    lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": settings.max_loras} \
+        if settings.lora else {}
+    return lora | {
         "model": model_path,
         "dtype": resolve_dtype(settings.dtype)[0],
         "max_model_len": settings.max_model_len,
@@ -163,6 +166,7 @@ class Engine:
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
         self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
         self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
+        self.adapters: dict[str, Adapter] = {}  # LoRA adapters by name (--lora), loaded into the engine at start
         self.modes_refused: dict[str, str] = {}  # mode -> why the worker cannot run it on this model's architecture
         self.sparse_logits = "dense"  # sparse requests' logits: "int8-rescored" once the worker installed it
         self.kv_cache_tokens = 0  # tokens the engine's KV cache holds (blocks x block size), known once started
@@ -202,6 +206,9 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         check_kv_cache_dtype(s.kv_cache_dtype)
+        from featurelens.server.adapters import load_adapters
+
+        self.adapters = load_adapters(s.lora, s.max_lora_rank)  # a bad --lora fails here, before the engine
         self.model_path = resolve_model(s.model)
         if not s.enforce_eager:
             log.warning("compiled mode: vLLM skips Python forward hooks, so interpretability options "
@@ -240,6 +247,11 @@ class Engine:
         log.info("engine started in %.1fs: %s; dtype %s; KV cache %s, %d tokens", time.perf_counter() - started,
                  self.shape, self.dtype, cache.cache_dtype, self.kv_cache_tokens)
         await self._setup_interpretability()
+        for adapter in self.adapters.values():  # loaded now: a broken adapter fails start-up, not a request
+            if not await self._running().add_lora(adapter.request()):
+                raise SettingsError(f"lora: vLLM refused adapter {adapter.name!r} ({adapter.path})")
+            log.info("LoRA adapter %s: rank %d on %s (%s)", adapter.name, adapter.rank,
+                     ", ".join(adapter.target_modules), adapter.path)
 
     def _codes_identity(self) -> str:
         """Everything engine-wide that changes the SAE codes a prompt gets: the weights, the dtype the model
@@ -447,17 +459,21 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, priority: int = 0,
+                       adapter: str = "") -> AsyncIterator[RequestOutput]:
         """Yields vLLM RequestOutputs. If the consumer stops early (cancel, deadline, error), the request is
         aborted in the engine so its slot and KV blocks are freed at once. A `cache_salt` keeps the request's
         KV blocks apart from others in the prefix cache (steered requests must not share with unsteered).
-        `priority`: lower is scheduled earlier, with --scheduling-policy priority (vLLM ignores it otherwise)."""
+        `priority`: lower is scheduled earlier, with --scheduling-policy priority (vLLM ignores it otherwise).
+        `adapter`: a loaded LoRA adapter's name (self.adapters), or "" for the base model."""
         prompt: TokensPrompt = {"prompt_token_ids": prompt_token_ids}
         if cache_salt:
             prompt["cache_salt"] = cache_salt
         finished = False
         try:
-            async for output in self._running().generate(prompt, params, request_id, priority=priority):
+            lora = self.adapters[adapter].request() if adapter else None
+            async for output in self._running().generate(prompt, params, request_id, priority=priority,
+                                                         lora_request=lora):
                 finished = output.finished
                 yield output
         finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ class GenerationPlan:
     structured_output: dict[str, Any] | None = None
     num_samples: int = 1  # independent samples, one engine request each (SamplingOptions.num_samples)
     priority: int = 0  # vLLM scheduling priority, lower first (only with --scheduling-policy priority)
+    adapter: str = ""  # LoRA adapter name (a loaded one), "" for the base model
 
     def sample_kwargs(self, index: int) -> dict[str, Any]:
         """vLLM sampling arguments of sample `index`: its own seed stream, seed + index, when a seed was given."""
@@ -105,11 +106,12 @@ def prompt_token_ids(request: Any, tokenizer: Tokenizes, max_model_len: int) -> 
 
 def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, max_model_len: int,
                       vocab_size: int, request_id: str, sparsity_levels: Sequence[int] = (),
-                      quantized_available: bool = False) -> GenerationPlan:
+                      quantized_available: bool = False, adapters: Collection[str] = ()) -> GenerationPlan:
     """GenerateRequest or GenerateStreamRequest → GenerationPlan, or ApiError naming the field.
 
     `sparsity_levels`: the WINA levels (percent) the engine serves; empty means sparse mode is unavailable.
     `quantized_available`: the worker installed the int8 projections (INFERENCE_MODE_QUANTIZED).
+    `adapters`: the names of the LoRA adapters the engine loaded.
     """
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         raise invalid("request_id", "must be 1-128 characters of letters, digits and . _ : / -")
@@ -142,7 +144,25 @@ def validate_generate(request: Any, tokenizer: Tokenizes, settings: Settings, ma
         structured_output=structured,
         num_samples=num_samples,
         priority=_priority(request.priority, settings),
+        adapter=_adapter(request.adapter, adapters, mode),
     )
+
+
+def _adapter(name: str, adapters: Collection[str], mode: pb.InferenceMode) -> str:
+    """A request's LoRA adapter: one the server loaded, or "" for the base model. Dense mode only: the sparse and
+    int8 modes compute the projections themselves and would leave the adapter's update out."""
+    if name and mode != pb.INFERENCE_MODE_DENSE:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"adapter: LoRA adapters run in INFERENCE_MODE_DENSE only; the sparse and int8 modes compute "
+                       f"the projections themselves, without the adapter's update (got mode "
+                       f"{pb.InferenceMode.Name(mode)})")
+    if not name or name in adapters:
+        return name
+    if not adapters:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                       f"adapter: this server loads no LoRA adapters (start it with --lora NAME=PATH), got {name!r}")
+    raise invalid("adapter", f"unknown adapter {name[:64]!r}; loaded: {', '.join(sorted(adapters))} "
+                             "(GetModelInfo.adapters)")
 
 
 def _priority(priority: int, settings: Settings) -> int:

@@ -142,3 +142,19 @@ def test_priority_is_sent_by_client_and_cli(recorder):
                           "--timeout-s", "10", "--priority", "4"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert service.requests[-1].priority == 4
+
+
+def test_adapter_is_sent_and_listed(recorder):
+    from featurelens.client.types import AdapterInfo, ModelInfo
+
+    service, target = recorder
+    with Client(target, timeout_s=10) as client:
+        client.generate("x", adapter="support")
+    assert service.requests[-1].adapter == "support"
+    out = subprocess.run([sys.executable, "-m", "featurelens.client.cli", "generate", "x", "--target", target,
+                          "--timeout-s", "10", "--adapter", "legal"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert service.requests[-1].adapter == "legal"
+    info = ModelInfo.from_pb(pb.GetModelInfoResponse(adapters=[pb.AdapterInfo(name="legal", rank=8,
+                                                                              target_modules=["q_proj"])]))
+    assert info.adapters == [AdapterInfo("legal", 8, ("q_proj",))]

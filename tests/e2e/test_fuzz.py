@@ -140,7 +140,7 @@ class StandInEngine(WordTokenizer):
         return 0
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: Any,
-                       cache_salt: str | None = None, priority: int = 0) -> Any:
+                       cache_salt: str | None = None, priority: int = 0, adapter: str = "") -> Any:
         self.reached.append(params)
         raise ReachedEngine
         yield  # an async generator, like Engine.generate

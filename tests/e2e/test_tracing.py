@@ -54,7 +54,7 @@ class StandInEngine(ToyTokenizer):
     def token_text(self, token_id: int) -> str:
         return f"t{token_id}"
 
-    async def generate(self, request_id, prompt_token_ids, params, cache_salt=None, priority=0):
+    async def generate(self, request_id, prompt_token_ids, params, cache_salt=None, priority=0, adapter=""):
         queued = time.monotonic()
         await asyncio.sleep(QUEUE_S)
         stats = SimpleNamespace(queued_ts=queued, scheduled_ts=time.monotonic())

@@ -284,7 +284,7 @@ class ResponseRisk(_message.Message):
     def __init__(self, score: _Optional[float] = ..., label: _Optional[_Union[RiskLabel, str]] = ..., top_features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., probe_id: _Optional[str] = ..., ood: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output", "priority")
+    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output", "priority", "adapter")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +297,7 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     sampling: SamplingOptions
@@ -309,7 +310,8 @@ class GenerateRequest(_message.Message):
     request_id: str
     structured_output: StructuredOutput
     priority: int
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ..., priority: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("sample_index", "text", "tokens", "finish_reason", "usage", "risk")
@@ -352,7 +354,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., risk: _Optional[_Union[ResponseRisk, _Mapping]] = ..., prompt_features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output", "priority")
+    __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output", "priority", "adapter")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +367,7 @@ class GenerateStreamRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: ChatMessages
     sampling: SamplingOptions
@@ -377,7 +380,8 @@ class GenerateStreamRequest(_message.Message):
     request_id: str
     structured_output: StructuredOutput
     priority: int
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stopping: _Optional[_Union[StoppingOptions, _Mapping]] = ..., logprobs: _Optional[_Union[LogprobOptions, _Mapping]] = ..., interpretability: _Optional[_Union[InterpretabilityOptions, _Mapping]] = ..., steering: _Optional[_Iterable[_Union[SteeringIntervention, _Mapping]]] = ..., mode: _Optional[_Union[InferenceMode, str]] = ..., sparsity_percent: _Optional[int] = ..., request_id: _Optional[str] = ..., structured_output: _Optional[_Union[StructuredOutput, _Mapping]] = ..., priority: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("text_delta", "tokens", "finish_reason", "usage", "risk", "prompt_features", "request_id", "sample_index")
@@ -615,6 +619,16 @@ class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "rank", "target_modules")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rank: int
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SaeInfo(_message.Message):
     __slots__ = ("sae_id", "layer", "hook_name", "d_in", "d_sae", "architecture")
     SAE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -670,7 +684,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_features_per_token: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_steering_strength: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., max_in_flight_requests: _Optional[int] = ..., max_structured_output_chars: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens", "dtype", "scheduling_policy")
+    __slots__ = ("model", "num_layers", "hidden_size", "vocab_size", "max_model_len", "saes", "modes", "limits", "server_version", "interpretability_available", "risk_available", "risk_probe_id", "kv_cache_dtype", "kv_cache_tokens", "dtype", "scheduling_policy", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -687,6 +701,7 @@ class GetModelInfoResponse(_message.Message):
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULING_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_layers: int
     hidden_size: int
@@ -703,7 +718,8 @@ class GetModelInfoResponse(_message.Message):
     kv_cache_tokens: int
     dtype: str
     scheduling_policy: str
-    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., modes: _Optional[_Iterable[_Union[ModeInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., interpretability_available: _Optional[bool] = ..., risk_available: _Optional[bool] = ..., risk_probe_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., scheduling_policy: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., modes: _Optional[_Iterable[_Union[ModeInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., interpretability_available: _Optional[bool] = ..., risk_available: _Optional[bool] = ..., risk_probe_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., scheduling_policy: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "chat")
