@@ -410,9 +410,6 @@ class Engine:
                     del self._worker_vectors[key]
                 await self._running().collective_rpc("featurelens_drop_vectors", args=(drop,))
 
-    def worker_vector_keys(self) -> list[str]:
-        return list(self._worker_vectors)
-
     @staticmethod
     def model_id_for(requested: str, path: str) -> str:
         if requested in ("default", "smollm2", ""):
