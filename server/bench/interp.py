@@ -4,22 +4,28 @@
   hallucination-risk scoring on every request (the shipped probe), with the mean request latency of each;
 * bytes per token crossing worker → frontend vs a dense residual capture of the same layers;
 * the feature channel: ZMQ push socket vs collective_rpc polling (a second server start);
-* steering vs HF transformers + a forward hook doing the same nudge on the same model and prompts.
+* steering vs HF transformers + a forward hook doing the same nudge on the same model and prompts;
+* with `--tensor-parallel-size 1 2`: all of the above per worker count (one server start each, in turn; the
+  engine binds one CPU group per worker), and each one's plain tok/s against the first's.
+
+Any served model: `--model PATH --sae LAYER=PATH ...` (the risk variant needs a probe: `--risk-probe`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from featurelens.server.bench.common import add_load, add_rounds, parser, prompts, saes_for_bench
+from featurelens.server.bench.common import add_load, add_model, add_rounds, parser, prompts, saes_for_bench
 from featurelens.v1 import featurelens_pb2 as pb
 
 
 async def _run_variants(saes: list[str], transport: str, prompts: list[str], max_new_tokens: int,
-                        concurrency: int, variants: list[str], rounds: int = 1) -> dict[str, dict[str, float]]:
+                        concurrency: int, variants: list[str], rounds: int = 1, model: str = "default",
+                        tensor_parallel_size: int = 1, risk_probe: str = "default") -> dict[str, dict[str, float]]:
     """Per variant: tok/s, ratio to plain, mean request latency and its ratio, bytes per token.
 
     One untimed pass of every variant first (prefix cache and first-use costs then favour none of them),
@@ -31,9 +37,17 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
     from featurelens.server.app import start_server
     from featurelens.server.config import Settings
 
+    # Several CPU workers: vLLM's CPU backend reserves gpu_memory_utilization of the RAM per worker.
+    extra: dict[str, Any] = {"gpu_memory_utilization": 0.1} if tensor_parallel_size > 1 else {}
     running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=concurrency, max_in_flight=10_000,
-                                          sae=saes, feature_transport=transport))
+                                          sae=saes, feature_transport=transport, model=model, risk_probe=risk_probe,
+                                          tensor_parallel_size=tensor_parallel_size, **extra))
     layers = sorted(running.engine.saes)
+    if running.engine.risk_probe is None and "risk" in variants:
+        print("no risk probe for this model: the risk variant is left out (--risk-probe)", flush=True)
+        variants = [v for v in variants if v != "risk"]
+    assert running.engine.shape is not None  # known once the engine started
+    hidden = running.engine.shape.hidden_size
     feature_sel = [pb.FeatureSelection(layer=layer, top_k=8) for layer in layers]
     steer = [pb.SteeringIntervention(layer=layers[0], feature_id=3, op=pb.STEERING_OP_NUDGE, strength=4.0)]
     receiver = running.engine.features
@@ -85,27 +99,30 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
         if plain:
             out[variant]["vs_plain"] = median(r[0] / p[0] for r, p in zip(results, plain, strict=True))
             out[variant]["latency_vs_plain"] = median(r[1] / p[1] for r, p in zip(results, plain, strict=True))
-    out["_dense_bf16_bytes_per_token"] = {"bytes_per_token": 576 * 2 * len(layers)}
+    out["_dense_bf16_bytes_per_token"] = {"bytes_per_token": hidden * 2 * len(layers)}
     return out
 
 
-def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, layer: int) -> float:
+def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, layer: int,
+                 model_name: str = "default") -> float:
     """The same nudge with HF transformers: forward hook on the decoder layer, batched generate()."""
     import torch
     from featurelens.server.model_assets import resolve_model
+    from featurelens.server.worker.model import hf_layers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model("default")
+    path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    direction = torch.nn.functional.normalize(torch.randn(576), dim=0).to(torch.bfloat16) * 4.0
+    hidden = int(model.config.hidden_size)
+    direction = torch.nn.functional.normalize(torch.randn(hidden), dim=0).to(torch.bfloat16) * 4.0
 
     def hook(module: Any, inputs: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         hidden += direction
         return output
 
-    handle = model.model.layers[layer].register_forward_hook(hook)
+    handle = hf_layers(model)[layer].register_forward_hook(hook)
     tokens = 0
     started = time.perf_counter()
     with torch.no_grad():
@@ -124,30 +141,71 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser("interp", __doc__)
     add_load(ap, concurrency_help="the concurrency to measure (default 32)")
     add_rounds(ap)
+    add_model(ap)
+    ap.add_argument("--sae", action="append", default=None,
+                    help="LAYER=PATH (repeatable); needed with --model, default: the shipped SAEs")
+    ap.add_argument("--risk-probe", default="default",
+                    help="the risk variant's probe file ('default': the shipped one, default model only)")
+    ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
+                    help="worker counts to measure, one server start each (e.g. 1 2: TP=2 against TP=1)")
     args = ap.parse_args(argv)
+    if args.model != "default" and not args.sae:
+        ap.error("--model needs --sae LAYER=PATH: the shipped SAEs are the default model's")
     concurrency = (args.concurrency or [32])[0]
     rounds = max(1, args.rounds)
     texts = prompts(args.num_prompts)
-    saes = saes_for_bench()
+    saes = args.sae or saes_for_bench()
     print(f"bench interp: {len(texts)} prompts × {args.max_new_tokens} tokens at concurrency {concurrency}; "
-          f"{rounds} timed rounds after a warm-up, variants interleaved; "
-          f"SAEs: {', '.join(Path(s).name for s in saes)}", flush=True)
-    variants = ["plain", "features", "steering", "features+steering", "risk"]
-    zmq = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, concurrency, variants, rounds))
-    rpc = asyncio.run(_run_variants(saes, "rpc", texts, args.max_new_tokens, concurrency, ["features"], rounds))
-    hf_tp = _hf_steering(texts, args.max_new_tokens, concurrency, layer=12)
-    dense = zmq.pop("_dense_bf16_bytes_per_token")["bytes_per_token"]
-    rpc.pop("_dense_bf16_bytes_per_token")
-    print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9} {'mean latency s':>15} {'vs plain':>9} {'bytes/token':>12}")
-    for variant, r in zmq.items():
-        sent = f"{r['bytes_per_token']:>12.1f}" if r["bytes_per_token"] else f"{'-':>12}"
-        print(f"{variant:<20} {r['tok_s']:>8.1f} {r['vs_plain']:>8.2f}x {r['latency_s']:>15.2f} "
-              f"{r['latency_vs_plain']:>8.2f}x {sent}")
-    print(f"{'features (rpc poll)':<20} {rpc['features']['tok_s']:>8.1f}   ZMQ/rpc = "
-          f"{zmq['features']['tok_s'] / rpc['features']['tok_s']:.2f}x (separate server start)")
-    for variant in ("features", "risk"):
-        print(f"bytes/token {variant:<10} {zmq[variant]['bytes_per_token']:>7.1f}   dense bf16 residuals {dense:.0f}   "
-              f"{dense / zmq[variant]['bytes_per_token']:.1f}x fewer")
-    print(f"steering: ours {zmq['steering']['tok_s']:.1f} tok/s vs HF transformers+hook {hf_tp:.1f} tok/s = "
-          f"{zmq['steering']['tok_s'] / hf_tp:.2f}x")
+          f"{rounds} timed rounds after a warm-up, variants interleaved; model {args.model}; "
+          f"SAEs: {', '.join(Path(s.partition('=')[2] or s).name for s in saes)}", flush=True)
+    plain_by_tp: dict[int, float] = {}
+    for tp in args.tensor_parallel_size:
+        variants = ["plain", "features", "steering", "features+steering", "risk"]
+        common: dict[str, Any] = {"rounds": rounds, "model": args.model, "tensor_parallel_size": tp,
+                                  "risk_probe": args.risk_probe}
+        bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # the engine sets it for several CPU workers
+        try:
+            zmq = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, concurrency, variants,
+                                            **common))
+            rpc = asyncio.run(_run_variants(saes, "rpc", texts, args.max_new_tokens, concurrency, ["features"],
+                                            **common))
+        finally:  # the next worker count binds its own
+            if bind is None:
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        # HF transformers runs one process: measured once, beside the first worker count
+        hf_tp = _hf_steering(texts, args.max_new_tokens, concurrency, layer=_sae_layers(saes)[0],
+                             model_name=args.model) if tp == args.tensor_parallel_size[0] else 0.0
+        dense = zmq.pop("_dense_bf16_bytes_per_token")["bytes_per_token"]
+        rpc.pop("_dense_bf16_bytes_per_token")
+        plain_by_tp[tp] = zmq["plain"]["tok_s"]
+        if len(args.tensor_parallel_size) > 1:
+            print(f"--- tensor parallel size {tp}")
+        print(f"{'variant':<20} {'tok/s':>8} {'vs plain':>9} {'mean latency s':>15} {'vs plain':>9} {'bytes/token':>12}")
+        for variant, r in zmq.items():
+            sent = f"{r['bytes_per_token']:>12.1f}" if r["bytes_per_token"] else f"{'-':>12}"
+            print(f"{variant:<20} {r['tok_s']:>8.1f} {r['vs_plain']:>8.2f}x {r['latency_s']:>15.2f} "
+                  f"{r['latency_vs_plain']:>8.2f}x {sent}")
+        print(f"{'features (rpc poll)':<20} {rpc['features']['tok_s']:>8.1f}   ZMQ/rpc = "
+              f"{zmq['features']['tok_s'] / rpc['features']['tok_s']:.2f}x (separate server start)")
+        for variant in ("features", "risk"):
+            if variant in zmq:
+                print(f"bytes/token {variant:<10} {zmq[variant]['bytes_per_token']:>7.1f}   dense bf16 residuals "
+                      f"{dense:.0f}   {dense / zmq[variant]['bytes_per_token']:.1f}x fewer")
+        if hf_tp:
+            print(f"steering: ours {zmq['steering']['tok_s']:.1f} tok/s vs HF transformers+hook {hf_tp:.1f} tok/s = "
+                  f"{zmq['steering']['tok_s'] / hf_tp:.2f}x")
+    first = args.tensor_parallel_size[0]
+    for tp, tok_s in plain_by_tp.items():
+        if tp != first:
+            print(f"plain tok/s, tensor parallel {tp} vs {first}: {tok_s / plain_by_tp[first]:.2f}x "
+                  "(separate server starts)")
     return 0
+
+
+def _sae_layers(saes: list[str]) -> list[int]:
+    """The layers of the SAE arguments, sorted (the steering layer is the first, as in `_run_variants`)."""
+    from featurelens.server.interp.registry import parse_sae_arg
+
+    return sorted(parse_sae_arg(s).layer for s in saes)

@@ -365,3 +365,34 @@ def resolve_layout(model: torch.nn.Module) -> ModelLayout:
 def default_layout(layers: list[torch.nn.Module] | None = None) -> ModelLayout:
     """The Llama layout over given layers (unit tests and callers that predate the adapter)."""
     return ModelLayout(family=DEFAULT_FAMILY, layers=list(layers or []))
+
+
+def hf_family(model: torch.nn.Module) -> Family:
+    """The family of a Hugging Face transformers causal LM, for the offline tools that run one (sparsity
+    calibration, SAE evaluation, the benchmarks' HF baselines): its own class, else its base model's
+    (Olmo2Model, GPTNeoXModel: the keys of the families vLLM serves through its Transformers backend).
+    UnsupportedModel naming the class when neither has an entry."""
+    name = type(model).__name__
+    if name in BY_CLASS:
+        return BY_CLASS[name]
+    base = getattr(model, "base_model", None)
+    if base is not None and base is not model and type(base).__name__ in BY_CLASS:
+        return BY_CLASS[type(base).__name__]
+    return family_of(name)
+
+
+def hf_layers(model: torch.nn.Module, family: Family | None = None) -> list[torch.nn.Module]:
+    """The decoder layers of a Hugging Face transformers causal LM: its checkpoint's layer prefix is their module
+    path ("model.layers", "transformer.h", "gpt_neox.layers"). The residual stream after layer L, featurelens'
+    "layer L", is the first output of layers[L]."""
+    family = family or hf_family(model)
+    if not _has(model, family.checkpoint_layers):
+        raise RuntimeError(f"cannot find decoder layers on {type(model).__name__}: expected "
+                           f"{family.checkpoint_layers} for the {family.name} family")
+    import torch
+
+    container = model.get_submodule(family.checkpoint_layers)
+    if not isinstance(container, torch.nn.ModuleList):
+        raise RuntimeError(f"{type(model).__name__}: {family.checkpoint_layers} is a {type(container).__name__}, "
+                           "not the decoder layers' ModuleList")
+    return list(container)
