@@ -1,7 +1,16 @@
-"""Offline WINA calibration and quality check for the default model (HF transformers, CPU, float32).
+"""Offline WINA calibration and quality check (HF transformers, CPU, float32), for the default model or any
+model of a family with an architecture adapter (server/worker/model.py) whose MLPs are dense:
 
     featurelens sparsity --texts 150 --prompts 60 --projection \
         --serve projection --rotate mlp --threads 2
+    featurelens sparsity --model /path/to/model --out /path/to/model-wina.json     # then serve with
+        featurelens serve --model /path/to/model --sparsity-thresholds /path/to/model-wina.json
+
+The tables are keyed "<layer>.<proj>" with the family's projection names (`Family.projection_names`: Llama's
+q/k/v/o/gate/up/down, GPT-2's without gate, GPT-NeoX's fused qkv_proj), each projection's weight as the
+family's `WeightSource` reads it from the checkpoint, as the server's sparse mode masks them. A projection the
+Hugging Face model computes inside a fused module (Phi-3's qkv_proj, GPT-2's Conv1D c_attn) is split into one
+linear per projection first (`prepare_model`, the same function). Mixture-of-experts families are refused.
 
 1. Text (offline/sparsity/data.py): by default (`--calibration chat`) the dense model's greedy continuations of three
    disjoint sets of chat prompts, counted at the generated positions only, since a sparse request masks its
@@ -43,7 +52,6 @@ import torch
 from featurelens.server.modes.sparsity import (
     DEFAULT_THRESHOLDS,
     LEVELS,
-    PROJECTIONS,
     ROTATION_GROUPS,
     basis_weight,
     column_norms,
@@ -70,22 +78,124 @@ from featurelens.server.offline.sparsity.fit import (
     principal_rotation,
     quantize_rotations,
 )
+from featurelens.server.worker.model import Family
 
 
 def load_model(path: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return prepare_model(model), AutoTokenizer.from_pretrained(path)
+
+
+class SplitLinear(torch.nn.Module):
+    """A fused projection module (Phi-3's qkv_proj, GPT-2's Conv1D c_attn) as one nn.Linear per projection
+    (`parts`, in output-column order) whose outputs are concatenated: the same function, and each projection
+    can be hooked, masked and rotated on its own as the server's sparse mode does."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, names: list[str], sizes: list[int]) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleDict()
+        start = 0
+        for name, size in zip(names, sizes, strict=True):
+            linear = torch.nn.Linear(weight.shape[1], size, bias=bias is not None, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight[start:start + size])
+                if bias is not None:
+                    linear.bias.copy_(bias[start:start + size])
+            self.parts[name] = linear
+            start += size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts.values()], dim=-1)
+
+
+class Layout:
+    """Where the calibration finds a model's decoder, its blocks and each block's projections."""
+
+    def __init__(self, family: Family, layers: list[torch.nn.Module], paths: dict[str, str]) -> None:
+        self.family, self.layers, self.paths = family, layers, paths  # paths: proj -> module path in a block
+
+    def group_first(self, group: str) -> str | None:
+        """The first of a rotation group's projections this family has (they all read one input)."""
+        return next((p for p in ROTATION_GROUPS[group] if p in self.paths), None)
+
+
+def _fused_sizes(config: Any, names: list[str], rows: int) -> list[int]:
+    """Row blocks of a fused tensor: q|k|v by the attention's head counts (grouped-query attention makes k and
+    v narrower than q), anything else (gate|up, GPT-2's equal q|k|v) in equal blocks."""
+    if names == ["q_proj", "k_proj", "v_proj"]:
+        heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or (int(config.hidden_size) // heads if heads else 0))
+        sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+        if heads and sum(sizes) == rows:
+            return sizes
+    if rows % len(names):
+        raise ValueError(f"cannot split {rows} output rows into {names}")
+    return [rows // len(names)] * len(names)
+
+
+def prepare_model(model: Any) -> Any:
+    """Bind the model's family (server/worker/model.py) and split its fused projection modules, in place; the
+    model computes the same function. Refuses, naming the model class, a family sparse mode cannot run on
+    (mixture-of-experts MLPs) and one the adapter does not know."""
+    from featurelens.server.worker.model import hf_family, hf_layers
+
+    if isinstance(getattr(model, "_featurelens_layout", None), Layout):
+        return model
+    cls = type(model).__name__
+    family = hf_family(model)
+    if family.sparse or not family.projections:
+        raise ValueError(f"sparsity calibration cannot run on {cls} (the {family.name} family): "
+                         f"{family.sparse or 'it has no projections sparse mode wraps'}")
+    layers = hf_layers(model, family)
+    by_key: dict[str, list[str]] = {}
+    for proj in family.projection_names:
+        by_key.setdefault(family.weights[proj].key, []).append(proj)
+    paths: dict[str, str] = {}
+    for key, names in by_key.items():
+        path = key.removesuffix(".weight")
+        sources = [family.weights[p] for p in names]
+        whole = len(names) == 1 and sources[0].parts == 1 and not sources[0].transposed
+        if whole:
+            if not all(isinstance(layer.get_submodule(path), torch.nn.Linear) for layer in layers):
+                raise ValueError(f"{cls}: {path} is not an nn.Linear in every block")
+            paths[names[0]] = path
+            continue
+        if len(names) != sources[0].parts or [s.part for s in sources] != list(range(len(names))):
+            raise ValueError(f"{cls}: {key} holds {sources[0].parts} projections, the family names {names}")
+        parent, attr = path.rsplit(".", 1) if "." in path else ("", path)
+        for layer in layers:
+            module = layer.get_submodule(path)
+            weight = cast(torch.Tensor, module.weight).detach()
+            weight = weight.T if sources[0].transposed else weight  # [out, in]
+            sizes = _fused_sizes(model.config, names, weight.shape[0])
+            split = SplitLinear(weight, getattr(module, "bias", None), names, sizes)
+            setattr(layer.get_submodule(parent) if parent else layer, attr, split)
+        paths.update({p: f"{path}.parts.{p}" for p in names})
+    model._featurelens_layout = Layout(family, layers, paths)
+    return model
+
+
+def layout_of(model: Any) -> Layout:
+    """The model's calibration layout (`prepare_model` on first use)."""
+    return cast(Layout, prepare_model(model)._featurelens_layout)
+
+
+def decoder(model: Any) -> Any:
+    """The decoder without the unembedding: hooking its blocks needs no logits."""
+    return model.base_model
 
 
 def projections(model: Any) -> dict[str, torch.nn.Linear]:
     """"<layer>.<proj>" -> nn.Linear for every decoder block (for a rotated projection, the linear of the
     rotated basis: its hooks see x Q and its weight is W Q)."""
+    layout = layout_of(model)
     out: dict[str, torch.nn.Linear] = {}
-    for i, layer in enumerate(model.model.layers):
-        for proj, path in PROJECTIONS.items():
-            module = layer.get_submodule(path)  # an HF Llama-style block's projections are nn.Linear
+    for i, layer in enumerate(layout.layers):
+        for proj, path in layout.paths.items():
+            module = layer.get_submodule(path)
             out[f"{i}.{proj}"] = module.inner if isinstance(module, RotatedLinear) else cast(torch.nn.Linear, module)
     return out
 
@@ -113,23 +223,28 @@ class RotatedLinear(torch.nn.Module):
 def rotate_model(model: Any, rotations: dict[str, torch.Tensor] | None) -> Any:
     """Swap every projection with a rotation ("<layer>.<group>" -> Q) for a RotatedLinear, in place; the
     model computes the same function (up to rounding). None or {}: nothing changes."""
-    for i, layer in enumerate(model.model.layers):
-        for proj, path in PROJECTIONS.items():
+    layout = layout_of(model)
+    for i, layer in enumerate(layout.layers):
+        for proj, path in layout.paths.items():
             q = rotation_of(rotations, i, proj)
             module = layer.get_submodule(path)
             if q is None or isinstance(module, RotatedLinear):
                 continue
             parent, name = path.rsplit(".", 1)
-            setattr(layer.get_submodule(parent), name, RotatedLinear(module, q))
+            setattr(layer.get_submodule(parent), name, RotatedLinear(cast(torch.nn.Linear, module), q))
     return model
 
 
 def _group_readers(model: Any, groups: list[str]) -> dict[str, torch.nn.Module]:
     """"<layer>.<group>" -> the group's first projection in that block: they share one input, so hooking one
     sees it."""
-    firsts = {g: ROTATION_GROUPS[g][0] for g in groups}
-    return {f"{i}.{g}": layer.get_submodule(PROJECTIONS[p]) for i, layer in enumerate(model.model.layers)
-            for g, p in firsts.items()}
+    layout = layout_of(model)
+    firsts = {g: layout.group_first(g) for g in groups}
+    missing = [g for g, p in firsts.items() if p is None]
+    if missing:
+        raise ValueError(f"the {layout.family.name} family has no projection of rotation group(s) {missing}")
+    return {f"{i}.{g}": layer.get_submodule(layout.paths[p]) for i, layer in enumerate(layout.layers)
+            for g, p in firsts.items() if p is not None}
 
 
 @torch.inference_mode()
@@ -149,7 +264,7 @@ def input_moments(model: Any, sequences: list[Sequence], groups: list[str]) -> d
     with hooks(mods, make_hook):
         for ids, start in sequences:
             first[0] = start
-            model.model(ids, use_cache=False)
+            decoder(model)(ids, use_cache=False)
     return moments
 
 
@@ -239,7 +354,7 @@ def collect_scores(model: Any, sequences: list[Sequence], per_call: int = 2048, 
     with hooks(mods, make_hook):
         for ids, start in sequences:
             first[0] = start
-            model.model(ids, use_cache=False)  # decoder only: the unembedding is not hooked
+            decoder(model)(ids, use_cache=False)  # decoder only: the unembedding is not hooked
     if not all(samples.values()):
         raise ValueError("no positions to score: every sequence ends at its first counted position")
     return {name: torch.cat(v) for name, v in samples.items()}
@@ -281,18 +396,20 @@ def greedy_levels(model: Any, tok: Any, texts: list[str], sorted_scores: dict[st
     """Per-block TEAL greedy on captured (dense) block inputs; error = relative MSE of the block output."""
     captured: dict[int, list[tuple[tuple, dict]]] = {}
     handles = []
-    for i, layer in enumerate(model.model.layers):
+    layout = layout_of(model)
+    for i, layer in enumerate(layout.layers):
         def grab(_mod: Any, args: tuple, kwargs: dict, i: int = i) -> None:
             captured.setdefault(i, []).append((args, kwargs))
         handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
     for text in texts[:n_seqs]:
-        model.model(document_ids(tok, text), use_cache=False)  # a cache would grow on every replay
+        decoder(model)(document_ids(tok, text), use_cache=False)  # a cache would grow on every replay
     for h in handles:
         h.remove()
 
-    sizes = {p: model.model.layers[0].get_submodule(path).weight.numel() for p, path in PROJECTIONS.items()}
+    first_block = projections(model)
+    sizes = {p: first_block[f"0.{p}"].weight.numel() for p in layout.paths}
     result: dict[float, dict[str, float]] = {t: {} for t in targets}
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(layout.layers):
         dense = [layer(*a, **k) for a, k in captured[i]]
         dense = [d[0] if isinstance(d, tuple) else d for d in dense]
 
@@ -327,10 +444,11 @@ def layer_sensitivity(model: Any, prompts: list[torch.Tensor], dense_full: list[
     n_pos = sum(lp.shape[0] for lp in dense_logp)
     curves: dict[str, list[float]] = {}
     t0 = time.time()
-    for i in range(len(model.model.layers)):
+    layout = layout_of(model)
+    for i in range(len(layout.layers)):
         curves[str(i)] = []
         for s in grid:
-            thr = {f"{i}.{p}": _threshold_at(sorted_scores[f"{i}.{p}"], s) for p in PROJECTIONS}
+            thr = {f"{i}.{p}": _threshold_at(sorted_scores[f"{i}.{p}"], s) for p in layout.paths}
             first = [0]
             kl = 0.0
             with wina_masking(model, thr, first):
@@ -498,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     from featurelens.server.model_assets import MODEL_NAME, resolve_model
 
     ap = argparse.ArgumentParser(prog="featurelens sparsity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(DEFAULT_THRESHOLDS))
+    ap.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a model folder or a hub id")
+    ap.add_argument("--out", default=None, help=f"the thresholds JSON (default model: {DEFAULT_THRESHOLDS}; "
+                    "required for any other)")
     ap.add_argument("--texts", type=int, default=250, help="documents in all (20%% held out)")
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -540,10 +660,22 @@ def main(argv: list[str] | None = None) -> int:
     groups = [g for g in args.rotate.split(",") if g]
     if set(groups) - set(ROTATION_GROUPS):
         ap.error(f"--rotate: unknown groups {sorted(set(groups) - set(ROTATION_GROUPS))}; known: {sorted(ROTATION_GROUPS)}")
+    default_model = args.model.lower() in ("default", "smollm2", "")
+    if args.out is None:
+        if not default_model:
+            ap.error("--model needs --out: the shipped table is the default model's")
+        args.out = str(DEFAULT_THRESHOLDS)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    model, tok = load_model(resolve_model("default"))
+    model_path = args.model if Path(args.model).is_dir() else str(resolve_model(args.model))
+    try:
+        model, tok = load_model(model_path)
+    except ValueError as error:  # a family sparse mode cannot run on, or a layout the adapter does not know
+        ap.error(str(error))
+    layout = layout_of(model)
+    print(f"{type(model).__name__} ({layout.family.name} family): {len(layout.layers)} blocks, projections "
+          f"{', '.join(layout.paths)}", flush=True)
     calib, held = corpus_texts(args.seed, args.texts)
     print(f"{len(calib)} calibration / {len(held)} held-out documents", flush=True)
     dense_model = model  # dense references (continuations, perplexity) come from the model as shipped
@@ -599,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration.update(rotation_prompts=len(rotation_seqs), threshold_prompts=len(threshold_seqs),
                            heldout_prompts=len(heldout_seqs), new_tokens=args.new_tokens,
                            positions="generated tokens only (the prompt runs dense, as served)")
-    out: dict[str, Any] = {"model": MODEL_NAME, "criterion": "wina", "calibration": calibration,
+    name = MODEL_NAME if default_model else Path(model_path).name
+    out: dict[str, Any] = {"model": name, "criterion": "wina", "calibration": calibration,
                            "levels_uniform": {}, "heldout_sparsity_uniform": {}}
     if rotation:
         out["rotation"] = rotation
