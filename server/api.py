@@ -522,7 +522,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         async def body() -> pb.GetFeatureActivationsResponse:
             if not self.engine.interpretability_available:
                 raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "features: the server runs in compiled mode, where hooks do not fire")
+                               "features: this compiled engine has no tap call sites (see the server log); "
+                               "restart it with --enforce-eager")
             if not request.features:
                 raise invalid("features", "select at least one layer (GetModelInfo.saes lists them)")
             capture = parse_feature_selection(request.features, self.engine, self.settings.max_features_per_token,
@@ -684,7 +685,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                "start it with --risk-probe)")
             if not self.engine.interpretability_available:
                 raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "ScoreHallucination: the server runs in compiled mode, where hooks do not fire")
+                               "ScoreHallucination: this compiled engine has no tap call sites (see the server "
+                               "log); restart it with --enforce-eager")
             kind = request.WhichOneof("prompt")
             if kind is None:
                 raise invalid("prompt", "set either text or chat")

@@ -150,6 +150,11 @@ async def start_server(settings: Settings, engine: Engine | None = None) -> Runn
         await running.stop(grace_s=0)
         raise
     log.info("engine warm in %.1fs", time.perf_counter() - started)
+    from featurelens.server.engine import resolve_eager
+
+    log.info("engine: %s (%s); features/steering/risk %s", "eager" if engine.eager else "compiled",
+             resolve_eager(settings.enforce_eager)[1],
+             "on" if engine.interpretability_available else "REFUSED (no tap call sites)")
     await running.set_serving(True)
     running._tasks.append(asyncio.create_task(_watch_engine(running)))
     return running

@@ -31,7 +31,10 @@ class Settings(BaseSettings):
         "fcfs", description="vLLM's scheduling of waiting requests: 'fcfs' (arrival order; a request's priority "
                             "must be 0) or 'priority' (lower priority value first, then arrival; under KV "
                             "pressure the lowest-priority running request is preempted)")
-    enforce_eager: bool = Field(True, description="eager mode; interpretability hooks need it")
+    enforce_eager: bool | None = Field(None, description="run the model eagerly (true) or compiled by vLLM "
+                                       "(false: torch.compile, piecewise CUDA graphs on GPUs); unset: compiled "
+                                       "on GPUs, eager on CPUs. Features, steering and risk work in both; "
+                                       "sparse and int8 mode need eager")
     kv_cache_gib: float = Field(1.0, description="KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE)")
     kv_cache_blocks: int | None = Field(None, ge=1, description="cap the KV cache at this many blocks (vLLM's "
                                         "num_gpu_blocks_override): for hosts shared with other work, or to test "
@@ -190,7 +193,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         annotation = field.annotation
         help_text = f"{field.description} [env FEATURELENS_{name.upper()}]"
-        if annotation is bool:
+        if annotation is bool or annotation == bool | None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_origin(annotation) is list:
             parser.add_argument(flag, action="append", default=None, help=help_text)

@@ -84,18 +84,59 @@ def resolve_dtype(setting: str, on_cpu: bool | None = None) -> tuple[str, str]:
     return "float32", "this CPU has neither AVX512-BF16 nor AMX, so bf16 would be emulated (several times slower)"
 
 
+def resolve_eager(setting: bool | None, on_cpu: bool | None = None) -> tuple[bool, str]:
+    """Whether vLLM runs the model eagerly (`--enforce-eager`) or compiled, and why (the start-up banner says
+    both). Unset: compiled on GPUs, where torch.compile and CUDA graphs pay (hooked eager vLLM decodes 4-11x
+    slower than its graphs on GPUs, public figures in docs/modes.md); eager on CPUs, where compiling the
+    default model costs minutes at start-up and bought no throughput in our measurement
+    (docs/measurements/2026-12-07-compiled-mode.md). Interpretability runs in both (server/worker/tap.py)."""
+    if setting is not None:
+        return setting, "set by --enforce-eager / --no-enforce-eager"
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    if on_cpu:
+        return True, ("CPU: eager (compiling took minutes at start-up and was not faster here; "
+                      "--no-enforce-eager compiles)")
+    return False, "GPU: compiled (torch.compile + piecewise CUDA graphs; --enforce-eager turns it off)"
+
+
+def compilation_config(on_cpu: bool | None = None) -> dict[str, Any]:
+    """vLLM's compilation settings for a compiled engine with the taps: the tap op is a splitting op (the graph
+    is split around it, so it runs eagerly between compiled pieces), which also puts it in vLLM's compile-cache
+    key (a graph compiled without call sites is never reused with them, nor the other way round). On GPUs the
+    CUDA graphs are PIECEWISE: a FULL graph would capture the tap's Python once and replay it frozen."""
+    from featurelens.server.worker.tap import SPLITTING_OPS
+    from vllm.config import CompilationConfig
+
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    # vLLM's own defaults when splitting_ops is unset (CompilationConfig.set_splitting_ops_for_v1), plus ours.
+    ops = list(getattr(CompilationConfig, "_attention_ops", [])) + [
+        "vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update", *SPLITTING_OPS]
+    config: dict[str, Any] = {"splitting_ops": ops}
+    if not on_cpu:
+        config["cudagraph_mode"] = "PIECEWISE"
+    return config
+
+
 def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
     """The engine settings that decide what vLLM computes and how fast. Our engine and every benchmark's
     plain-vLLM baseline are built from this one dict, so a ratio never compares unlike engines."""
     lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": settings.max_loras} \
         if settings.lora else {}
-    return lora | {
+    eager = resolve_eager(settings.enforce_eager)[0]
+    compiled = {} if eager else {"compilation_config": compilation_config()}
+    return lora | compiled | {
         "model": model_path,
         "dtype": resolve_dtype(settings.dtype)[0],
         "max_model_len": settings.max_model_len,
         "max_num_seqs": settings.max_num_seqs,
         "scheduling_policy": settings.scheduling_policy,
-        "enforce_eager": settings.enforce_eager,
+        "enforce_eager": eager,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
@@ -171,8 +212,11 @@ class Engine:
         self.sparse_logits = "dense"  # sparse requests' logits: "int8-rescored" once the worker installed it
         self.kv_cache_tokens = 0  # tokens the engine's KV cache holds (blocks x block size), known once started
         self._catalogs: dict[int, FeatureCatalog | None] = {}
-        # Hooks only run in eager mode; compiled mode refuses interpretability instead of faking it.
-        self.interpretability_available = settings.enforce_eager
+        # The taps run in eager and compiled mode; False only when the worker could not put them in before
+        # vLLM compiled the model (then interpretability is refused instead of faked).
+        self.interpretability_available = True
+        self.eager = True  # how vLLM runs the model (resolve_eager), known once started
+        self.python_modes = True  # sparse and int8 mode wrap Python forwards: eager engines only
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -210,9 +254,11 @@ class Engine:
 
         self.adapters = load_adapters(s.lora, s.max_lora_rank)  # a bad --lora fails here, before the engine
         self.model_path = resolve_model(s.model)
-        if not s.enforce_eager:
-            log.warning("compiled mode: vLLM skips Python forward hooks, so interpretability options "
-                        "(features, risk, steering) will be refused with FAILED_PRECONDITION")
+        self.eager, why_eager = resolve_eager(s.enforce_eager)
+        log.info("engine mode: %s (%s)", "eager" if self.eager else "compiled", why_eager)
+        # Sparse and int8 mode replace projection forwards in Python after the model is loaded: a compiled
+        # graph never calls them, so a compiled engine refuses both (FAILED_PRECONDITION naming the mode).
+        self.python_modes = self.eager
         self.dtype, why = resolve_dtype(s.dtype)
         log.info("dtype %s (--dtype %s): %s", self.dtype, s.dtype, why)
         kwargs = vllm_engine_kwargs(s, self.model_path)
@@ -280,12 +326,21 @@ class Engine:
             config["sparsity"] = {"path": thresholds, "prompt": self.settings.sparse_prompt,
                                   "logits": self.settings.sparse_logits}
         # Quantized mode wraps Python forwards like sparse mode, so compiled mode cannot serve it either.
-        config["quantized"] = self.settings.quantized_mode == "int8" and self.interpretability_available
+        config["quantized"] = self.settings.quantized_mode == "int8" and self.python_modes
         installed = await self._running().collective_rpc("featurelens_setup", args=(config,))
         self.sparsity_levels = tuple(int(level) for level in installed[0].get("sparsity_levels", ()))
         self.sparsity_rotated = tuple(installed[0].get("sparsity_rotated", ()))
         self.quantized = installed[0].get("quantized")
         self.modes_refused = dict(installed[0].get("modes_refused", {}))
+        if not self.eager:
+            for mode in ("sparse", "quantized"):
+                self.modes_refused.setdefault(mode, "the engine runs compiled (--no-enforce-eager); this mode "
+                                                    "wraps Python forwards, which a compiled graph never calls: "
+                                                    "serve it with --enforce-eager")
+            if installed[0].get("taps") != "load":
+                self.interpretability_available = False
+                log.error("compiled engine without tap call sites (installed after vLLM compiled the model): "
+                          "interpretability is refused")
         self.sparse_logits = installed[0].get("sparse_logits", "dense")
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():
@@ -313,7 +368,7 @@ class Engine:
         from featurelens.server.modes.sparsity import DEFAULT_THRESHOLDS
 
         choice = self.settings.sparsity_thresholds
-        if choice == "none" or not self.interpretability_available:  # compiled mode runs no Python wrappers
+        if choice == "none" or not self.python_modes:  # a compiled graph calls no Python wrappers
             return None
         if choice != "default":
             return choice
@@ -329,13 +384,13 @@ class Engine:
     async def sparse_profile(self, reset: bool = False) -> dict[str, dict[str, float]]:
         """Worker step timings by kind of step (ms per step), {} unless FEATURELENS_SPARSE_PROFILE=1 was set
         when the engine started (worker.sparse.StepProfile)."""
-        if not self.interpretability_available:
+        if not self.python_modes:
             return {}
         return (await self._running().collective_rpc("featurelens_sparse_profile", args=(reset,)))[0]
 
     async def head_stats(self) -> dict[str, Any]:
         """The worker's int8 unembedding: logits rows computed in int8 and re-scored ({} when not installed)."""
-        if not self.interpretability_available:
+        if not self.python_modes:
             return {}
         return (await self._running().collective_rpc("featurelens_head_stats"))[0]
 

@@ -120,8 +120,9 @@ def plan_interpretability(request: pb.GenerateRequest | pb.GenerateStreamRequest
     wants = bool(interp.features or interp.include_prompt_features or interp.score_risk or len(request.steering))
     if wants and not engine.interpretability_available:
         raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
-                       "interpretability: the server runs in compiled mode, where hooks do not fire; "
-                       "restart it with --enforce-eager to use features, risk or steering")
+                       "interpretability: this compiled engine has no tap call sites (they could not be "
+                       "installed before vLLM compiled the model; see the server log); restart it with "
+                       "--enforce-eager to use features, risk or steering")
     plan.returned = parse_feature_selection(interp.features, engine, settings.max_features_per_token,
                                             "interpretability.features")
     plan.capture = dict(plan.returned)

@@ -215,7 +215,7 @@ def check_mode(mode: pb.InferenceMode, sparsity_percent: int, sparsity_levels: S
     if mode == pb.INFERENCE_MODE_QUANTIZED and not quantized_available:
         raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                        "mode: INFERENCE_MODE_QUANTIZED is not available on this server (disabled with "
-                       "--quantized-mode none, compiled mode, a device its int8 kernels do not run on, or the "
+                       "--quantized-mode none, a compiled engine (--no-enforce-eager), a device its int8 kernels do not run on, or the "
                        "model's safetensors could not be read; GetModelInfo.modes says which modes are available)")
     return mode or pb.INFERENCE_MODE_DENSE, 0
 

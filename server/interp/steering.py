@@ -133,9 +133,9 @@ def row_mask(positions: torch.Tensor, num_prompt_tokens: int | torch.Tensor, whe
 @torch.no_grad()
 def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: int | torch.Tensor,
                    specs: list[SteeringSpec], sae: Sae | None, vectors: Mapping[str, torch.Tensor]
-                   ) -> torch.Tensor | None:
-    """The float32 change to residual rows `x` [n, d] that share one steering list at one layer, or None if
-    no row is touched. `positions` [n] are the rows' token positions and `num_prompt_tokens` their request's
+                   ) -> torch.Tensor:
+    """The float32 change to residual rows `x` [n, d] that share one steering list at one layer (zero on rows
+    no spec touches; computed without a host-device sync). `positions` [n] are the rows' token positions and `num_prompt_tokens` their request's
     prompt length (an int, or an [n] tensor when rows of several requests with the same list are stacked);
     `sae` is this layer's SAE (or None). Each row's change depends on that row alone."""
     x32 = x.float()
@@ -144,16 +144,15 @@ def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: 
     # Only PIN/SCALE/ABLATE and conditions read current activations; NUDGE and ADD skip the SAE encode.
     if sae is not None and any(s["op"] in ("pin", "scale", "ablate") or "cond" in s for s in specs):
         codes = sae.encode(x).float()
-    touched = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    keep_norm = torch.zeros_like(touched)
+    keep_norm = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for spec in specs:
         mask = row_mask(positions, num_prompt_tokens, spec["positions"])
         if "cond" in spec:
             assert codes is not None, "a steering condition needs the layer's SAE"  # parse_interventions checks
             feature, threshold = spec["cond"]
             mask = mask & (codes[:, int(feature)] > threshold)
-        if not bool(mask.any()):
-            continue
+        # No test of the mask on the host (that would wait for the device): a spec whose rows are all masked
+        # out adds zeros.
         s = spec["strength"]
         if spec["op"] == "add":
             change = s * vectors[spec["vector"]].to(x32).expand_as(x32)
@@ -173,12 +172,9 @@ def steering_delta(x: torch.Tensor, positions: torch.Tensor, num_prompt_tokens: 
                 else:  # ablate
                     change = -a_f * direction
         delta += change * mask[:, None]
-        touched |= mask
         if spec["norm"]:
             keep_norm |= mask
-    if not bool(touched.any()):
-        return None
-    if bool(keep_norm.any()):
+    if any(spec["norm"] for spec in specs):
         edited = x32 + delta
         scale = x32.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         delta = torch.where(keep_norm[:, None], edited * scale - x32, delta)

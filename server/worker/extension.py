@@ -57,6 +57,7 @@ class _RequestRows:
     tag: Any  # what the request's records carry back (a small int from the frontend; the key if none)
     start: int
     end: int
+    first: int  # the token position of row `start`
     num_prompt_tokens: int
     capture: dict[int, dict[str, Any]]
     steer: dict[int, list[SteeringSpec]]
@@ -91,6 +92,8 @@ class _BatchView:
     capture_at: dict[int, list[_RequestRows]] = field(default_factory=dict)
     kept: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # key → (first row, first position, count)
     records: dict[str, _StepRecord] = field(default_factory=dict)
+    # (layer, spans, values, indices, wide): codes encoded at a tap, turned into records when the step ends
+    pending: list[tuple[int, list[Any], torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
     encode_s: float = 0.0  # this step's time in SAE encodes (all layers, all requests)
     risk_s: float = 0.0  # and in the risk probe's selection
 
@@ -129,6 +132,17 @@ def _avoid_amx_attention() -> None:
 
 
 _avoid_amx_attention()
+
+
+def _install_taps_at_load() -> None:
+    """vLLM imports this module when it builds the worker, before the model is loaded and compiled: patch the
+    worker so the tap op's call sites go into the model right after loading (server/worker/tap.py)."""
+    from featurelens.server.worker import tap
+
+    tap.install_at_load()
+
+
+_install_taps_at_load()
 
 
 class FeatureLensWorkerExtension:
@@ -177,8 +191,16 @@ class FeatureLensWorkerExtension:
             handle.remove()
         self._fl_handles = [model.register_forward_pre_hook(self._fl_begin_step, with_kwargs=True),
                             model.register_forward_hook(self._fl_end_step)]
-        for index, block in enumerate(layers):
-            self._fl_handles.append(block.register_forward_hook(self._fl_layer_hook(index)))
+        from featurelens.server.worker import tap
+        from featurelens.server.worker.runner import attach_adapter
+
+        # The op's call sites go in when vLLM loads the model (tap.install_at_load), before anything compiles;
+        # installed here only when that patch did not run (then only an eager engine sees them).
+        taps_at_load = getattr(model, tap.TAPPED, None) is not None
+        tap.install_taps(model)
+        tap.set_handler(self._fl_tap)
+        tap.set_active(frozenset())
+        self._fl_runner = attach_adapter(self.model_runner)
         self._fl_sparse = None
         refused: dict[str, str] = {}  # mode -> why it cannot run on this model
         sparsity = config.get("sparsity")
@@ -234,6 +256,7 @@ class FeatureLensWorkerExtension:
                 log.warning("int8 unembedding unavailable: %s: %s", type(error).__name__, error)
         head = self._fl_head
         return {"layers_hooked": len(layers), "family": layout.family.name, "modes_refused": refused,
+                "taps": "load" if taps_at_load else "setup", "runner": self._fl_runner.describe(),
                 "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
                 "sae_gemm": (f"onednn-{sae_gemm}"
                              if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),
@@ -322,13 +345,17 @@ class FeatureLensWorkerExtension:
 
     def featurelens_active_requests(self) -> int:
         """Requests the model runner holds state for (running or preempted, not yet freed)."""
-        return len(self.model_runner.requests)
+        return self._fl_runner.active_requests()
 
     # -- hooks -------------------------------------------------------------------------------------------
 
     def _fl_begin_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Map rows of the flattened batch to requests that carry a featurelens spec."""
+        """Map rows of the flattened batch to requests that carry a featurelens spec (the runner adapter reads
+        the runner's host-side batch: no device sync), and tell the tap op which layers to look at."""
+        from featurelens.server.worker import tap
+
         self._fl_view = _EMPTY
+        tap.set_active(frozenset(self._fl_harvest_layers))
         self._fl_positions: torch.Tensor | None = kwargs.get("positions", args[1] if len(args) > 1 else None)
         sparse = getattr(self, "_fl_sparse", None)
         if sparse is not None:
@@ -339,31 +366,20 @@ class FeatureLensWorkerExtension:
         head = getattr(self, "_fl_head", None)
         if head is not None:
             head.int8_rows, head.rescored_rows = None, None
-        runner = self.model_runner
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        specs = []
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            state = runner.requests.get(req_id)
-            params = getattr(state, "sampling_params", None)
-            extra = params.extra_args if params is not None else None
-            if extra and "featurelens" in extra:
-                specs.append((i, state, extra["featurelens"]))
+        specs, num_reqs = self._fl_runner.step_rows()
         if not specs:
             return
         positions = self._fl_positions
         assert positions is not None, "the model's forward was called without positions"
-        query_start = runner.query_start_loc.np
         view = _BatchView()
         steering: dict[int, dict[str, tuple[list[SteeringSpec], list[_RequestRows]]]] = {}
-        for i, state, spec in specs:
-            start, end = int(query_start[i]), int(query_start[i + 1])
-            if end <= start:
-                continue
+        for step_row in specs:
+            spec = step_row.spec
             capture, steer, signatures, risk, prompt, layers = _parsed(spec)
-            rows = _RequestRows(key=spec["key"], tag=spec.get("tag", spec["key"]), start=start, end=end,
-                                num_prompt_tokens=int(state.num_prompt_tokens), capture=capture, steer=steer,
-                                risk=risk, prompt=prompt, sparse=spec.get("sparse"), quant=spec.get("quant"))
+            rows = _RequestRows(key=spec["key"], tag=spec.get("tag", spec["key"]), start=step_row.start,
+                                end=step_row.end, first=step_row.first, num_prompt_tokens=step_row.num_prompt_tokens,
+                                capture=capture, steer=steer, risk=risk, prompt=prompt, sparse=spec.get("sparse"),
+                                quant=spec.get("quant"))
             for layer, specs_here in steer.items():
                 steering.setdefault(layer, {}).setdefault(signatures[layer], (specs_here, []))[1].append(rows)
             for layer in capture.keys() | risk.keys():
@@ -374,108 +390,120 @@ class FeatureLensWorkerExtension:
             view.steer_groups[layer] = [(specs_here, _row_index(members, positions.device),
                                          _prompt_lengths(members, positions.device))
                                         for specs_here, members in groups.values()]
-        sparse_rows = [r for r in view.requests if r.sparse] if sparse is not None else []
-        # Positions on the host, copied once per step for whoever needs them (capture and sparse mode).
-        host = positions.cpu().numpy() if view.capture_at or sparse_rows else None
         if view.capture_at:
-            assert host is not None  # copied above whenever a request captures
-            self._fl_keep_rows(view, host)
+            self._fl_keep_rows(view)
         self._fl_view = view
+        tap.set_active(frozenset(view.layers) | self._fl_harvest_layers)
+        total_rows = int(positions.shape[-1])  # rows of the model's input (padding included)
         if sparse is not None:
-            sparse.begin(sparse.rows_of(sparse_rows, host), int(query_start[num_reqs]))
+            sparse_rows = [r for r in view.requests if r.sparse]
+            sparse.begin(sparse.rows_of(sparse_rows, _host_positions(sparse_rows, total_rows)), total_rows)
         if quant is not None:
-            quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], int(query_start[num_reqs]))
+            quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], total_rows)
         if head is not None:
-            head.begin([i for i, _, spec in specs if spec.get("quant")] if quant is not None else [],
-                       [i for i, _, spec in specs if spec.get("sparse")] if head.rescore else [], num_reqs)
+            head.begin([r.index for r in specs if r.spec.get("quant")] if quant is not None else [],
+                       [r.index for r in specs if r.spec.get("sparse")] if head.rescore else [], num_reqs)
 
-    def _fl_keep_rows(self, view: _BatchView, host: np.ndarray) -> None:
+    def _fl_keep_rows(self, view: _BatchView) -> None:
         """Which rows of each capturing request send codes back: every row when it asked for prompt features,
         else those that predict a generated token (the last prompt position and later). A request's rows in
         one step are consecutive positions (vLLM schedules one contiguous chunk per request), so the kept
-        rows are a suffix, sent as (first position, count). `host`: the step's positions on the host."""
+        rows are a suffix, sent as (first position, count)."""
         for rows in (r for r in view.requests if r.capture or r.risk):
-            first = int(host[rows.start])
+            first = rows.first
             skip = 0 if rows.prompt else max(0, min(rows.end - rows.start, rows.num_prompt_tokens - 1 - first))
             view.kept[rows.key] = (rows.start + skip, first + skip, rows.end - rows.start - skip)
 
-    def _fl_layer_hook(self, layer: int) -> Any:
+    def _fl_tap(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """The tap op's handler (server/worker/tap.py), called only at layers active this step."""
         from featurelens.server.interp.steering import steering_delta
-        from featurelens.server.worker.model import stream_parts
+        from featurelens.server.worker.model import rows_view
 
-        def hook(module: Any, inputs: Any, output: Any) -> None:
-            if layer in self._fl_harvest_layers and self._fl_harvest is not None:
-                hidden, residual = stream_parts(output)
-                self._fl_harvest.add(layer, hidden if residual is None else hidden + residual, self._fl_positions)
-            view = self._fl_view
-            if layer not in view.layers:
-                return
-            # vLLM's Llama-style layers defer the residual add: the residual stream after this block is
-            # hidden + residual. Layers that return the stream itself give residual None (server/worker/model.py).
-            # Either way a delta added to hidden is in the stream the next block reads.
-            hidden, residual = stream_parts(output)
-            sae = self._fl_saes.get(layer)
-            # Rows of all requests with the same steering list at this layer are edited in one pass; rows of
-            # other requests are never written (index_add_ touches only the listed rows).
-            for specs, index, prompt_lengths in view.steer_groups.get(layer, ()):
-                positions = self._fl_positions
-                assert positions is not None  # a view with steering was built from them (_fl_begin_step)
-                stream = _stream_rows(hidden, residual, index)
-                delta = steering_delta(stream, positions.index_select(0, index), prompt_lengths, specs, sae,
-                                       self._fl_vectors)
-                if delta is not None:
-                    hidden.index_add_(0, index, delta.to(hidden.dtype))
-            members = view.capture_at.get(layer)
-            if members and sae is not None and self._fl_is_sender:  # other TP ranks would encode the same rows
-                self._fl_capture(view, layer, sae, hidden, residual, members)
-
-        return hook
+        # vLLM's Llama-style layers defer the residual add: the residual stream after this block is
+        # hidden + residual. Layers that return the stream itself give residual None (server/worker/model.py).
+        # Either way a delta added to hidden is in the stream the next block reads.
+        hidden = rows_view(hidden)
+        residual = rows_view(residual) if residual is not None else None
+        if layer in self._fl_harvest_layers and self._fl_harvest is not None:
+            self._fl_harvest.add(layer, hidden if residual is None else hidden + residual, self._fl_positions)
+        view = self._fl_view
+        if layer not in view.layers:
+            return
+        sae = self._fl_saes.get(layer)
+        # Rows of all requests with the same steering list at this layer are edited in one pass; rows of
+        # other requests are never written (index_add_ touches only the listed rows).
+        for specs, index, prompt_lengths in view.steer_groups.get(layer, ()):
+            positions = self._fl_positions
+            assert positions is not None  # a view with steering was built from them (_fl_begin_step)
+            stream = _stream_rows(hidden, residual, index)
+            delta = steering_delta(stream, positions.index_select(0, index), prompt_lengths, specs, sae,
+                                   self._fl_vectors)
+            if delta is not None:
+                hidden.index_add_(0, index, delta.to(hidden.dtype))
+        members = view.capture_at.get(layer)
+        if members and sae is not None and self._fl_is_sender:  # other TP ranks would encode the same rows
+            self._fl_capture(view, layer, sae, hidden, residual, members)
 
     def _fl_capture(self, view: _BatchView, layer: int, sae: Sae, hidden: torch.Tensor,
                     residual: torch.Tensor | None, members: list[_RequestRows]) -> None:
-        """One SAE encode for the kept rows of every capturing request at this layer; per request, the top-k
-        codes it asked for (indices uint16 when d_sae allows, values float16) and/or the risk probe's
-        features among its codes. Only these pairs leave the worker."""
+        """One SAE encode for the kept rows of every capturing request at this layer. The top-k codes stay
+        on the device until the step ends (`_fl_ship`): on a GPU they are copied into pinned host memory
+        without blocking, and nothing here waits for the device."""
         spans = [(rows, *view.kept[rows.key]) for rows in members]
         spans = [(rows, start, first, count) for rows, start, first, count in spans if count > 0]
         if not spans:
             return
-        index = torch.from_numpy(np.concatenate([np.arange(start, start + count) for _, start, _, count in spans]))
-        index = index.to(hidden.device)
+        index = _to_device(np.concatenate([np.arange(start, start + count) for _, start, _, count in spans]),
+                           hidden.device)
         stream = _stream_rows(hidden, residual, index)
         k = max(max(rows.capture[layer]["k"] if layer in rows.capture else 0, rows.risk.get(layer, 0))
                 for rows, *_ in spans)
         began = time.perf_counter()
         top_values, top_indices = sae.encode_topk(stream, k)
-        # To numpy once for the whole batch: slicing per request is then ~1 µs instead of a torch op each.
-        values = top_values.float().clamp(max=65504.0).to(torch.float16).cpu().numpy()
         wide = sae.cfg.d_sae > 65536
-        indices = top_indices.to(torch.int32).cpu().numpy()
-        if not wide:
-            indices = indices.astype(np.uint16)
+        values = _to_host(top_values.float().clamp(max=65504.0).to(torch.float16))
+        indices = _to_host(top_indices.to(torch.int32))
         view.encode_s += time.perf_counter() - began
-        probe = self._fl_probe.get(layer)
-        selected: dict[int, tuple[np.ndarray, ...]] = {}  # risk k → the probe's pairs for the whole batch
-        offset = 0
-        for rows, _, first, count in spans:
-            vals, idx = values[offset:offset + count], indices[offset:offset + count]
-            record = view.records.get(rows.key)
-            if record is None:
-                record = view.records[rows.key] = _StepRecord(rows.tag, first, count)
-            capture = rows.capture.get(layer)
-            risk = None
-            risk_k = rows.risk.get(layer)
-            if risk_k and probe is not None:
-                if risk_k not in selected:
-                    began = time.perf_counter()
-                    selected[risk_k] = probe.select(values, indices, risk_k)
-                    view.risk_s += time.perf_counter() - began
-                counts, pair_idx, pair_vals, starts, scores = selected[risk_k]
-                a, b = starts[offset], starts[offset + count]
-                risk = (counts[offset:offset + count], pair_idx[a:b], pair_vals[a:b], scores[offset:offset + count])
-            offset += count
-            pack_codes(record, layer, vals, idx, wide, top_k=int(capture["k"]) if capture is not None else None,
-                       risk=risk)
+        view.pending.append((layer, spans, values, indices, wide))
+
+    def _fl_ship(self, view: _BatchView) -> None:
+        """Turn the step's pending codes into records: once the device is done (one wait per step on a GPU),
+        per request the top-k codes it asked for (indices uint16 when d_sae allows, values float16) and/or
+        the risk probe's features among its codes. Only these pairs leave the worker."""
+        if not view.pending:
+            return
+        if any(values.is_pinned() for _, _, values, _, _ in view.pending):
+            torch.cuda.current_stream().synchronize()
+        for layer, spans, values_t, indices_t, wide in view.pending:
+            # To numpy once for the whole batch: slicing per request is then ~1 µs instead of a torch op each.
+            values = values_t.numpy()
+            indices = indices_t.numpy()
+            if not wide:
+                indices = indices.astype(np.uint16)
+            probe = self._fl_probe.get(layer)
+            selected: dict[int, tuple[np.ndarray, ...]] = {}  # risk k → the probe's pairs for the whole batch
+            offset = 0
+            for rows, _, first, count in spans:
+                vals, idx = values[offset:offset + count], indices[offset:offset + count]
+                record = view.records.get(rows.key)
+                if record is None:
+                    record = view.records[rows.key] = _StepRecord(rows.tag, first, count)
+                capture = rows.capture.get(layer)
+                risk = None
+                risk_k = rows.risk.get(layer)
+                if risk_k and probe is not None:
+                    if risk_k not in selected:
+                        began = time.perf_counter()
+                        selected[risk_k] = probe.select(values, indices, risk_k)
+                        view.risk_s += time.perf_counter() - began
+                    counts, pair_idx, pair_vals, starts, scores = selected[risk_k]
+                    a, b = starts[offset], starts[offset + count]
+                    risk = (counts[offset:offset + count], pair_idx[a:b], pair_vals[a:b],
+                            scores[offset:offset + count])
+                offset += count
+                pack_codes(record, layer, vals, idx, wide, top_k=int(capture["k"]) if capture is not None else None,
+                           risk=risk)
+        view.pending.clear()
 
     def _fl_end_step(self, module: Any, args: Any, output: Any) -> None:
         quant = getattr(self, "_fl_quant", None)
@@ -484,7 +512,11 @@ class FeatureLensWorkerExtension:
             sparse.end(quantized=quant is not None and quant.rows is not None)
         if quant is not None:
             quant.end()
+        from featurelens.server.worker import tap
+
+        tap.set_active(frozenset())
         view = self._fl_view
+        self._fl_ship(view)
         if view.records and self._fl_is_sender:
             step = [[record.as_list() for record in view.records.values()], [view.encode_s, view.risk_s]]
             if self._fl_socket is not None:
@@ -588,13 +620,40 @@ def _parsed(spec: dict[str, Any]) -> tuple[dict[int, dict[str, Any]], dict[int, 
     return parsed
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`: on a GPU through pinned memory (torch's caching host allocator) with a
+    non-blocking copy, so the host never waits for the device to take it."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy in pinned host memory, started without waiting (`_fl_ship` waits once per
+    step); on the CPU the tensor itself."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _host_positions(requests: list[_RequestRows], total_rows: int) -> np.ndarray:
+    """The step's token positions on the host for the rows of `requests` (others -1), from what the runner
+    adapter read on the host: no copy from the device."""
+    host = np.full(total_rows, -1, dtype=np.int64)
+    for r in requests:
+        host[r.start:r.end] = np.arange(r.first, r.first + r.end - r.start)
+    return host
+
+
 def _row_index(members: list[_RequestRows], device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([np.arange(r.start, r.end) for r in members])).to(device)
+    return _to_device(np.concatenate([np.arange(r.start, r.end) for r in members]), device)
 
 
 def _prompt_lengths(members: list[_RequestRows], device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([np.full(r.end - r.start, r.num_prompt_tokens) for r in members])).to(
-        device)
+    return _to_device(np.concatenate([np.full(r.end - r.start, r.num_prompt_tokens) for r in members]), device)
 
 
 def _tensor_parallel_rank(rank: int) -> int:

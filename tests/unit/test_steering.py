@@ -140,8 +140,9 @@ def test_positions_condition_and_norm():
     assert gen_only[:4].abs().sum() == 0 and gen_only[4:].abs().sum() > 0
     prompt_only = steering_delta(x, pos, 4, [spec("nudge", 1, 1.0, positions="prompt")], sae, {})
     assert prompt_only[4:].abs().sum() == 0 and prompt_only[:4].abs().sum() > 0
-    # A condition no row meets leaves everything untouched.
-    assert steering_delta(x, pos, 6, [spec("nudge", 1, 1.0, cond=[2, 1e9])], sae, {}) is None
+    # A condition no row meets leaves everything untouched: the rows plus its delta are the rows, bit for bit.
+    untouched = steering_delta(x, pos, 6, [spec("nudge", 1, 1.0, cond=[2, 1e9])], sae, {})
+    assert torch.equal(x + untouched, x) and untouched.abs().sum() == 0
     acts = sae.encode(x)[:, 2]
     cond = steering_delta(x, pos, 6, [spec("nudge", 1, 1.0, cond=[2, float(acts.median())])], sae, {})
     assert torch.equal(cond.abs().sum(-1) > 0, acts > acts.median())
