@@ -27,6 +27,22 @@ def _model_path(name: str) -> str:
     return str(resolve_model(name))
 
 
+def _model_name(model: str | None, shards: str) -> str:
+    """The name an SAE records as its model (cfg.json `model_name`): the default model's, or the folder name of
+    the model given, else of the one the harvest in `shards` ran (its progress.json)."""
+    from featurelens.server.model_assets import MODEL_NAME
+
+    if model is None:
+        progress = Path(shards) / "progress.json"
+        settings = json.loads(progress.read_text()).get("settings", {}) if progress.is_file() else {}
+        model = settings.get("model") or "default"
+        if Path(model).resolve() == Path(_model_path("default")).resolve():
+            model = "default"
+    if model.lower() in ("default", "smollm2", ""):
+        return MODEL_NAME
+    return Path(model).name or model
+
+
 def _cmd_corpus(args: argparse.Namespace) -> int:
     from featurelens.server.offline.sae.corpus import build_corpus
 
@@ -56,7 +72,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(layer=args.layer, d_sae=args.d_sae, k=args.k, architecture=args.architecture,
                       batch_size=args.batch_size, max_tokens=args.max_tokens, lr=args.lr,
-                      dead_tokens=args.dead_tokens, seed=args.seed, save_dtype=args.dtype)
+                      dead_tokens=args.dead_tokens, seed=args.seed, save_dtype=args.dtype,
+                      model_name=_model_name(args.model, args.shards))
     rows = load_rows(args.shards, args.layer, max_rows=args.max_rows)
     val = load_rows(args.val_shards, args.layer) if args.val_shards else None
     print(f"training on {len(rows):,} rows of layer {args.layer} from {args.shards}", file=sys.stderr)
@@ -133,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(d_sae / 2^14)")
     p.add_argument("--dead-tokens", type=int, default=500_000)
     p.add_argument("--val-shards", default=None, help="held-out shards for metrics.json")
+    p.add_argument("--model", default=None, help="the model the SAE is recorded for (cfg.json model_name); "
+                   "default: the one the harvest in --shards ran")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

@@ -2,8 +2,9 @@
 
 CE-loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 means the reconstruction is as good as the
 real residual for next-token prediction, 0 means no better than deleting the residual stream at that layer.
-The splice is a forward hook on HF transformers' `model.model.layers[L]` (its output is the residual stream
-after block L, featurelens "layer L"). Position 0 is left untouched in all three runs: it is the attention
+The splice is a forward hook on HF transformers' decoder block L (`model.model.layers[L]` in a Llama, found for
+any family by the architecture adapter's `hf_layers`; its output is the residual stream after block L,
+featurelens "layer L"). Position 0 is left untouched in all three runs: it is the attention
 sink, excluded from training, and its huge norm would dominate the comparison.
 
 Activation metrics come from the same clean forward (float32), and optionally from harvested held-out shards,
@@ -129,12 +130,22 @@ def _hook(layer_out: Any, replace: Callable[[torch.Tensor], torch.Tensor] | None
     return (new, *layer_out[1:]) if isinstance(layer_out, tuple) else new
 
 
+def _block(model: Any, layer: int) -> torch.nn.Module:
+    """Decoder block `layer` of an HF model of any family the architecture adapter knows."""
+    from featurelens.server.worker.model import hf_layers
+
+    blocks = hf_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} outside {type(model).__name__}'s 0..{len(blocks) - 1}")
+    return blocks[layer]
+
+
 @torch.no_grad()
 def run_with_splice(model: Any, ids: torch.Tensor, layer: int,
                     replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     capture: list[torch.Tensor] | None = None) -> tuple[float, int]:
     """(summed next-token NLL, number of predictions) with layer L's output optionally replaced."""
-    handle = model.model.layers[layer].register_forward_hook(lambda m, i, o: _hook(o, replace, capture))
+    handle = _block(model, layer).register_forward_hook(lambda m, i, o: _hook(o, replace, capture))
     try:
         logits = model(ids).logits[0, :-1].float()
     finally:
@@ -155,11 +166,11 @@ def residuals(model: Any, windows: list[torch.Tensor], layer: int) -> torch.Tens
         _hook(output, None, rows)
         raise _Stop
 
-    handle = model.model.layers[layer].register_forward_hook(hook)
+    handle = _block(model, layer).register_forward_hook(hook)
     try:
         for ids in windows:
             try:
-                model.model(ids)
+                model.base_model(ids)
             except _Stop:
                 pass
     finally:

@@ -25,19 +25,26 @@ def harvest_chunks(shard_dir: Path) -> list[list[list[int]]]:
     return [chunks[i] for i in progress["done"]]
 
 
+# Checkpoint names of the unembedding (its own, else the tied embedding) and of the final norm's scale, first
+# present wins: Llama-style families (Qwen, Mistral, Gemma, Phi-3, OLMo 2), GPT-2, GPT-NeoX.
+UNEMBEDDING_KEYS = ("lm_head.weight", "embed_out.weight", "model.embed_tokens.weight", "transformer.wte.weight",
+                    "gpt_neox.embed_in.weight")
+FINAL_NORM_KEYS = ("model.norm.weight", "transformer.ln_f.weight", "gpt_neox.final_layer_norm.weight")
+
+
 def _unembedding(model_path: str) -> tuple[np.ndarray, np.ndarray | None]:
     from safetensors import safe_open
 
     tensors: dict[str, np.ndarray] = {}
     for file in sorted(Path(model_path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
-            for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+            for name in (*UNEMBEDDING_KEYS, *FINAL_NORM_KEYS):
                 if name in fh.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
                     tensors[name] = fh.get_tensor(name).float().numpy()
-    unembed = tensors.get("lm_head.weight", tensors.get("model.embed_tokens.weight"))
+    unembed = next((tensors[k] for k in UNEMBEDDING_KEYS if k in tensors), None)
     if unembed is None:
-        raise SystemExit(f"{model_path}: no lm_head.weight or model.embed_tokens.weight")
-    return unembed, tensors.get("model.norm.weight")
+        raise SystemExit(f"{model_path}: no unembedding ({', '.join(UNEMBEDDING_KEYS)})")
+    return unembed, next((tensors[k] for k in FINAL_NORM_KEYS if k in tensors), None)
 
 
 def explain_from_harvest(sae_dir: str, shard_dir: str, model_path: str, max_rows: int = 300_000,
