@@ -19,8 +19,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from featurelens.server.paths import ASSETS_DIR
+
+if TYPE_CHECKING:
+    from featurelens.server.interp.risk_probe import Probe
 
 ASSETS = ASSETS_DIR
 
@@ -43,6 +47,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from featurelens.server.offline.risk.data import build_questions, run_questions
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.model != "default" and not args.sae:
+        print("--model needs --sae LAYER=PATH: the shipped SAEs are the default model's", file=sys.stderr)
+        return 2
     saes = args.sae or shipped_saes()
     if not saes:
         print("no SAEs: pass --sae LAYER=PATH or ship some under server/assets/saes/", file=sys.stderr)
@@ -59,7 +66,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         questions = [q for q in questions if entity_split(q.entity) == args.split]
     print(f"{len(questions)} questions ({args.split}); mode {args.mode}; SAEs {saes}", file=sys.stderr)
     asyncio.run(run_questions(questions, args.out, saes, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                              concurrency=args.concurrency, limit=args.limit, mode=args.mode))
+                              concurrency=args.concurrency, limit=args.limit, mode=args.mode,
+                              model=args.model))
     _summary(_read(args.out))
     return 0
 
@@ -68,8 +76,12 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     from featurelens.server.offline.risk.data import featurize
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.model != "default" and not args.sae:
+        print("--model needs --sae LAYER=PATH: the shipped SAEs are the default model's", file=sys.stderr)
+        return 2
     saes = args.sae or shipped_saes()
-    n = asyncio.run(featurize(_read(args.data), args.out, saes, top_k=args.top_k, concurrency=args.concurrency))
+    n = asyncio.run(featurize(_read(args.data), args.out, saes, top_k=args.top_k, concurrency=args.concurrency,
+                              model=args.model))
     print(json.dumps({"featurized": n, "out": args.out}))
     return 0
 
@@ -93,6 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     probe, table = train_probe(train, val, args.probe_id, penalty=args.penalty, selection=args.selection,
                                log=lambda m: print(m, file=sys.stderr))
     probe.metrics["selection"] = table
+    _record_model(probe, records)
     probe.metrics["feature_top_k"] = len(train[0]["features"][next(iter(train[0]["features"]))]["idx"][0])
     out = Path(args.out or ASSETS / "probes" / f"{args.probe_id}.json")
     save_probe(probe, out)
@@ -101,6 +114,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       "val_auroc": probe.metrics["val_auroc"], "calibration": probe.calibration,
                       "thresholds": probe.thresholds}, indent=1))
     return 0
+
+
+def _record_model(probe: Probe, records: list[dict]) -> None:
+    """The probe names the model its records were answered by (build-data writes it; older records: SmolLM2)."""
+    names = {str(r["model"]) for r in records if r.get("model")}
+    if len(names) > 1:
+        raise SystemExit(f"the records come from several models: {sorted(names)}")
+    if names:
+        probe.model = names.pop()
 
 
 def _sae_dirs(specs: list[str] | None) -> dict[int, str]:
@@ -176,6 +198,7 @@ def _cmd_train_general(args: argparse.Namespace) -> int:
                                  "selection_lofo_mean_auroc": row["lofo_mean_auroc"],
                                  "selection_best_lofo_mean_auroc": best["lofo_mean_auroc"],
                                  "selection_configs": len(sel["table"])})
+    _record_model(probe, records)
     out = Path(args.out or ASSETS / "probes" / f"{args.probe_id}.json")
     save_probe(probe, out)
     print(json.dumps({"probe": str(out), "features": len(probe.features), "terms": [t.name for t in probe.terms],
@@ -248,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=32, help="SAE features kept per token and layer")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--model", default="default", help="the model to serve: 'default' or a model folder "
+                   "(then --sae is required)")
     p.add_argument("--mode", default="dense", choices=("dense", "quantized"), help="inference mode to ask in")
     p.add_argument("--split", default="all", choices=("all", "train", "val", "test"),
                    help="only questions whose entity falls in this split")
@@ -263,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--sae", action="append", default=None)
     p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--model", default="default", help="the model to serve: 'default' or a model folder "
+                   "(then --sae is required)")
     p.add_argument("--concurrency", type=int, default=32)
     p.set_defaults(func=_cmd_featurize)
 

@@ -378,7 +378,7 @@ def reply_to_record(question: Question, reply, eos_ids: set[int]) -> dict:
 
 
 async def _serve_map(items: list, out_path: str, sae_specs: list[str], concurrency: int, desc: str,
-                     ask) -> int:
+                     ask, model: str = "default") -> int:
     """Starts a real in-process featurelens server with the SAEs, runs `ask(client, running, item) -> record`
     over the items `concurrency` at a time and appends each record to `out_path` as it comes."""
     import asyncio
@@ -393,8 +393,15 @@ async def _serve_map(items: list, out_path: str, sae_specs: list[str], concurren
     if not items:
         return 0
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=concurrency, max_in_flight=10000,
-                                          sae=sae_specs))
+    settings = Settings(port=0, metrics_port=-1, max_num_seqs=concurrency, max_in_flight=10000, sae=sae_specs,
+                        model=model)
+    config = Path(model) / "config.json"
+    if config.is_file():  # a model folder: no longer a context than the model has (GPT-2: 1024)
+        hf = json.loads(config.read_text())
+        positions = hf.get("max_position_embeddings") or hf.get("n_positions")
+        if positions and int(positions) < settings.max_model_len:
+            settings = settings.model_copy(update={"max_model_len": int(positions)})
+    running = await start_server(settings)
     queue: asyncio.Queue = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)
@@ -439,7 +446,7 @@ MODES = ("dense", "quantized")
 
 async def run_questions(questions: list[Question], out_path: str, sae_specs: list[str], *, top_k: int = 32,
                         max_new_tokens: int = 24, concurrency: int = 32, limit: int | None = None,
-                        mode: str = "dense") -> int:
+                        mode: str = "dense", model: str = "default") -> int:
     """Asks every question not yet in `out_path` through a real in-process featurelens server and appends one
     record per answer (resumable: rerun after an interruption and it picks up where it stopped). `mode`
     "quantized" asks the int8 model (INFERENCE_MODE_QUANTIZED): its answers, logprobs and SAE features."""
@@ -465,13 +472,14 @@ async def run_questions(questions: list[Question], out_path: str, sae_specs: lis
         record = reply_to_record(q, reply, set(running.engine.shape.eos_token_ids))
         record["max_new_tokens"] = max_new_tokens  # a response this long was cut off: see label_is_certain
         record["mode"] = mode
+        record["model"] = model_name(model)
         return record
 
-    return await _serve_map(todo, out_path, sae_specs, concurrency, "risk data", ask)
+    return await _serve_map(todo, out_path, sae_specs, concurrency, "risk data", ask, model=model)
 
 
 async def featurize(records: list[dict], out_path: str, sae_specs: list[str], *, top_k: int = 32,
-                    concurrency: int = 32) -> int:
+                    concurrency: int = 32, model: str = "default") -> int:
     """Re-captures the features of existing answers with other SAEs by teacher forcing (GetFeatureActivations
     over prompt + response, as ScoreHallucination does): a causal model's residual at a position depends only
     on the tokens before it, so this equals the generation-time capture without paying for generation."""
@@ -502,4 +510,13 @@ async def featurize(records: list[dict], out_path: str, sae_specs: list[str], *,
         return rec | {"features": features, "teacher_forced_ids": ids[n:]}
 
     return await _serve_map([r for r in records if r["qid"] not in done], out_path, sae_specs, concurrency,
-                            "featurize", ask)
+                            "featurize", ask, model=model)
+
+
+def model_name(model: str) -> str:
+    """The name records and probes carry for `--model`: the default model's, or the model folder's name."""
+    from pathlib import Path
+
+    from featurelens.server.model_assets import MODEL_NAME
+
+    return MODEL_NAME if model.lower() in ("default", "smollm2", "") else Path(model).name or model
