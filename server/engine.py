@@ -116,7 +116,9 @@ def compilation_config(on_cpu: bool | None = None) -> dict[str, Any]:
         on_cpu = current_platform.is_cpu()
     # vLLM's own defaults when splitting_ops is unset (CompilationConfig.set_splitting_ops_for_v1), plus ours.
     ops = list(getattr(CompilationConfig, "_attention_ops", [])) + [
-        "vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update", *SPLITTING_OPS]
+        "vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]
+    if os.environ.get("FEATURELENS_NO_TAPS") != "1":  # (a benchmark's engine without call sites: another key)
+        ops += SPLITTING_OPS
     config: dict[str, Any] = {"splitting_ops": ops}
     if not on_cpu:
         config["cudagraph_mode"] = "PIECEWISE"
@@ -337,10 +339,11 @@ class Engine:
                 self.modes_refused.setdefault(mode, "the engine runs compiled (--no-enforce-eager); this mode "
                                                     "wraps Python forwards, which a compiled graph never calls: "
                                                     "serve it with --enforce-eager")
-            if installed[0].get("taps") != "load":
+            if installed[0].get("taps") != "load" or not installed[0].get("tap_calls"):
                 self.interpretability_available = False
-                log.error("compiled engine without tap call sites (installed after vLLM compiled the model): "
-                          "interpretability is refused")
+                log.error("compiled engine without tap call sites (%s): features, steering and risk are refused",
+                          "installed after vLLM compiled the model" if installed[0].get("taps") != "load" else
+                          "the warm-up forward never called them: a compile cache from an engine without them?")
         self.sparse_logits = installed[0].get("sparse_logits", "dense")
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():

@@ -54,11 +54,16 @@ async def _bench_ours(settings: Settings, prompts: list[str], max_new_tokens: in
 
 
 def _bench_raw(settings: Settings, model_path: str, prompts: list[str], max_new_tokens: int,
-               levels: list[int]) -> dict[int, dict]:
+               levels: list[int], vllm_defaults: tuple[str, ...] = ()) -> dict[int, dict]:
+    """Plain vLLM with our engine settings; `vllm_defaults`: settings left to vLLM's own defaults instead
+    (e.g. "compilation_config": vLLM's default CUDA graphs rather than the tapped engine's PIECEWISE ones)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(**baseline_kwargs(settings, model_path))
+    kwargs = baseline_kwargs(settings, model_path)
+    for name in vllm_defaults:
+        kwargs.pop(name, None)
+    llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     tokenizer = llm.get_tokenizer()
     inputs = [TokensPrompt(prompt_token_ids=tokenizer.encode(p)) for p in prompts]

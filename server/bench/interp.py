@@ -25,7 +25,8 @@ from featurelens.v1 import featurelens_pb2 as pb
 
 async def _run_variants(saes: list[str], transport: str, prompts: list[str], max_new_tokens: int,
                         concurrency: int, variants: list[str], rounds: int = 1, model: str = "default",
-                        tensor_parallel_size: int = 1, risk_probe: str = "default") -> dict[str, dict[str, float]]:
+                        tensor_parallel_size: int = 1, risk_probe: str = "default",
+                        enforce_eager: bool | None = None, taps: bool = True) -> dict[str, dict[str, float]]:
     """Per variant: tok/s, ratio to plain, mean request latency and its ratio, bytes per token.
 
     One untimed pass of every variant first (prefix cache and first-use costs then favour none of them),
@@ -39,9 +40,15 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
 
     # Several CPU workers: vLLM's CPU backend reserves gpu_memory_utilization of the RAM per worker.
     extra: dict[str, Any] = {"gpu_memory_utilization": 0.1} if tensor_parallel_size > 1 else {}
-    running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=concurrency, max_in_flight=10_000,
-                                          sae=saes, feature_transport=transport, model=model, risk_probe=risk_probe,
-                                          tensor_parallel_size=tensor_parallel_size, **extra))
+    if not taps:  # read by the worker when vLLM imports the extension (server/worker/tap.py)
+        os.environ["FEATURELENS_NO_TAPS"] = "1"
+    try:
+        running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=concurrency,
+                                              max_in_flight=10_000, sae=saes, feature_transport=transport,
+                                              model=model, risk_probe=risk_probe, enforce_eager=enforce_eager,
+                                              tensor_parallel_size=tensor_parallel_size, **extra))
+    finally:
+        os.environ.pop("FEATURELENS_NO_TAPS", None)
     layers = sorted(running.engine.saes)
     if running.engine.risk_probe is None and "risk" in variants:
         print("no risk probe for this model: the risk variant is left out (--risk-probe)", flush=True)
@@ -148,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="the risk variant's probe file ('default': the shipped one, default model only)")
     ap.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
                     help="worker counts to measure, one server start each (e.g. 1 2: TP=2 against TP=1)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="vLLM's compiled engine instead: plain vLLM compiled vs eager; our compiled server "
+                         "without tap call sites, with them unused, and with features / steering / risk on every "
+                         "request (at each --concurrency, default 1 and 32)")
     args = ap.parse_args(argv)
     if args.model != "default" and not args.sae:
         ap.error("--model needs --sae LAYER=PATH: the shipped SAEs are the default model's")
+    if args.compiled:
+        return _compiled(args)
     concurrency = (args.concurrency or [32])[0]
     rounds = max(1, args.rounds)
     texts = prompts(args.num_prompts)
@@ -209,3 +222,59 @@ def _sae_layers(saes: list[str]) -> list[int]:
     from featurelens.server.interp.registry import parse_sae_arg
 
     return sorted(parse_sae_arg(s).layer for s in saes)
+
+
+def _compiled(args: Any) -> int:
+    """`--compiled`: what the taps cost on vLLM's compiled engine, one server start per row and concurrency.
+
+    "plain compiled" for the goals is our own compiled server started without tap call sites
+    (FEATURELENS_NO_TAPS=1: vLLM compiles the same model with nothing of ours in the graph), so the ratios
+    measure the taps and nothing else; plain vLLM (no featurelens, vLLM's default compilation settings) is
+    printed beside it."""
+    from featurelens.server.bench.common import machine
+    from featurelens.server.bench.generate import _bench_raw, engine_settings
+    from featurelens.server.model_assets import resolve_model
+
+    levels = args.concurrency or [1, 32]
+    rounds = max(1, args.rounds)
+    texts = prompts(args.num_prompts)
+    saes = args.sae or saes_for_bench()
+    model_path = resolve_model(args.model)
+    print(f"bench interp --compiled on {machine()}: {len(texts)} prompts x {args.max_new_tokens} tokens, "
+          f"concurrency {levels}, {rounds} timed rounds per server; model {args.model}", flush=True)
+    raw = {}
+    for eager in (True, False):
+        settings = engine_settings(args.model, "auto", max(levels)).model_copy(update={"enforce_eager": eager})
+        raw[eager] = _bench_raw(settings, model_path, texts, args.max_new_tokens, levels,
+                                vllm_defaults=("compilation_config",))
+    rows: dict[int, dict[str, float]] = {}
+    for level in levels:
+        common: dict[str, Any] = {"rounds": rounds, "model": args.model, "risk_probe": args.risk_probe}
+        bare = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, level, ["plain"],
+                                         enforce_eager=False, taps=False, **common))
+        tapped = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, level,
+                                           ["plain", "features", "steering", "risk"], enforce_eager=False,
+                                           **common))
+        eagerly = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, level, ["plain"],
+                                            enforce_eager=True, **common))
+        base = bare["plain"]["tok_s"]
+        row = {"vllm eager": raw[True][level]["tokens_per_s"], "vllm compiled": raw[False][level]["tokens_per_s"],
+               "server compiled, no taps": base, "server eager": eagerly["plain"]["tok_s"]}
+        for variant in ("plain", "features", "steering", "risk"):
+            if variant in tapped:
+                row[f"compiled, taps: {variant}"] = tapped[variant]["tok_s"]
+        rows[level] = row
+        print(f"--- concurrency {level}")
+        print(f"{'engine':<32} {'tok/s':>8} {'vs plain compiled':>18}")
+        for name, tok_s in row.items():
+            print(f"{name:<32} {tok_s:>8.1f} {tok_s / base:>17.2f}x")
+        print(f"plain vLLM compiled vs eager: {row['vllm compiled'] / row['vllm eager']:.2f}x; our server compiled "
+              f"(taps unused) vs eager: {row['compiled, taps: plain'] / row['server eager']:.2f}x", flush=True)
+        goals = [("taps installed, unused", "compiled, taps: plain", 0.98)] + [
+            (f"{v} on every request", f"compiled, taps: {v}", 0.90) for v in ("features", "steering", "risk")]
+        for label, key, goal in goals:
+            if key in row:
+                ratio = row[key] / base
+                print(f"goal {label}: {ratio:.2f}x of plain compiled (goal >= {goal:.2f}: "
+                      f"{'met' if ratio >= goal else 'NOT met'})")
+    return 0

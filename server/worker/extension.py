@@ -256,7 +256,8 @@ class FeatureLensWorkerExtension:
                 log.warning("int8 unembedding unavailable: %s: %s", type(error).__name__, error)
         head = self._fl_head
         return {"layers_hooked": len(layers), "family": layout.family.name, "modes_refused": refused,
-                "taps": "load" if taps_at_load else "setup", "runner": self._fl_runner.describe(),
+                "taps": "load" if taps_at_load else "setup", "tap_calls": tap.calls(),
+                "runner": self._fl_runner.describe(),
                 "saes": {layer: sae.cfg.d_sae for layer, sae in self._fl_saes.items()},
                 "sae_gemm": (f"onednn-{sae_gemm}"
                              if any(sae.gemm is not None for sae in self._fl_saes.values()) else "torch"),

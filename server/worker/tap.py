@@ -21,6 +21,7 @@ this step (`set_active`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,12 +35,22 @@ Handler = Callable[[int, torch.Tensor, "torch.Tensor | None"], None]
 
 _handler: Handler | None = None
 _active: frozenset[int] = frozenset()  # layers some request (or a harvest) taps in the current step
+_calls = 0  # times the op ran in this process: > 0 after vLLM's warm-up forward iff the call sites are in the model
+
+
+def calls() -> int:
+    """How often the op ran in this process. The worker reads it after vLLM's warm-up: a compiled model that
+    never called it has no call sites (a compile cache from an engine without them), and the engine then
+    refuses interpretability instead of serving empty features."""
+    return _calls
 
 
 @torch.library.custom_op(OP, mutates_args=("hidden",))
 def tap(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
     """The residual stream after decoder layer `layer` is hidden (+ residual, for vLLM's fused-residual
     layers). The handler may edit `hidden` in place (steering) and read both (capture, risk)."""
+    global _calls
+    _calls += 1
     handler = _handler
     if handler is not None and layer in _active:
         handler(layer, hidden, residual)
@@ -101,6 +112,8 @@ def install_at_load() -> bool:
     """Patch vLLM's GPU/CPU worker so the taps (and the runner adapter's per-step bookkeeping) are installed
     right after the model is loaded, before vLLM compiles or captures it. Idempotent; False when vLLM's
     worker cannot be imported (then nothing is patched)."""
+    if os.environ.get("FEATURELENS_NO_TAPS") == "1":  # `featurelens bench interp --compiled` only: the
+        return False  # compiled engine without call sites, to measure what the taps cost when unused
     try:
         from vllm.v1.worker.gpu_worker import Worker
     except Exception as error:  # noqa: BLE001 - no vLLM worker here (client-only or test process)
