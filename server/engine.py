@@ -7,12 +7,14 @@ into vLLM calls and makes sure a request that ends early (cancel, deadline, erro
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featurelens.server.config import Settings, SettingsError
@@ -125,6 +127,29 @@ def compilation_config(on_cpu: bool | None = None) -> dict[str, Any]:
     return config
 
 
+def model_max_len(model_path: str) -> int | None:
+    """The longest context the checkpoint's config allows (max_position_embeddings, GPT-2's n_positions), or
+    None when its config.json cannot be read (a hub id, an unusual config)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)  # multimodal wrappers keep the language model's config inside
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return int(config[key])
+    return None
+
+
+def effective_max_model_len(settings: Settings, model_path: str) -> int:
+    """--max-model-len, except that the default (2048) is lowered to what a shorter model allows (a GPT-2
+    checkpoint's 1024 positions) instead of failing at start-up; an explicit value is passed through."""
+    if "max_model_len" in settings.model_fields_set:
+        return settings.max_model_len
+    limit = model_max_len(model_path)
+    return min(settings.max_model_len, limit) if limit else settings.max_model_len
+
+
 def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
     """The engine settings that decide what vLLM computes and how fast. Our engine and every benchmark's
     plain-vLLM baseline are built from this one dict, so a ratio never compares unlike engines."""
@@ -135,7 +160,7 @@ def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
     return lora | compiled | {
         "model": model_path,
         "dtype": resolve_dtype(settings.dtype)[0],
-        "max_model_len": settings.max_model_len,
+        "max_model_len": effective_max_model_len(settings, model_path),
         "max_num_seqs": settings.max_num_seqs,
         "scheduling_policy": settings.scheduling_policy,
         "enforce_eager": eager,

@@ -3,6 +3,8 @@ benchmark's plain-vLLM baseline (the real Settings, torch's own CPU capability p
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from featurelens.server.bench.generate import baseline_kwargs, engine_settings
@@ -50,3 +52,18 @@ def test_benchmark_baseline_gets_exactly_our_engine_settings(monkeypatch):
     assert set(baseline) - set(ours) == {"disable_log_stats"}  # logging only: nothing that changes the engine
     assert (ours["dtype"], ours["enforce_eager"], ours["kv_cache_dtype"], ours["max_model_len"],
             ours["max_num_seqs"]) == ("float32", False, "fp8", 1024, 32)
+
+
+def test_the_default_context_fits_a_shorter_model(tmp_path):
+    """The 2048-token default is lowered to a GPT-2 checkpoint's 1024 positions instead of failing at
+    start-up; an explicit --max-model-len is passed through (vLLM then names the problem)."""
+    from featurelens.server.config import Settings
+
+    short, long_, unreadable = tmp_path / "gpt2", tmp_path / "llama", tmp_path / "hub"
+    for folder, config in ((short, {"n_positions": 1024}), (long_, {"max_position_embeddings": 8192})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    assert vllm_engine_kwargs(Settings(), str(short))["max_model_len"] == 1024
+    assert vllm_engine_kwargs(Settings(), str(long_))["max_model_len"] == 2048
+    assert vllm_engine_kwargs(Settings(), str(unreadable))["max_model_len"] == 2048
+    assert vllm_engine_kwargs(Settings(max_model_len=4096), str(short))["max_model_len"] == 4096
