@@ -41,8 +41,9 @@ class FeatureChannelError(RuntimeError):
 class RequestFeatures:
     """The codes of one request as they arrive: top-k codes filed by (layer, position), the risk probe's
     features present at (layer, position) (risk captures ship only those), and per position the probe's
-    linear term per layer, summed (a request's layers of one step arrive in one record, so a position's sum is
-    complete when a waiter sees it).
+    linear term per layer, summed. A position's score is filed once every probe layer's term is in
+    (`risk_layers`): with pipeline parallelism the layers of one step come from different stages, in separate
+    records, and a waiter must never see a partial sum.
 
     Idempotent per (request, layer, position): a preempted request is prefilled again and its positions are
     sent again; they replace what was filed, never add to it. Bounded: a top-k row is dropped once read (reads
@@ -59,6 +60,7 @@ class RequestFeatures:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     read_through: dict[int, int] = field(default_factory=dict)  # layer -> highest position read
     error: BaseException | None = None
+    risk_layers: frozenset[int] = frozenset()  # the probe's layers (empty: file each record's sum as it comes)
 
     def add(self, layer: int, first: int, count: int, k: int, indices: np.ndarray, values: np.ndarray) -> None:
         indices, values = indices.reshape(count, k), values.reshape(count, k)
@@ -74,7 +76,8 @@ class RequestFeatures:
             self.risk_rows[(layer, position)] = (indices[begin:begin + count], values[begin:begin + count])
             terms = self.risk_terms.setdefault(position, {})
             terms[layer] = score
-            self.risk_scores[position] = sum(terms.values())
+            if self.risk_layers <= terms.keys():
+                self.risk_scores[position] = sum(terms.values())
             begin += count
         self.arrived.set()
 
@@ -229,10 +232,12 @@ class FeatureReceiver:
                                 np.frombuffer(indices, dtype=_index_dtype(wide)),
                                 np.frombuffer(values, dtype=np.float16), np.frombuffer(scores, dtype=np.float32))
 
-    def open(self, key: str) -> RequestFeatures:
-        """Start filing codes for engine request `key`; its spec must carry `tag` (`features.tag`)."""
+    def open(self, key: str, risk_layers: Iterable[int] = ()) -> RequestFeatures:
+        """Start filing codes for engine request `key`; its spec must carry `tag` (`features.tag`).
+        `risk_layers`: the risk probe's layers, when the request is scored."""
         self._next_tag += 1
-        features = self._open[key] = self._by_tag[self._next_tag] = RequestFeatures(tag=self._next_tag)
+        features = self._open[key] = self._by_tag[self._next_tag] = RequestFeatures(
+            tag=self._next_tag, risk_layers=frozenset(risk_layers))
         return features
 
     def close(self, key: str) -> None:

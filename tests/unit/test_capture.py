@@ -152,6 +152,36 @@ def _risk_record(tag: int, first: int, count: int, values, indices, probe) -> li
     return record.as_list()
 
 
+def _stage_record(tag: int, layer: int, first: int, count: int, values, indices, probe) -> list:
+    record = _StepRecord(tag, first=first, count=count)
+    counts, pair_i, pair_v, _, scores = probe.select(values, indices.astype(np.uint16), 12)
+    pack_codes(record, layer, values, indices.astype(np.uint16), False, top_k=None,
+               risk=(counts, pair_i, pair_v, scores))
+    return record.as_list()
+
+
+def test_pipeline_stages_risk_terms_make_one_score_only_when_all_arrived():
+    """With pipeline parallelism each stage ships the probe layers it owns, in its own message: a position's
+    score must not be readable after the first stage's term alone."""
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="rpc")
+        received = receiver.open("req", risk_layers=[6, 22])
+        values, indices = codes(3, 12, 4096, seed=5)
+        ids = np.unique(indices).tolist()[:20]
+        probe = ProbeLayer.build(4096, ids, [0.5] * len(ids), "identity")
+        early = _stage_record(received.tag, 6, 20, 3, values, indices, probe)
+        late = _stage_record(received.tag, 22, 20, 3, values, indices, probe)
+        receiver._dispatch(msgspec.msgpack.encode([[[early], [0.0, 0.0]]]))
+        with pytest.raises(TimeoutError):
+            await received.get_risk_score(20, timeout_s=0.05)
+        receiver._dispatch(msgspec.msgpack.encode([[[late], [0.0, 0.0]]]))
+        one = probe.select(values, indices.astype(np.uint16), 12)[4]
+        got = [await received.get_risk_score(20 + r, timeout_s=1) for r in range(3)]
+        assert got == pytest.approx([2 * float(x) for x in one]) and any(x != 0 for x in got)
+
+    asyncio.run(run())
+
+
 def test_a_prefill_sent_again_after_preemption_replaces_what_was_filed():
     """vLLM recomputes a preempted request from its prompt: the same positions arrive twice. Risk terms are
     filed per (layer, position), so the second copy replaces the first instead of doubling the score."""
