@@ -112,15 +112,15 @@ def compilation_config(on_cpu: bool | None = None) -> dict[str, Any]:
     from featurelens.server.worker.tap import SPLITTING_OPS
     from vllm.config import CompilationConfig
 
+    if os.environ.get("FEATURELENS_NO_TAPS") == "1":  # a benchmark's engine without call sites: vLLM's defaults
+        return {}
     if on_cpu is None:
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
     # vLLM's own defaults when splitting_ops is unset (CompilationConfig.set_splitting_ops_for_v1), plus ours.
     ops = list(getattr(CompilationConfig, "_attention_ops", [])) + [
-        "vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]
-    if os.environ.get("FEATURELENS_NO_TAPS") != "1":  # (a benchmark's engine without call sites: another key)
-        ops += SPLITTING_OPS
+        "vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update", *SPLITTING_OPS]
     config: dict[str, Any] = {"splitting_ops": ops}
     if not on_cpu:
         config["cudagraph_mode"] = "PIECEWISE"
@@ -156,7 +156,8 @@ def vllm_engine_kwargs(settings: Settings, model_path: str) -> dict[str, Any]:
     lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": settings.max_loras} \
         if settings.lora else {}
     eager = resolve_eager(settings.enforce_eager)[0]
-    compiled = {} if eager else {"compilation_config": compilation_config()}
+    config = {} if eager else compilation_config()
+    compiled = {"compilation_config": config} if config else {}
     return lora | compiled | {
         "model": model_path,
         "dtype": resolve_dtype(settings.dtype)[0],

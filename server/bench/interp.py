@@ -26,7 +26,8 @@ from featurelens.v1 import featurelens_pb2 as pb
 async def _run_variants(saes: list[str], transport: str, prompts: list[str], max_new_tokens: int,
                         concurrency: int, variants: list[str], rounds: int = 1, model: str = "default",
                         tensor_parallel_size: int = 1, risk_probe: str = "default",
-                        enforce_eager: bool | None = None, taps: bool = True) -> dict[str, dict[str, float]]:
+                        enforce_eager: bool | None = None, taps: bool = True,
+                        max_num_seqs: int | None = None) -> dict[str, dict[str, float]]:
     """Per variant: tok/s, ratio to plain, mean request latency and its ratio, bytes per token.
 
     One untimed pass of every variant first (prefix cache and first-use costs then favour none of them),
@@ -43,7 +44,7 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
     if not taps:  # read by the worker when vLLM imports the extension (server/worker/tap.py)
         os.environ["FEATURELENS_NO_TAPS"] = "1"
     try:
-        running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=concurrency,
+        running = await start_server(Settings(port=0, metrics_port=-1, max_num_seqs=max_num_seqs or concurrency,
                                               max_in_flight=10_000, sae=saes, feature_transport=transport,
                                               model=model, risk_probe=risk_probe, enforce_eager=enforce_eager,
                                               tensor_parallel_size=tensor_parallel_size, **extra))
@@ -249,7 +250,9 @@ def _compiled(args: Any) -> int:
                                 vllm_defaults=("compilation_config",))
     rows: dict[int, dict[str, float]] = {}
     for level in levels:
-        common: dict[str, Any] = {"rounds": rounds, "model": args.model, "risk_probe": args.risk_probe}
+        # One max_num_seqs for every start: it is part of vLLM's compile-cache key, so each engine compiles once.
+        common: dict[str, Any] = {"rounds": rounds, "model": args.model, "risk_probe": args.risk_probe,
+                                  "max_num_seqs": max(levels)}
         bare = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, level, ["plain"],
                                          enforce_eager=False, taps=False, **common))
         tapped = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, level,
