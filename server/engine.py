@@ -88,10 +88,12 @@ def resolve_dtype(setting: str, on_cpu: bool | None = None) -> tuple[str, str]:
 
 def resolve_eager(setting: bool | None, on_cpu: bool | None = None) -> tuple[bool, str]:
     """Whether vLLM runs the model eagerly (`--enforce-eager`) or compiled, and why (the start-up banner says
-    both). Unset: compiled on GPUs, where torch.compile and CUDA graphs pay (hooked eager vLLM decodes 4-11x
-    slower than its graphs on GPUs, public figures in docs/modes.md); eager on CPUs, where compiling the
-    default model costs minutes at start-up and bought no throughput in our measurement
-    (docs/measurements/2026-12-07-compiled-mode.md). Interpretability runs in both (server/worker/tap.py)."""
+    both). Unset: compiled on GPUs, where torch.compile and CUDA graphs pay most (hooked eager vLLM decodes
+    4-11x slower than its graphs on GPUs, public figures). Eager on CPUs, although compiling paid there too
+    (plain vLLM 1.43-1.61x on a Zen 5 box, docs/measurements/2026-12-07-compiled-mode.md): a compiled engine
+    cannot serve sparse or int8 mode (they wrap Python forwards), Inductor needs a C++ compiler the CPU image
+    does not ship, and compiling costs about a minute at every start. Features, steering and risk run in both
+    (server/worker/tap.py)."""
     if setting is not None:
         return setting, "set by --enforce-eager / --no-enforce-eager"
     if on_cpu is None:
@@ -99,9 +101,9 @@ def resolve_eager(setting: bool | None, on_cpu: bool | None = None) -> tuple[boo
 
         on_cpu = current_platform.is_cpu()
     if on_cpu:
-        return True, ("CPU: eager (compiling took minutes at start-up and was not faster here; "
-                      "--no-enforce-eager compiles)")
-    return False, "GPU: compiled (torch.compile + piecewise CUDA graphs; --enforce-eager turns it off)"
+        return True, ("CPU default: eager, so sparse and int8 mode stay available; --no-enforce-eager compiles "
+                      "(faster decoding, needs a C++ compiler, ~1 min at start-up)")
+    return False, "GPU default: compiled (torch.compile + piecewise CUDA graphs; --enforce-eager turns it off)"
 
 
 def compilation_config(on_cpu: bool | None = None) -> dict[str, Any]:

@@ -45,7 +45,6 @@ def calls() -> int:
     return _calls
 
 
-@torch.library.custom_op(OP, mutates_args=("hidden",))
 def tap(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
     """The residual stream after decoder layer `layer` is hidden (+ residual, for vLLM's fused-residual
     layers). The handler may edit `hidden` in place (steering) and read both (capture, risk)."""
@@ -56,9 +55,18 @@ def tap(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None
         handler(layer, hidden, residual)
 
 
-@tap.register_fake
 def _tap_fake(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
     return None
+
+
+# Registered with torch.library.Library rather than the @custom_op decorator: a call through the decorator's
+# wrapper cost 17.8 us, through a plain CompositeExplicitAutograd kernel 1.6 us (both measured on the 2-core
+# Zen 5 box, an inactive layer, i.e. what every untapped layer pays per step: ~0.5 ms vs ~0.05 ms per step
+# for 30 layers, 3% vs 0.3% of a batch-1 decode step of the default model). Same schema, same fake kernel.
+_LIB = torch.library.Library("featurelens", "DEF")
+_LIB.define("tap(Tensor(a!) hidden, Tensor? residual, int layer) -> ()")
+_LIB.impl("tap", tap, "CompositeExplicitAutograd")
+torch.library.register_fake(OP, _tap_fake, lib=_LIB)
 
 
 def set_handler(handler: Handler | None) -> None:
