@@ -303,8 +303,7 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         """One sample as stream chunks (features attached); the last carries finish reason and usage.
         The request is aborted in the engine if the consumer stops early."""
         engine_id = f"{plan.request_id}-{uuid.uuid4().hex[:8]}"
-        received = self._features.open(engine_id, interp.risk.feature_ids if interp.risk is not None else ()) \
-            if interp.receives else None
+        received = self._features.open(engine_id, risk_layers=interp.risk_capture) if interp.receives else None
         running_risk = interp.risk.start() if interp.risk is not None else None
         n_prompt = len(plan.prompt_token_ids)
         mode = MODE_LABELS.get(plan.mode, "dense")

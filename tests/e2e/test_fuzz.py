@@ -123,7 +123,7 @@ class StandInEngine(WordTokenizer):
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
                                           trained_top_k=None)
         self.tokenizer = WordTokenizer()
-        self.features = SimpleNamespace(open=lambda key: None, close=lambda key: None)
+        self.features = SimpleNamespace(open=lambda key, risk_layers=(): None, close=lambda key: None)
         self.errored = False
         self.reached: list[Any] = []
 
