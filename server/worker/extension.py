@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from featurelens.server.worker import tap
 
 if TYPE_CHECKING:
     import zmq
@@ -134,15 +135,9 @@ def _avoid_amx_attention() -> None:
 _avoid_amx_attention()
 
 
-def _install_taps_at_load() -> None:
-    """vLLM imports this module when it builds the worker, before the model is loaded and compiled: patch the
-    worker so the tap op's call sites go into the model right after loading (server/worker/tap.py)."""
-    from featurelens.server.worker import tap
-
-    tap.install_at_load()
-
-
-_install_taps_at_load()
+# vLLM imports this module when it builds the worker, before the model is loaded and compiled: patch the worker
+# so the tap op's call sites go into the model right after loading (server/worker/tap.py).
+tap.install_at_load()
 
 
 class FeatureLensWorkerExtension:
@@ -191,7 +186,6 @@ class FeatureLensWorkerExtension:
             handle.remove()
         self._fl_handles = [model.register_forward_pre_hook(self._fl_begin_step, with_kwargs=True),
                             model.register_forward_hook(self._fl_end_step)]
-        from featurelens.server.worker import tap
         from featurelens.server.worker.runner import attach_adapter
 
         # The op's call sites go in when vLLM loads the model (tap.install_at_load), before anything compiles;
@@ -353,8 +347,6 @@ class FeatureLensWorkerExtension:
     def _fl_begin_step(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Map rows of the flattened batch to requests that carry a featurelens spec (the runner adapter reads
         the runner's host-side batch: no device sync), and tell the tap op which layers to look at."""
-        from featurelens.server.worker import tap
-
         self._fl_view = _EMPTY
         tap.set_active(frozenset(self._fl_harvest_layers))
         self._fl_positions: torch.Tensor | None = kwargs.get("positions", args[1] if len(args) > 1 else None)
@@ -398,7 +390,7 @@ class FeatureLensWorkerExtension:
         total_rows = int(positions.shape[-1])  # rows of the model's input (padding included)
         if sparse is not None:
             sparse_rows = [r for r in view.requests if r.sparse]
-            sparse.begin(sparse.rows_of(sparse_rows, _host_positions(sparse_rows, total_rows)), total_rows)
+            sparse.begin(sparse.rows_of(sparse_rows), total_rows)
         if quant is not None:
             quant.begin([(r.key, r.start, r.end) for r in view.requests if r.quant], total_rows)
         if head is not None:
@@ -439,8 +431,7 @@ class FeatureLensWorkerExtension:
             stream = _stream_rows(hidden, residual, index)
             delta = steering_delta(stream, positions.index_select(0, index), prompt_lengths, specs, sae,
                                    self._fl_vectors)
-            if delta is not None:
-                hidden.index_add_(0, index, delta.to(hidden.dtype))
+            hidden.index_add_(0, index, delta.to(hidden.dtype))
         members = view.capture_at.get(layer)
         if members and sae is not None and self._fl_is_sender:  # other TP ranks would encode the same rows
             self._fl_capture(view, layer, sae, hidden, residual, members)
@@ -513,8 +504,6 @@ class FeatureLensWorkerExtension:
             sparse.end(quantized=quant is not None and quant.rows is not None)
         if quant is not None:
             quant.end()
-        from featurelens.server.worker import tap
-
         tap.set_active(frozenset())
         view = self._fl_view
         self._fl_ship(view)
@@ -637,15 +626,6 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
-    return host
-
-
-def _host_positions(requests: list[_RequestRows], total_rows: int) -> np.ndarray:
-    """The step's token positions on the host for the rows of `requests` (others -1), from what the runner
-    adapter read on the host: no copy from the device."""
-    host = np.full(total_rows, -1, dtype=np.int64)
-    for r in requests:
-        host[r.start:r.end] = np.arange(r.first, r.first + r.end - r.start)
     return host
 
 

@@ -347,19 +347,26 @@ def resolve_layout(model: torch.nn.Module) -> ModelLayout:
     name = model_class(model)
     family = family_of(name)
     lm, root = language_model(model)
-    if not _has(lm, family.layers):
-        raise RuntimeError(f"cannot find decoder layers on {type(model).__name__} ({name}): expected "
-                           f"{root}{family.layers} for the {family.name} family")
-    import torch
-
-    container = lm.get_submodule(family.layers)
-    if not isinstance(container, torch.nn.ModuleList):
-        raise RuntimeError(f"{type(model).__name__}: {root}{family.layers} is a {type(container).__name__}, not the "
-                           "decoder layers' ModuleList")
-    layers = list(container)
+    layers = _decoder_layers(lm, family.layers, family, type(model).__name__, f" ({name})", root)
     if not layers:
         raise RuntimeError(f"{type(model).__name__}: {root}{family.layers} is empty")
     return ModelLayout(family=family, layers=layers, root=root, model=model)
+
+
+def _decoder_layers(owner: torch.nn.Module, path: str, family: Family, model_name: str, qualifier: str = "",
+                    root: str = "") -> list[torch.nn.Module]:
+    """The decoder layers at `path` under `owner` (a vLLM language model or an HF causal LM); RuntimeError
+    naming the model when they are missing or not a ModuleList."""
+    if not _has(owner, path):
+        raise RuntimeError(f"cannot find decoder layers on {model_name}{qualifier}: expected {root}{path} for the "
+                           f"{family.name} family")
+    import torch
+
+    container = owner.get_submodule(path)
+    if not isinstance(container, torch.nn.ModuleList):
+        raise RuntimeError(f"{model_name}: {root}{path} is a {type(container).__name__}, not the decoder layers' "
+                           "ModuleList")
+    return list(container)
 
 
 def default_layout(layers: list[torch.nn.Module] | None = None) -> ModelLayout:
@@ -386,13 +393,4 @@ def hf_layers(model: torch.nn.Module, family: Family | None = None) -> list[torc
     path ("model.layers", "transformer.h", "gpt_neox.layers"). The residual stream after layer L, featurelens'
     "layer L", is the first output of layers[L]."""
     family = family or hf_family(model)
-    if not _has(model, family.checkpoint_layers):
-        raise RuntimeError(f"cannot find decoder layers on {type(model).__name__}: expected "
-                           f"{family.checkpoint_layers} for the {family.name} family")
-    import torch
-
-    container = model.get_submodule(family.checkpoint_layers)
-    if not isinstance(container, torch.nn.ModuleList):
-        raise RuntimeError(f"{type(model).__name__}: {family.checkpoint_layers} is a {type(container).__name__}, "
-                           "not the decoder layers' ModuleList")
-    return list(container)
+    return _decoder_layers(model, family.checkpoint_layers, family, type(model).__name__)

@@ -269,18 +269,18 @@ class SparseRuntime:
 
     # -- per step ----------------------------------------------------------------------------------------
 
-    def rows_of(self, requests: list[Any], host_positions: Any) -> list[tuple[str, int, int, str]]:
+    def rows_of(self, requests: list[Any]) -> list[tuple[str, int, int, str]]:
         """(key, start, end, level) of the rows each sparse request runs sparse in this step: all its rows with
         `prompt`, else those at generated-token positions (>= its prompt length). Prompt tokens run dense by
         default: prefill is compute-bound, so skipping inputs saves no time there (the batched mask path even
         costs ~2x), and a dense prompt's KV cache keeps quality closer to dense (measured in docs/modes.md).
-        A request's rows in one step are consecutive positions, so the sparse rows are a suffix.
-        `host_positions`: the step's positions on the host (numpy), None when there is no sparse request."""
+        A request's rows in one step are consecutive positions from `r.first` on (read on the host by the
+        runner adapter), so the sparse rows are a suffix."""
         if self.prompt:
             return [(r.key, r.start, r.end, r.sparse) for r in requests]
         out = []
         for r in requests:
-            skip = max(0, min(r.end - r.start, r.num_prompt_tokens - int(host_positions[r.start])))
+            skip = max(0, min(r.end - r.start, r.num_prompt_tokens - r.first))
             if r.start + skip < r.end:
                 out.append((r.key, r.start + skip, r.end, r.sparse))
         return out

@@ -312,15 +312,13 @@ def test_prompt_rows_run_dense_unless_the_server_sparsifies_prompts(fake):
     from types import SimpleNamespace as Req
 
     runtime = fake[0]
-    reqs = [Req(key="prefill", start=0, end=4, sparse="25", num_prompt_tokens=10),  # positions 0..3
-            Req(key="decode", start=4, end=5, sparse="50", num_prompt_tokens=3),  # position 7
-            Req(key="resumed", start=5, end=10, sparse="25", num_prompt_tokens=8)]  # positions 6..10
-    positions = torch.tensor([0, 1, 2, 3, 7, 6, 7, 8, 9, 10]).numpy()  # the worker passes them on the host
-    assert runtime.rows_of(reqs, positions) == [("decode", 4, 5, "50"), ("resumed", 7, 10, "25")]
+    reqs = [Req(key="prefill", start=0, end=4, first=0, sparse="25", num_prompt_tokens=10),  # positions 0..3
+            Req(key="decode", start=4, end=5, first=7, sparse="50", num_prompt_tokens=3),  # position 7
+            Req(key="resumed", start=5, end=10, first=6, sparse="25", num_prompt_tokens=8)]  # positions 6..10
+    assert runtime.rows_of(reqs) == [("decode", 4, 5, "50"), ("resumed", 7, 10, "25")]
     runtime.prompt = True
-    assert runtime.rows_of(reqs, positions) == [("prefill", 0, 4, "25"), ("decode", 4, 5, "50"),
-                                                ("resumed", 5, 10, "25")]
-    assert runtime.rows_of([], positions) == []
+    assert runtime.rows_of(reqs) == [("prefill", 0, 4, "25"), ("decode", 4, 5, "50"), ("resumed", 5, 10, "25")]
+    assert runtime.rows_of([]) == []
 
 
 def test_sparse_requests_get_their_own_prefix_cache_namespace():
