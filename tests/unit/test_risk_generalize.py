@@ -77,6 +77,68 @@ def test_lofo_selection_picks_the_signal_that_transfers(synthetic):
     assert by[(1,)] > 0.75 and by[(2,)] < 0.65
 
 
+def _difficulty_records(seed: int) -> list[dict]:
+    """Feature 0 fires a little more often on hallucinated answers in every family (weak, transferable).
+    Feature 1 tracks how hard the family is: its value is the family's hallucination rate plus per-answer
+    noise that has nothing to do with the answer's label. Across families it predicts the label well; inside
+    one family it is noise."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i, family in enumerate(FAMILIES):
+        rate = 0.1 + 0.8 * i / (len(FAMILIES) - 1)
+        for j in range(80):
+            label = int(rng.random() < rate)
+            idx, val = [], []
+            for _ in range(3):
+                ids, vals = [1, int(rng.integers(40, 60))], [max(0.01, 6 * rate + float(rng.normal(0, 1.0))), 1.0]
+                if rng.random() < (0.6 if label else 0.35):
+                    ids.append(0)
+                    vals.append(float(rng.uniform(1.0, 2.0)))
+                idx.append(ids)
+                val.append(vals)
+            records.append({"domain": family, "label": label, "split": ("train", "train", "val", "test")[j % 4],
+                            "token_ids": [0, 1, 2], "logprobs": [-0.1] * 3,
+                            "features": {"1": {"sae_id": "s1", "idx": idx, "val": val}}})
+    return records
+
+
+def test_family_centering_learns_the_within_family_signal():
+    records = _difficulty_records(5)
+    plain, centred = (gz.Config((1,), "mean", C=1.0, family_weights=False, penalty="l2", centering=c)
+                      for c in ("none", "family"))
+    design = gz.build_design(records, (1,), "mean", "identity")
+    y = np.asarray([r["label"] for r in records])
+    rows = np.arange(len(records))
+    fams = [r["domain"] for r in records]
+    col = {f: design.columns[(1, f)] for f in (0, 1)}
+    sd = design.X.toarray().std(axis=0)
+
+    def standardized(config: gz.Config) -> dict[int, float]:
+        w = gz.fit(design, rows, y, fams, config).weights
+        return {f: abs(w[c]) * sd[c] for f, c in col.items()}
+
+    w_plain, w_centred = standardized(plain), standardized(centred)
+    # The plain fit leans on the difficulty feature (it explains the families' base rates) at least as much
+    # as on the answer-level one; the centred fit mostly on the one that separates answers inside a family.
+    assert w_plain[1] > w_plain[0]
+    assert w_centred[0] > w_centred[1]
+    # On families left out, that is what ranks their answers.
+    lofo_plain = gz.mean_auroc(gz.lofo(records, design, plain))
+    lofo_centred = gz.mean_auroc(gz.lofo(records, design, centred))
+    assert lofo_centred > lofo_plain + 0.02
+    # The intercept is set on raw inputs: the mean raw logit is the centred fit's mean logit (about the
+    # log-odds of the classes), not shifted by the families' mean activations.
+    fitted = gz.fit(design, rows, y, fams, centred)
+    assert abs(float(np.mean(fitted.logits(design.X, design.terms[:, :0])))) < 1.0
+
+
+def test_center_by_family_removes_each_familys_mean():
+    M = np.asarray([[1.0, 2.0], [3.0, 6.0], [10.0, 0.0], [20.0, 0.0]])
+    out = gz.center_by_family(M, ["a", "a", "b", "b"])
+    assert out.tolist() == [[-1.0, -2.0], [1.0, 2.0], [-5.0, 0.0], [5.0, 0.0]]
+    assert M[0, 0] == 1.0  # the input is left alone
+
+
 def test_family_weights_give_every_family_the_same_total():
     y = np.asarray([1, 1, 1, 0, 1, 0])
     w = gz.sample_weights(["a", "a", "a", "a", "b", "b"], y)

@@ -156,7 +156,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     term_sets = [tuple(t for t in s.split("+") if t) if s != "none" else () for s in args.term_sets]
     penalties = [(p.split(":")[0], int(p.split(":")[1]) if ":" in p else 0) for p in args.penalties]
     configs = grid(layer_sets, args.poolings, args.transforms, term_sets, args.Cs,
-                   [{"family": True, "plain": False}[w] for w in args.weights], penalties)
+                   [{"family": True, "plain": False}[w] for w in args.weights], penalties, args.centerings)
     chosen, table = select(records, configs, log=lambda m: print(m, file=sys.stderr),
                            one_se_fewer_layers=args.selection == "one-se")
     saes = _sae_dirs(args.sae)
@@ -188,7 +188,8 @@ def _cmd_train_general(args: argparse.Namespace) -> int:
     sel = json.loads(Path(args.selection).read_text())
     c = sel["chosen"]
     config = Config(tuple(c["layers"]), c["pooling"], c["transform"], tuple(c["terms"]), float(c["C"]),
-                    bool(c["family_weights"]), c.get("penalty", "l1"), int(c.get("max_features", 0)))
+                    bool(c["family_weights"]), c.get("penalty", "l1"), int(c.get("max_features", 0)),
+                    c.get("centering", "none"))
     best = max(sel["table"], key=lambda row: row["lofo_mean_auroc"])
     row = next(r for r in sel["table"] if r["config"] == config.name())
     probe = train_final(records, config, args.probe_id, _d_sae(_sae_dirs(args.sae)), int(sel["feature_top_k"]),
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--penalties", nargs="+", default=["l1", "l2", "residual"],
                    help="l1, l2, l2:N (l2, then the N strongest features refit), or residual (l2 on the "
                         "residual rebuilt from the codes, folded back into feature weights)")
+    p.add_argument("--centerings", nargs="+", default=["none", "family"], choices=("none", "family"),
+                   help="family: fit on inputs centred within each training family (learns what separates "
+                        "right from wrong inside a family, not which families are hard)")
     p.add_argument("--selection", default="one-se", choices=("one-se", "best"))
     p.add_argument("--ood-min-counts", nargs="+", type=int, default=[1, 2, 5, 10])
     p.add_argument("--sae", action="append", default=None)

@@ -44,12 +44,15 @@ class Config:
     family_weights: bool = True  # each family weighs the same in the fit, each class within it half
     penalty: str = "l1"  # "l1" (sparse) or "l2" (small weights everywhere; with max_features, then pruned)
     max_features: int = 0  # l2: keep the largest |weight × RMS| features and refit on them (0: keep all)
+    # "family": fit on inputs centred within each training family (see `center_by_family`); "none": as they are.
+    centering: str = "none"
 
     def name(self) -> str:
         terms = "+".join(self.terms) if self.terms else "none"
         prune = f"/top{self.max_features}" if self.max_features else ""
+        center = "/center=family" if self.centering == "family" else ""
         return (f"L{'+'.join(map(str, self.layers))}/{self.pooling}/{self.transform}/terms={terms}/{self.penalty}"
-                f"/C={self.C}{prune}/{'famw' if self.family_weights else 'plain'}")
+                f"/C={self.C}{prune}/{'famw' if self.family_weights else 'plain'}{center}")
 
 
 @dataclass
@@ -64,6 +67,23 @@ class Design:
 def build_design(records: Sequence[dict], layers: Sequence[int], pooling: str, transform: str) -> Design:
     X, columns = pooled_matrix(records, layers, pooling, transform)
     return Design(X.tocsr(), columns, terms_matrix(records, TERMS))
+
+
+CENTERINGS = ("none", "family")
+
+
+def center_by_family(M: np.ndarray, families: Sequence[str]) -> np.ndarray:
+    """M minus each family's own mean row. A family's base rate and its typical activations then carry no
+    signal, and the fit can only learn what separates right from wrong answers *within* a family, which is
+    what a family it never saw needs (its base rate and typical activations are new). The weights apply to
+    raw inputs unchanged: within a family, centering shifts every logit by the same constant, so rankings
+    (AUROC) are the same; the constant is absorbed by the calibration, fitted on raw logits."""
+    out = np.asarray(M, dtype=np.float64).copy()
+    fams = np.asarray(families)
+    for f in set(fams.tolist()):
+        mask = fams == f
+        out[mask] -= out[mask].mean(axis=0)
+    return out
 
 
 def sample_weights(families: Sequence[str], y: np.ndarray) -> np.ndarray:
@@ -104,6 +124,10 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
     X = design.X[rows]
     if term_idx:
         X = sparse.hstack([X, sparse.csr_matrix(design.terms[rows][:, term_idx])]).tocsr()
+    if config.penalty == "residual":
+        return fit_residual(design, rows, y, families, config)
+    if config.centering == "family":
+        X = sparse.csr_matrix(center_by_family(X.toarray(), families))
     rms = np.sqrt(np.asarray(X.multiply(X).mean(axis=0))).ravel()
     scale = 1.0 / np.where(rms > 0, rms, 1.0)
     weights = sample_weights(families, y) if config.family_weights else None
@@ -118,8 +142,6 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
         coef[columns] = model.coef_.ravel()
         return coef, float(model.intercept_[0])
 
-    if config.penalty == "residual":
-        return fit_residual(design, rows, y, families, config)
     coef, bias = logreg(np.arange(X.shape[1]))
     if config.max_features and config.penalty == "l2":
         # The explanation stays readable and the worker ships few pairs: the strongest standardized weights
@@ -127,6 +149,13 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
         d = X.shape[1] - len(term_idx)
         top = np.argsort(-np.abs(coef[:d]))[: config.max_features]
         coef, bias = logreg(np.sort(np.r_[top, np.arange(d, X.shape[1])]).astype(np.int64))
+    if config.centering == "family":
+        # The intercept of a centred fit is meaningless on raw inputs: put the raw mean logit where the
+        # centred fit had its mean (the calibration then fixes the scale on raw logits).
+        raw = design.X[rows]
+        if term_idx:
+            raw = sparse.hstack([raw, sparse.csr_matrix(design.terms[rows][:, term_idx])]).tocsr()
+        bias -= float(np.mean(raw @ (coef * scale)))
     return Fitted(coef * scale, bias, config.terms)
 
 
@@ -138,11 +167,12 @@ def fit_residual(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequ
     """An L2 logistic regression in the residual stream rebuilt from the codes (pooled codes @ W_dec,
     standardized), folded back into one weight per SAE feature: w_f = W_dec[f] · (w / σ), bias b − Σ w μ / σ.
     The same linear function of the pooled codes, so the probe file and the server stay as they are; the
-    regulariser prefers directions of the residual stream over single features."""
+    regulariser prefers directions of the residual stream over single features. Uncertainty terms, when the
+    configuration names them, are standardized columns beside the residual's and keep their own weights."""
     from sklearn.linear_model import LogisticRegression
 
-    if len(config.layers) != 1 or config.terms:
-        raise ValueError("residual probes take one layer and no uncertainty terms")
+    if len(config.layers) != 1:
+        raise ValueError("residual probes take one layer")
     basis = RESIDUAL_BASES[config.layers[0]]
     columns = np.full(basis.shape[0], -1, dtype=np.int64)
     for (_layer, feature), c in design.columns.items():
@@ -151,12 +181,20 @@ def fit_residual(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequ
     B = np.zeros((design.X.shape[1], basis.shape[1]))
     B[columns[present]] = basis[present]
     R = np.asarray(design.X[rows] @ B)
+    if config.terms:
+        R = np.hstack([R, design_terms(design, rows, config.terms)])
+    raw_mean = R.mean(axis=0)
+    if config.centering == "family":
+        R = center_by_family(R, families)
     mu, sd = R.mean(axis=0), R.std(axis=0) + 1e-6
     weights = sample_weights(families, y) if config.family_weights else None
     model = LogisticRegression(C=config.C, max_iter=3000, class_weight=None if config.family_weights else "balanced")
     model.fit((R - mu) / sd, y, sample_weight=weights)
     w = model.coef_.ravel() / sd
-    return Fitted(B @ w, float(model.intercept_[0] - w @ mu), ())
+    # Centred fits: the mean raw logit lands where the centred fit's mean logit was.
+    bias = float(model.intercept_[0] - w @ (raw_mean if config.centering == "family" else mu))
+    d_model = basis.shape[1]
+    return Fitted(np.r_[B @ w[:d_model], w[d_model:]], bias, config.terms)
 
 
 def design_terms(design: Design, rows: np.ndarray, names: Sequence[str]) -> np.ndarray:
@@ -224,10 +262,12 @@ def mean_auroc(folds: Iterable[Fold]) -> float:
 def grid(layer_sets: Sequence[tuple[int, ...]], poolings: Sequence[str] = ("mean", "max"),
          transforms: Sequence[str] = ("identity",), term_sets: Sequence[tuple[str, ...]] = ((),),
          Cs: Sequence[float] = (0.01, 0.03, 0.1), family_weights: Sequence[bool] = (True,),
-         penalties: Sequence[tuple[str, int]] = (("l1", 0),)) -> list[Config]:
+         penalties: Sequence[tuple[str, int]] = (("l1", 0),),
+         centerings: Sequence[str] = ("none",)) -> list[Config]:
     """Every combination; `penalties`: (penalty, max_features) pairs."""
-    return [Config(tuple(ls), p, t, tuple(ts), C, fw, pen, top) for ls in layer_sets for p in poolings
-            for t in transforms for ts in term_sets for C in Cs for fw in family_weights for pen, top in penalties]
+    return [Config(tuple(ls), p, t, tuple(ts), C, fw, pen, top, ce) for ls in layer_sets for p in poolings
+            for t in transforms for ts in term_sets for C in Cs for fw in family_weights for pen, top in penalties
+            for ce in centerings]
 
 
 def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[str], None] = print,
@@ -247,7 +287,7 @@ def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[st
         row: dict[str, Any] = {"config": config.name(), "layers": list(config.layers), "pooling": config.pooling,
                "transform": config.transform, "terms": list(config.terms), "C": config.C,
                "family_weights": config.family_weights, "penalty": config.penalty,
-               "max_features": config.max_features, "lofo_mean_auroc": round(mean_auroc(folds), 4),
+               "max_features": config.max_features, "centering": config.centering, "lofo_mean_auroc": round(mean_auroc(folds), 4),
                "lofo_min_auroc": round(min(f.auroc for f in folds if f.auroc is not None), 4),
                "by_family": {f.family: None if f.auroc is None else round(f.auroc, 4) for f in folds}}
         table.append(row)
@@ -435,7 +475,7 @@ def train_final(records: Sequence[dict], config: Config, probe_id: str, d_sae: M
     probe.thresholds = choose_thresholds(pv, y[val])
     probe.metrics = {"feature_top_k": k, "config": config.name(), "C": config.C,
                      "family_weights": config.family_weights, "penalty": config.penalty,
-                     "max_features": config.max_features, "n_train": len(train), "n_val": len(val),
+                     "max_features": config.max_features, "centering": config.centering, "n_train": len(train), "n_val": len(val),
                      "val_auroc": round(auroc(y[val], zv) or float("nan"), 4), **(metrics or {})}
     return probe
 
