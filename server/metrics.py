@@ -92,8 +92,9 @@ class Metrics:
             ["model", "mode"], registry=r)
         self.response_risk_ood = Histogram(
             "featurelens_response_risk_ood",
-            "How far scored responses lie from the risk probe's training data (ResponseRisk.ood: share of "
-            "their top-k SAE codes on features training never saw), in [0, 1].",
+            "How far scored responses lie from the risk probe's training data (ResponseRisk.ood, in [0, 1]: "
+            "1 - cosine similarity to the nearest training answer's SAE codes, or the share of codes on "
+            "features training never saw, as the probe file says).",
             ["model", "mode"], buckets=OOD_BUCKETS, registry=r)
         self.steering_interventions = Counter(
             "featurelens_steering_interventions", "Steering interventions applied, by operation.",

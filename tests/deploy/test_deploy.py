@@ -96,6 +96,9 @@ def test_dashboard_has_required_panels() -> None:
     required = {  # panel title → what its queries must contain
         "Response risk over time (quantiles)": ["histogram_quantile", "featurelens_response_risk_bucket"],
         "HIGH-risk share of scored responses": ["featurelens_high_risk_responses_total"],
+        "Distance from the risk probe's training data (OOD)": ["histogram_quantile",
+                                                               "featurelens_response_risk_ood_bucket"],
+        "Share of scored responses far from training (OOD > 0.2)": ['le="0.2"', "featurelens_response_risk_ood_count"],
         "Time to first token": ["histogram_quantile(0.99", "featurelens_time_to_first_token_seconds_bucket"],
         "End-to-end request duration": ["histogram_quantile(0.99", "featurelens_request_duration_seconds_bucket"],
         "Inter-token latency": ["histogram_quantile(0.99", "featurelens_inter_token_latency_seconds_bucket"],

@@ -220,8 +220,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not args.no_domains:
         compare = [load_probe(p) for p in args.compare or ()]
         _load_residual_bases(_sae_dirs(args.sae))
+        consistency = {r["qid"]: float(r["consistency"]) for r in _read(args.consistency)} \
+            if args.consistency else None
         general = evaluate_generalization(records, probe, args.out, saes=_sae_dirs(args.sae), compare=compare,
-                                          log=print)
+                                          consistency=consistency, log=print)
         report["generalization"] = general["summary"]
     if args.record:
         # Keep the headline figures with the probe, so the server can report what it ships.
@@ -234,6 +236,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         save_probe(probe, args.probe)
     print(json.dumps({k: report[k] for k in ("n", "positive_rate", "heldout_entities", "plots")}, indent=1),
           file=sys.stderr)
+    return 0
+
+
+def _cmd_consistency(args: argparse.Namespace) -> int:
+    """The sampling-consistency reference: k sampled answers per question, agreement with the greedy one."""
+    from featurelens.server.offline.risk.consistency import pick, run_consistency
+    from featurelens.server.offline.risk.train import usable
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    records = pick(usable(_read(args.data)), args.per_family)
+    print(f"{len(records)} answers ({args.per_family} per family at most), {args.k} samples each", file=sys.stderr)
+    asyncio.run(run_consistency(records, args.out, k=args.k, temperature=args.temperature, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, model=args.model))
     return 0
 
 
@@ -345,7 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other probe files whose configuration gets the same LOFO protocol (repeatable)")
     p.add_argument("--sae", action="append", default=None)
     p.add_argument("--record", action="store_true", help="write the headline figures into the probe's metrics")
+    p.add_argument("--consistency", default=None, help="JSONL from `risk consistency`: the sampling-consistency "
+                   "reference beside the probe on the answers it covers")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("consistency", help="offline reference: k sampled answers per question, agreement with "
+                                           "the greedy answer (JSONL, resumable)")
+    p.add_argument("--data", required=True, help="JSONL from build-data (the greedy answers)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=5, help="samples per question")
+    p.add_argument("--per-family", type=int, default=40, help="answers per family at most")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--model", default="default")
+    p.set_defaults(func=_cmd_consistency)
 
     p = sub.add_parser("score", help="the probe as shipped on one or more data files (e.g. dense vs quantized)")
     p.add_argument("--data", required=True, action="append", help="JSONL from build-data (repeatable)")

@@ -253,12 +253,15 @@ def config_of(probe: Probe) -> Any:
 def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str | Path, *,
                             saes: Mapping[int, str] | None = None, compare: Sequence[Probe] = (),
                             ood_min_counts: Sequence[int] | None = None,
+                            consistency: Mapping[str, float] | None = None,
                             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Issue 29's report, per family and overall: LOFO AUROC of the probe's configuration (refit without each
     family, tested on all of it) beside the logprob baselines, a logprob-terms-only LOFO model, a dense
     (SAE-reconstructed residual) LOFO probe and other probes' configurations (`compare`, e.g. v2's) under the
     same protocol; held-out entities (the probe as given, test split); ECE of the LOFO fits calibrated on the
-    other families' val split; the OOD AUROC (held-out family vs held-out entities)."""
+    other families' val split; the OOD AUROC (held-out family vs held-out entities). `consistency` (question
+    id → `consistency.consistency_score`, from `featurelens risk consistency`): the sampling-consistency
+    reference's AUROC on the answers it covers, beside the probe's LOFO AUROC on the same answers."""
     from featurelens.server.offline.risk import generalize as gz
 
     out = Path(out_dir)
@@ -294,6 +297,14 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
         row["best_logprob_baseline"] = max(valid) if valid else None
         row["logprob_terms_lofo"] = term_folds[family]
         row["dense_residual_lofo"] = dense.get(family)
+        if consistency:
+            qids = [r["qid"] for r, m in zip(records, mask, strict=True) if m]
+            have = np.asarray([q in consistency for q in qids])
+            yf = y[mask][have]
+            row["sampling_consistency"] = gz.auroc(yf, np.asarray([consistency[q] for q in qids if q in consistency]),
+                                                   gz.MIN_PER_CLASS) if have.any() else None
+            row["probe_lofo_on_consistency_subset"] = gz.auroc(yf, folds[family].probs[have], gz.MIN_PER_CLASS) \
+                if have.any() else None
         for pid, by in others.items():
             row[f"{pid}_config_lofo"] = by[family]
         if probe.features and probe.probe_id and probe.metrics.get("feature_top_k"):
@@ -315,7 +326,8 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
         "ece_heldout_families_mean_per_family": round(float(np.mean([ece(folds[f].probs, folds[f].y)
                                                                       for f in families])), 4),
     }
-    for key in ("logprob_terms_lofo", "dense_residual_lofo", *(f"{p}_config_lofo" for p in others)):
+    for key in ("logprob_terms_lofo", "dense_residual_lofo", *(f"{p}_config_lofo" for p in others),
+                "sampling_consistency", "probe_lofo_on_consistency_subset", "concept_dispersion"):
         vals = [r[key] for r in table if r.get(key) is not None]
         if vals:
             summary[f"{key}_mean"] = round(float(np.mean(vals)), 4)
