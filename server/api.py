@@ -61,6 +61,17 @@ MODE_LABELS = {pb.INFERENCE_MODE_DENSE: "dense", pb.INFERENCE_MODE_SPARSE: "spar
                pb.INFERENCE_MODE_QUANTIZED: "quantized"}
 
 
+def _chosen_logprobs(completion: CompletionOutput) -> list[float]:
+    """Each new token's own logprob (vLLM lists the chosen token beside any top-k alternatives)."""
+    out = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or [], strict=False):
+        entry = position.get(token_id) if position else None
+        out.append(float(entry.logprob) if entry is not None else 0.0)
+    if len(out) < len(completion.token_ids):
+        raise RuntimeError("the engine returned fewer logprobs than tokens for a risk request with uncertainty terms")
+    return out
+
+
 def _finish_reason(completion: CompletionOutput, plan: GenerationPlan) -> pb.FinishReason:
     reason, stop_reason = completion.finish_reason, completion.stop_reason
     if reason == "length":
@@ -269,7 +280,11 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         # Prompt features need every prompt position computed, so such requests skip reading the prefix cache.
         # A fresh StructuredOutputsParams per engine request: vLLM's processor rewrites it (choice → grammar).
         structured = StructuredOutputsParams(**plan.structured_output) if plan.structured_output else None
-        return SamplingParams(**plan.sample_kwargs(sample_index), output_kind=RequestOutputKind.DELTA, extra_args=extra,
+        kwargs = plan.sample_kwargs(sample_index)
+        if interp.risk is not None and interp.risk.needs_logprobs and kwargs.get("logprobs") is None:
+            # A probe with uncertainty terms reads each chosen token's logprob (0: that token's only).
+            kwargs = {**kwargs, "logprobs": 0}
+        return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
                               skip_reading_prefix_cache=True if interp.include_prompt else None,
                               structured_outputs=structured)
 
@@ -329,14 +344,19 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id,
                                                   sample_index=sample_index)
                 tokens = self._tokens(completion, plan)
+                chosen_logprobs = _chosen_logprobs(completion) \
+                    if running_risk is not None and running_risk.needs_logprobs else None
                 if received is not None:
                     interp_started = time.perf_counter()
                     if generated == 0 and interp.include_prompt:
                         chunk.prompt_features.extend(
                             await prompt_features(received, interp, self.engine, plan.prompt_token_ids))
-                    for token in tokens:
+                    for i, token in enumerate(tokens):
                         # The residual stream that predicted generated token g sits at position n_prompt + g - 1.
                         position = n_prompt + generated - 1
+                        if chosen_logprobs is not None and token.token_id not in self._shape.eos_token_ids:
+                            assert running_risk is not None  # chosen_logprobs exist only for a risk request
+                            running_risk.add_logprob(chosen_logprobs[i])
                         if interp.returned:
                             codes = await token_codes(received, interp, position)
                             token.features.extend(layer_features(codes, interp, self.engine))
@@ -516,6 +536,23 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         result = CachedFeatures(token_ids=np.asarray(ids, dtype=np.uint32), layers=layers)
         await self.cache.set(key, result)
         return result, False
+
+    async def _prompt_logprobs(self, ids: list[int], request_id: str, mode: pb.InferenceMode, sparsity_percent: int,
+                               start: int, end: int) -> list[float]:
+        """Log-probabilities of tokens ids[start:end] given the tokens before each (teacher forcing: one engine
+        pass with prompt_logprobs), for a risk probe with uncertainty terms."""
+        plan = GenerationPlan(prompt_token_ids=ids, sampling_kwargs={"max_tokens": 1, "temperature": 0.0,
+                                                                     "prompt_logprobs": 0},
+                              stop_token_ids=frozenset(), token_logprobs=False, top_logprobs=0,
+                              mode=mode, request_id=request_id, sparsity_percent=sparsity_percent)
+        engine_id = f"{request_id}-lp-{uuid.uuid4().hex[:8]}"
+        positions: list[Any] = []
+        async for output in self.engine.generate(engine_id, ids, self._sampling_params(plan, InterpPlan(), engine_id),
+                                                 self._salt(None, ids, sparsity_percent, mode)):
+            positions = list(output.prompt_logprobs or positions)
+        if len(positions) < end:
+            raise ApiError(grpc.StatusCode.INTERNAL, "ScoreHallucination: the engine returned no prompt logprobs")
+        return [float(positions[i][ids[i]].logprob) for i in range(start, end)]
 
     async def GetFeatureActivations(self, request: pb.GetFeatureActivationsRequest,
                                     context: grpc.aio.ServicerContext) -> pb.GetFeatureActivationsResponse:
@@ -709,6 +746,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
             codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
                                                      sparsity_percent)
             running = probe.start()
+            if running.needs_logprobs:
+                for logprob in await self._prompt_logprobs(ids, self._request_id(request, context), mode,
+                                                           sparsity_percent, len(prompt_ids), len(ids) - 1):
+                    running.add_logprob(logprob)
             token_risks = []
             by_layer = {lc.layer: lc for lc in codes.layers}
             for position in range(len(prompt_ids) - 1, len(ids) - 2):  # the response's tokens, not EOS

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from featurelens.server.interp.risk_probe import Probe, calibrate, load_probe, terms_logit
+from featurelens.server.interp.risk_probe import Probe, calibrate, load_probe, term_values, terms_logit
 from featurelens.server.paths import ASSETS_DIR
 from featurelens.v1 import featurelens_pb2 as pb
 
@@ -117,6 +117,11 @@ class RiskProbe:
         return 1.0 - max(0.0, min(1.0, float(sims.max()) / norm))
 
     @property
+    def needs_logprobs(self) -> bool:
+        """The probe adds uncertainty terms of the scored tokens' logprobs: the server must feed them."""
+        return self.probe.needs_logprobs
+
+    @property
     def reports_ood(self) -> bool:
         return bool(self.unseen) or self.nearest_layer is not None
 
@@ -126,12 +131,6 @@ class RiskProbe:
             probe = load_probe(path)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a usable probe file: {error}") from None
-        if probe.terms:
-            # The file format and the offline pipeline support them; the server does not yet feed each
-            # token's logprob to the probe, so it would score such a probe wrongly: refuse it instead.
-            raise ValueError(f"{path}: not a usable probe file: its uncertainty terms "
-                             f"({', '.join(t.name for t in probe.terms)}) need token logprobs, which this server "
-                             "does not feed to the probe; serve a probe without terms")
         return cls(probe, float(probe.thresholds["medium"]), float(probe.thresholds["high"]))
 
     @property
@@ -318,6 +317,11 @@ class RunningRisk:
         for contribution, (layer, feature), v in ranked[:top]:
             out.top_features.add(layer=layer, feature_id=feature, activation=v, weight=weights[(layer, feature)],
                                  contribution=contribution, explanation=explain(layer, feature) if explain else "")
+        if self.needs_logprobs:
+            values = term_values(self.logprobs[: self.count])
+            for term in self.probe.probe.terms:
+                out.terms.add(name=term.name, value=values[term.name], weight=term.weight,
+                              contribution=term.weight * values[term.name])
         return out
 
 

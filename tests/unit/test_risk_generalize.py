@@ -179,16 +179,28 @@ def _v2_file(tmp_path, pooling: str, transform: str = "identity"):
     return path
 
 
-def test_the_server_refuses_a_probe_with_uncertainty_terms(tmp_path):
-    with pytest.raises(ValueError, match="need token logprobs"):
-        RiskProbe.load(_v2_file(tmp_path, "mean"))
+def test_the_server_loads_a_probe_with_uncertainty_terms_and_names_them(tmp_path):
+    served = RiskProbe.load(_v2_file(tmp_path, "mean"))
+    assert served.needs_logprobs
+    running = served.start()
+    for lp in (-0.5, -2.0, -0.1):
+        running.add_logprob(lp)
+        running.add({3: (np.asarray([0]), np.asarray([1.0])), 5: (np.asarray([15]), np.asarray([1.0]))})
+    out = running.response_risk()
+    terms = {t.name: t for t in out.terms}
+    assert set(terms) == {"neg_mean_logprob", "neg_min_logprob", "neg_first_logprob"}
+    assert terms["neg_mean_logprob"].value == pytest.approx(2.6 / 3, rel=1e-6)
+    assert terms["neg_min_logprob"].value == pytest.approx(2.0) and terms["neg_first_logprob"].value == pytest.approx(0.5)
+    assert terms["neg_mean_logprob"].contribution == pytest.approx(0.7 * 2.6 / 3, rel=1e-6)
+    # Without terms the response names none.
+    assert not RiskProbe(rp.Probe(probe_id="p", features=[], bias=0.0), 0.5, 0.8).start().response_risk().terms
 
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "last_prompt"])
 def test_v2_served_scores_equal_the_offline_reference(tmp_path, pooling):
     """Uncertainty terms and the OOD share, served (per-token codes or the worker's per-row linear term plus
     the codes it ships) and offline (risk_probe.running_risks / ood_share), token by token. (RunningRisk
-    implements the terms, add_logprob; RiskProbe.load refuses such files until the server feeds logprobs.)"""
+    implements the terms, add_logprob; the server feeds it each scored token's logprob.)"""
     path = _v2_file(tmp_path, pooling)
     reference = rp.load_probe(path)
     served = RiskProbe(reference, 0.5, 0.8)
@@ -361,3 +373,33 @@ def test_client_risk_carries_ood():
 
     risk = Risk.from_pb(pb.ResponseRisk(score=0.2, label=pb.RISK_LABEL_LOW, probe_id="p", ood=0.25))
     assert risk is not None and risk.ood == pytest.approx(0.25) and risk.label == "low"
+
+
+def test_residual_probe_over_two_layers_folds_back_to_feature_weights(synthetic, monkeypatch):
+    """A residual-direction fit over two layers and the logprob terms: the folded per-feature weights give the
+    same logits as the regression on the rebuilt residual streams (codes @ W_dec, side by side, plus terms)."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    bases = {1: rng.normal(size=(200, 6)), 2: rng.normal(size=(200, 4))}
+    monkeypatch.setattr(gz, "RESIDUAL_BASES", bases)
+    terms = ("neg_mean_logprob", "neg_min_logprob")
+    records = [r | {"logprobs": [float(-rng.exponential(1.0)) for _ in r["token_ids"]]} for r in synthetic]
+    design = gz.build_design(records, (1, 2), "mean", "identity")
+    rows = np.arange(len(records))
+    y = np.asarray([r["label"] for r in records])
+    fams = [r["domain"] for r in records]
+    config = gz.Config((1, 2), "mean", "identity", terms, 0.1, False, "residual")
+    fitted = gz.fit(design, rows, y, fams, config)
+    # The same regression by hand.
+    X = design.X.toarray()
+    dense = {layer: np.zeros((len(records), 200)) for layer in (1, 2)}
+    for (layer, feature), c in design.columns.items():
+        dense[layer][:, feature] = X[:, c]
+    R = np.hstack([dense[1] @ bases[1], dense[2] @ bases[2], gz.design_terms(design, rows, terms)])
+    mu, sd = R.mean(axis=0), R.std(axis=0) + 1e-6
+    model = LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced").fit((R - mu) / sd, y)
+    expected = model.decision_function((R - mu) / sd)
+    got = fitted.logits(design.X, gz.design_terms(design, rows, terms))
+    assert np.allclose(got, expected, atol=1e-6)
+    assert fitted.term_names == terms and len(fitted.weights) == X.shape[1] + 2

@@ -270,18 +270,32 @@ class FeatureContribution(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., feature_id: _Optional[int] = ..., activation: _Optional[float] = ..., weight: _Optional[float] = ..., contribution: _Optional[float] = ..., explanation: _Optional[str] = ...) -> None: ...
 
 class ResponseRisk(_message.Message):
-    __slots__ = ("score", "label", "top_features", "probe_id", "ood")
+    __slots__ = ("score", "label", "top_features", "probe_id", "ood", "terms")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     TOP_FEATURES_FIELD_NUMBER: _ClassVar[int]
     PROBE_ID_FIELD_NUMBER: _ClassVar[int]
     OOD_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     score: float
     label: RiskLabel
     top_features: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
     probe_id: str
     ood: float
-    def __init__(self, score: _Optional[float] = ..., label: _Optional[_Union[RiskLabel, str]] = ..., top_features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., probe_id: _Optional[str] = ..., ood: _Optional[float] = ...) -> None: ...
+    terms: _containers.RepeatedCompositeFieldContainer[RiskTerm]
+    def __init__(self, score: _Optional[float] = ..., label: _Optional[_Union[RiskLabel, str]] = ..., top_features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ..., probe_id: _Optional[str] = ..., ood: _Optional[float] = ..., terms: _Optional[_Iterable[_Union[RiskTerm, _Mapping]]] = ...) -> None: ...
+
+class RiskTerm(_message.Message):
+    __slots__ = ("name", "value", "weight", "contribution")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    weight: float
+    contribution: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., weight: _Optional[float] = ..., contribution: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("text", "chat", "sampling", "stopping", "logprobs", "interpretability", "steering", "mode", "sparsity_percent", "request_id", "structured_output", "priority", "adapter")

@@ -171,15 +171,13 @@ def fit_residual(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequ
     configuration names them, are standardized columns beside the residual's and keep their own weights."""
     from sklearn.linear_model import LogisticRegression
 
-    if len(config.layers) != 1:
-        raise ValueError("residual probes take one layer")
-    basis = RESIDUAL_BASES[config.layers[0]]
-    columns = np.full(basis.shape[0], -1, dtype=np.int64)
-    for (_layer, feature), c in design.columns.items():
-        columns[feature] = c
-    present = np.flatnonzero(columns >= 0)
-    B = np.zeros((design.X.shape[1], basis.shape[1]))
-    B[columns[present]] = basis[present]
+    # One block of columns per layer: that layer's rebuilt residual (several layers: side by side).
+    widths = [RESIDUAL_BASES[layer].shape[1] for layer in config.layers]
+    offsets = np.cumsum([0, *widths])
+    B = np.zeros((design.X.shape[1], int(offsets[-1])))
+    for (layer, feature), c in design.columns.items():
+        i = config.layers.index(layer)
+        B[c, offsets[i]:offsets[i + 1]] = RESIDUAL_BASES[layer][feature]
     R = np.asarray(design.X[rows] @ B)
     if config.terms:
         R = np.hstack([R, design_terms(design, rows, config.terms)])
@@ -193,7 +191,7 @@ def fit_residual(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequ
     w = model.coef_.ravel() / sd
     # Centred fits: the mean raw logit lands where the centred fit's mean logit was.
     bias = float(model.intercept_[0] - w @ (raw_mean if config.centering == "family" else mu))
-    d_model = basis.shape[1]
+    d_model = int(offsets[-1])
     return Fitted(np.r_[B @ w[:d_model], w[d_model:]], bias, config.terms)
 
 
