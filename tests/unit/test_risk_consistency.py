@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from featurelens.server.offline.risk.consistency import agreement, consistency_score, content_words, pick
 
-
 Q = "What is the capital of France?"
 
 
