@@ -11,6 +11,7 @@ from featurelens.client.types import (
     GenerateResult,
     ModelInfo,
     Risk,
+    RiskTerm,
     SampleResult,
     SteeringVector,
     StreamChunk,
@@ -18,5 +19,5 @@ from featurelens.client.types import (
 )
 from featurelens.v1 import featurelens_pb2 as pb
 
-__all__ = ["AdapterInfo", "AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "SampleResult", "SteeringVector", "StreamChunk",
+__all__ = ["AdapterInfo", "AsyncClient", "Client", "GenerateResult", "ModelInfo", "Risk", "RiskTerm", "SampleResult", "SteeringVector", "StreamChunk",
            "TokenInfo", "build_generate_request", "pb", "structured_output"]

@@ -62,6 +62,16 @@ class FeatureContribution:
 
 
 @dataclass(frozen=True)
+class RiskTerm:
+    """A named uncertainty term of the answer's own token logprobs that the probe adds (ResponseRisk.terms)."""
+
+    name: str  # neg_mean_logprob | neg_min_logprob | neg_first_logprob
+    value: float
+    weight: float
+    contribution: float  # value × weight: its push on the logit
+
+
+@dataclass(frozen=True)
 class Risk:
     score: float
     label: str  # "low" | "medium" | "high"
@@ -70,6 +80,8 @@ class Risk:
     # How far the response lies from the probe's training data, in [0, 1] (ResponseRisk.ood; 0 when the
     # probe has no OOD reference): a low score with a high ood means "never seen this", not "safe".
     ood: float = 0.0
+    # The probe's uncertainty terms, beside the features (empty for a probe without terms).
+    terms: list[RiskTerm] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, m: pb.ResponseRisk) -> Risk | None:
@@ -77,7 +89,8 @@ class Risk:
             return None
         return cls(m.score, _enum_name(pb.RiskLabel, m.label, "RISK_LABEL_"),
                    [FeatureContribution(f.layer, f.feature_id, f.activation, f.weight, f.contribution, f.explanation)
-                    for f in m.top_features], m.probe_id, m.ood)
+                    for f in m.top_features], m.probe_id, m.ood,
+                   [RiskTerm(t.name, t.value, t.weight, t.contribution) for t in m.terms])
 
 
 @dataclass(frozen=True)

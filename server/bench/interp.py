@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="vLLM's compiled engine instead: plain vLLM compiled vs eager; our compiled server "
                          "without tap call sites, with them unused, and with features / steering / risk on every "
                          "request (at each --concurrency, default 1 and 32)")
+    ap.add_argument("--risk-only", action="store_true",
+                    help="only plain vs risk scoring on every request (more rounds in the same time; the "
+                         "issue-29 latency goal), no feature transport or HF comparison")
     args = ap.parse_args(argv)
     if args.model != "default" and not args.sae:
         ap.error("--model needs --sae LAYER=PATH: the shipped SAEs are the default model's")
@@ -174,15 +177,16 @@ def main(argv: list[str] | None = None) -> int:
           f"SAEs: {', '.join(Path(s.partition('=')[2] or s).name for s in saes)}", flush=True)
     plain_by_tp: dict[int, float] = {}
     for tp in args.tensor_parallel_size:
-        variants = ["plain", "features", "steering", "features+steering", "risk"]
+        variants = ["plain", "risk"] if args.risk_only else ["plain", "features", "steering", "features+steering",
+                                                              "risk"]
         common: dict[str, Any] = {"rounds": rounds, "model": args.model, "tensor_parallel_size": tp,
                                   "risk_probe": args.risk_probe}
         bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # the engine sets it for several CPU workers
         try:
             zmq = asyncio.run(_run_variants(saes, "zmq", texts, args.max_new_tokens, concurrency, variants,
                                             **common))
-            rpc = asyncio.run(_run_variants(saes, "rpc", texts, args.max_new_tokens, concurrency, ["features"],
-                                            **common))
+            rpc = {} if args.risk_only else asyncio.run(
+                _run_variants(saes, "rpc", texts, args.max_new_tokens, concurrency, ["features"], **common))
         finally:  # the next worker count binds its own
             if bind is None:
                 os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
@@ -190,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         # HF transformers runs one process: measured once, beside the first worker count
         hf_tp = _hf_steering(texts, args.max_new_tokens, concurrency, layer=_sae_layers(saes)[0],
-                             model_name=args.model) if tp == args.tensor_parallel_size[0] else 0.0
+                             model_name=args.model) if tp == args.tensor_parallel_size[0] and not args.risk_only else 0.0
         dense = zmq.pop("_dense_bf16_bytes_per_token")["bytes_per_token"]
-        rpc.pop("_dense_bf16_bytes_per_token")
+        rpc.pop("_dense_bf16_bytes_per_token", None)
         plain_by_tp[tp] = zmq["plain"]["tok_s"]
         if len(args.tensor_parallel_size) > 1:
             print(f"--- tensor parallel size {tp}")
@@ -201,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             sent = f"{r['bytes_per_token']:>12.1f}" if r["bytes_per_token"] else f"{'-':>12}"
             print(f"{variant:<20} {r['tok_s']:>8.1f} {r['vs_plain']:>8.2f}x {r['latency_s']:>15.2f} "
                   f"{r['latency_vs_plain']:>8.2f}x {sent}")
-        print(f"{'features (rpc poll)':<20} {rpc['features']['tok_s']:>8.1f}   ZMQ/rpc = "
-              f"{zmq['features']['tok_s'] / rpc['features']['tok_s']:.2f}x (separate server start)")
+        if rpc:
+            print(f"{'features (rpc poll)':<20} {rpc['features']['tok_s']:>8.1f}   ZMQ/rpc = "
+                  f"{zmq['features']['tok_s'] / rpc['features']['tok_s']:.2f}x (separate server start)")
         for variant in ("features", "risk"):
             if variant in zmq:
                 print(f"bytes/token {variant:<10} {zmq[variant]['bytes_per_token']:>7.1f}   dense bf16 residuals "

@@ -36,6 +36,18 @@ async def test_served_risk_equals_offline_scoring_of_the_same_answer(served, stu
     offline = float(calibrated(probe, probe_logits(probe, [record]))[0])
     assert reply.risk.score == pytest.approx(offline, abs=2e-3)
     assert [t.risk for t in reply.tokens][-1] == pytest.approx(reply.risk.score)
+    if probe.terms:
+        # The named uncertainty terms are those of the answer's logprobs; a request that asks for no logprobs
+        # gets the same risk (the server asks the engine for them itself).
+        values = rp.term_values(record["logprobs"])
+        assert {t.name: t.value for t in reply.risk.terms} == pytest.approx({t.name: values[t.name]
+                                                                             for t in probe.terms}, abs=1e-4)
+        request.ClearField("logprobs")
+        bare = await stub.Generate(request)
+        assert bare.text == reply.text and not any(t.logprob for t in bare.tokens)
+        assert bare.risk.score == pytest.approx(reply.risk.score, abs=1e-4)
+    else:
+        assert not reply.risk.terms
     if risk.nearest_layer is not None:  # the training answers' code vectors, nearest cosine
         layer, k_ood = int(probe.ood["layer"]), int(probe.ood["k"])
         expected = float(gz.nearest_scores([record], probe.ood_reference, layer, k_ood)[0])

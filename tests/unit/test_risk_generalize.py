@@ -372,7 +372,11 @@ def test_client_risk_carries_ood():
     from featurelens.v1 import featurelens_pb2 as pb
 
     risk = Risk.from_pb(pb.ResponseRisk(score=0.2, label=pb.RISK_LABEL_LOW, probe_id="p", ood=0.25))
-    assert risk is not None and risk.ood == pytest.approx(0.25) and risk.label == "low"
+    assert risk is not None and risk.ood == pytest.approx(0.25) and risk.label == "low" and risk.terms == []
+    risk = Risk.from_pb(pb.ResponseRisk(score=0.2, label=pb.RISK_LABEL_LOW, probe_id="p", terms=[
+        pb.RiskTerm(name="neg_mean_logprob", value=1.5, weight=0.4, contribution=0.6)]))
+    assert risk is not None and [(t.name, t.value, t.contribution) for t in risk.terms] == [
+        ("neg_mean_logprob", 1.5, pytest.approx(0.6))]
 
 
 def test_residual_probe_over_two_layers_folds_back_to_feature_weights(synthetic, monkeypatch):
