@@ -75,6 +75,19 @@ def test_lofo_selection_picks_the_signal_that_transfers(synthetic):
     assert chosen.layers == (1,)
     by = {tuple(row["layers"]): row["lofo_mean_auroc"] for row in table}
     assert by[(1,)] > 0.75 and by[(2,)] < 0.65
+    # The pooled LOFO AUROC and the held-out-entity AUROC (train → val) are kept per configuration.
+    entity = {tuple(row["layers"]): row["entity_val_auroc"] for row in table}
+    assert entity[(2,)] == pytest.approx(in_family[(2,)], abs=1e-4)
+    assert entity[(1,)] == pytest.approx(in_family[(1,)], abs=1e-4)
+    assert all(0.0 <= row["lofo_pooled_auroc"] <= 1.0 for row in table)
+    # A floor on held-out entities that only the family-specific layer reaches makes it the only candidate.
+    floor = (entity[(1,)] + entity[(2,)]) / 2
+    chosen, _ = gz.select(synthetic, configs, log=lambda _m: None, one_se_fewer_layers=False, min_entity_auroc=floor)
+    assert chosen.layers == (2,)
+    # A floor nothing reaches leaves every configuration in (and says so).
+    said: list[str] = []
+    chosen, _ = gz.select(synthetic, configs, log=said.append, one_se_fewer_layers=False, min_entity_auroc=1.01)
+    assert chosen.layers == (1,) and any("no configuration reaches" in m for m in said)
 
 
 def _difficulty_records(seed: int) -> list[dict]:
@@ -407,3 +420,26 @@ def test_residual_probe_over_two_layers_folds_back_to_feature_weights(synthetic,
     got = fitted.logits(design.X, gz.design_terms(design, rows, terms))
     assert np.allclose(got, expected, atol=1e-6)
     assert fitted.term_names == terms and len(fitted.weights) == X.shape[1] + 2
+
+
+def test_mix_centering_sums_the_plain_and_the_centred_fit():
+    records = _difficulty_records(5)
+    design = gz.build_design(records, (1,), "mean", "identity")
+    y = np.asarray([r["label"] for r in records])
+    rows = np.arange(len(records))
+    fams = [r["domain"] for r in records]
+    base = gz.Config((1,), "mean", C=1.0, family_weights=False, penalty="l2")
+    parts = [gz.fit(design, rows, y, fams, gz.Config(**{**base.__dict__, "centering": c})) for c in ("none", "family")]
+    mixed = gz.fit(design, rows, y, fams, gz.Config(**{**base.__dict__, "centering": "mix0.5"}))
+    no_terms = design.terms[:, :0]
+    spread = [np.std(p.logits(design.X, no_terms)) for p in parts]
+    expected = parts[0].logits(design.X, no_terms) / spread[0] + 0.5 * parts[1].logits(design.X, no_terms) / spread[1]
+    assert np.allclose(mixed.logits(design.X, no_terms), expected)
+    # mix0 is the plain fit up to scale: the same ranking.
+    mix0 = gz.fit(design, rows, y, fams, gz.Config(**{**base.__dict__, "centering": "mix0"}))
+    assert np.allclose(mix0.logits(design.X, no_terms) * spread[0], parts[0].logits(design.X, no_terms))
+    assert gz.Config(**{**base.__dict__, "centering": "mix0.5"}).name().endswith("/center=mix0.5")
+    for bad in ("mix", "mix-1", "mixed", "half"):
+        with pytest.raises(ValueError, match="centering"):
+            gz.check_centering(bad)
+    gz.check_centering("mix1.5")

@@ -152,13 +152,21 @@ def _cmd_select(args: argparse.Namespace) -> int:
     _load_residual_bases(_sae_dirs(args.sae))
 
     records = usable(_read(args.data))
+    from featurelens.server.offline.risk.generalize import check_centering
+
+    for centering in args.centerings:
+        try:
+            check_centering(centering)
+        except ValueError as error:
+            print(f"--centerings: {error}", file=sys.stderr)
+            return 2
     layer_sets = [tuple(int(x) for x in s.split("+")) for s in args.layer_sets]
     term_sets = [tuple(t for t in s.split("+") if t) if s != "none" else () for s in args.term_sets]
     penalties = [(p.split(":")[0], int(p.split(":")[1]) if ":" in p else 0) for p in args.penalties]
     configs = grid(layer_sets, args.poolings, args.transforms, term_sets, args.Cs,
                    [{"family": True, "plain": False}[w] for w in args.weights], penalties, args.centerings)
     chosen, table = select(records, configs, log=lambda m: print(m, file=sys.stderr),
-                           one_se_fewer_layers=args.selection == "one-se")
+                           one_se_fewer_layers=args.selection == "one-se", min_entity_auroc=args.min_entity_auroc)
     saes = _sae_dirs(args.sae)
     k = len(records[0]["features"][next(iter(records[0]["features"]))]["idx"][0])
     # The OOD threshold is chosen without the test split: the val split plays the held-out entities.
@@ -331,10 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--penalties", nargs="+", default=["l1", "l2", "residual"],
                    help="l1, l2, l2:N (l2, then the N strongest features refit), or residual (l2 on the "
                         "residual rebuilt from the codes, folded back into feature weights)")
-    p.add_argument("--centerings", nargs="+", default=["none", "family"], choices=("none", "family"),
-                   help="family: fit on inputs centred within each training family (learns what separates "
-                        "right from wrong inside a family, not which families are hard)")
+    p.add_argument("--centerings", nargs="+", default=["none", "family", "mix0.5"],
+                   help="none; family: fit on inputs centred within each training family (learns what separates "
+                        "right from wrong inside a family, not which families are hard); mixB (e.g. mix0.5): "
+                        "the plain fit plus B times the centred one")
     p.add_argument("--selection", default="one-se", choices=("one-se", "best"))
+    p.add_argument("--min-entity-auroc", type=float, default=0.88,
+                   help="only configurations whose held-out-entity AUROC (fit on train, scored on val) reaches "
+                        "this compete (issue 29's goal; 0: no floor)")
     p.add_argument("--ood-min-counts", nargs="+", type=int, default=[1, 2, 5, 10])
     p.add_argument("--sae", action="append", default=None)
     p.set_defaults(func=_cmd_select)

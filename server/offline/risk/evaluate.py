@@ -319,6 +319,11 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
     summary: dict[str, Any] = {
         "families": len(families), "n": len(records),
         "lofo_mean_auroc": round(gz.mean_auroc(folds.values()), 4),
+        # Every held-out family's answers together, each scored by the fit that never saw its family, against
+        # the same pooling of the single best logprob baseline: mixed traffic of unseen kinds.
+        "lofo_pooled_auroc": gz.pooled_auroc(list(folds.values())),
+        "lofo_pooled_neg_mean_logprob": gz.auroc(y, base["neg_mean_logprob"]),
+        "lofo_pooled_neg_min_logprob": gz.auroc(y, base["neg_min_logprob"]),
         "best_logprob_baseline_mean": round(float(np.mean([r["best_logprob_baseline"] for r in scored])), 4),
         "families_ge_baseline_plus_0.02": sum(m >= 0.02 for m in margin),
         "families_below_baseline_minus_0.02": sum(m < -0.02 for m in margin), "families_scored": len(scored),
