@@ -84,8 +84,18 @@ def test_lofo_selection_picks_the_signal_that_transfers(synthetic):
     floor = (entity[(1,)] + entity[(2,)]) / 2
     chosen, _ = gz.select(synthetic, configs, log=lambda _m: None, one_se_fewer_layers=False, min_entity_auroc=floor)
     assert chosen.layers == (2,)
-    # A floor nothing reaches leaves every configuration in (and says so).
+    # Keeping within a margin of the best pooled and entity AUROC: layer 1 is far below on entities, layer 2
+    # on the pooled figure, so a tight margin leaves neither (and says so); a wide one leaves both.
+    pooled = {tuple(row["layers"]): row["lofo_pooled_auroc"] for row in table}
+    assert pooled[(1,)] > pooled[(2,)] + 0.1
     said: list[str] = []
+    gz.select(synthetic, configs, log=said.append, one_se_fewer_layers=False,
+              keep_within=(entity[(2,)] - entity[(1,)]) / 2)
+    assert any("no configuration reaches" in m for m in said)
+    chosen, _ = gz.select(synthetic, configs, log=lambda _m: None, one_se_fewer_layers=False, keep_within=1.0)
+    assert chosen.layers == (1,)
+    # A floor nothing reaches leaves every configuration in (and says so).
+    said = []
     chosen, _ = gz.select(synthetic, configs, log=said.append, one_se_fewer_layers=False, min_entity_auroc=1.01)
     assert chosen.layers == (1,) and any("no configuration reaches" in m for m in said)
 
@@ -443,3 +453,22 @@ def test_mix_centering_sums_the_plain_and_the_centred_fit():
         with pytest.raises(ValueError, match="centering"):
             gz.check_centering(bad)
     gz.check_centering("mix1.5")
+
+
+def test_rechoose_applies_the_rule_to_a_saved_table(synthetic, tmp_path, capsys):
+    from featurelens.server.offline.risk.cli import main
+
+    configs = gz.grid([(1,), (2,)], poolings=("mean",), Cs=(0.3,))
+    _chosen, table = gz.select(synthetic, configs, log=lambda _m: None, one_se_fewer_layers=False)
+    saved = tmp_path / "select.json"
+    saved.write_text(json.dumps({"chosen": {}, "table": table, "ood": {}, "feature_top_k": 8}))
+    entity = {tuple(row["layers"]): row["entity_val_auroc"] for row in table}
+    floor = (entity[(1,)] + entity[(2,)]) / 2
+    out = tmp_path / "again.json"
+    assert main(["select", "--rechoose", str(saved), "--out", str(out), "--selection", "best",
+                 "--min-entity-auroc", str(floor), "--keep-within", "-1"]) == 0
+    again = json.loads(out.read_text())
+    assert again["chosen"]["layers"] == [2] and again["rule"]["min_entity_auroc"] == floor
+    assert gz.config_from_row(again["chosen"]) == configs[1]
+    assert main(["select", "--out", str(out)]) == 2  # no data, no saved table
+    assert "--data is required" in capsys.readouterr().err

@@ -146,9 +146,25 @@ def _load_residual_bases(saes: dict[int, str]) -> None:
 
 def _cmd_select(args: argparse.Namespace) -> int:
     """LOFO model selection over a grid; writes the table and the chosen configuration."""
-    from featurelens.server.offline.risk.generalize import grid, ood_lofo, select
+    from featurelens.server.offline.risk.generalize import choose, config_from_row, grid, ood_lofo, select
     from featurelens.server.offline.risk.train import usable
 
+    if args.rechoose:  # the rule again over a saved table: no refitting
+        saved = json.loads(Path(args.rechoose).read_text())
+        configs = [config_from_row(row) for row in saved["table"]]
+        i = choose(saved["table"], configs, lambda m: print(m, file=sys.stderr), args.selection == "one-se",
+                   args.min_entity_auroc, None if args.keep_within < 0 else args.keep_within)
+        saved["chosen"] = configs[i].__dict__
+        saved["rule"] = {"selection": args.selection, "min_entity_auroc": args.min_entity_auroc,
+                         "keep_within": args.keep_within}
+        Path(args.out).write_text(json.dumps(saved, indent=1, default=list) + "\n")
+        print(json.dumps({"chosen": configs[i].name(), **{k: saved["table"][i][k] for k in (
+            "lofo_mean_auroc", "lofo_pooled_auroc", "entity_val_auroc")}}, indent=1))
+        return 0
+
+    if not args.data:
+        print("--data is required (unless --rechoose)", file=sys.stderr)
+        return 2
     _load_residual_bases(_sae_dirs(args.sae))
 
     records = usable(_read(args.data))
@@ -166,7 +182,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
     configs = grid(layer_sets, args.poolings, args.transforms, term_sets, args.Cs,
                    [{"family": True, "plain": False}[w] for w in args.weights], penalties, args.centerings)
     chosen, table = select(records, configs, log=lambda m: print(m, file=sys.stderr),
-                           one_se_fewer_layers=args.selection == "one-se", min_entity_auroc=args.min_entity_auroc)
+                           one_se_fewer_layers=args.selection == "one-se", min_entity_auroc=args.min_entity_auroc,
+                           keep_within=None if args.keep_within < 0 else args.keep_within)
     saes = _sae_dirs(args.sae)
     k = len(records[0]["features"][next(iter(records[0]["features"]))]["idx"][0])
     # The OOD threshold is chosen without the test split: the val split plays the held-out entities.
@@ -178,7 +195,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
                                                                                    "pooled_auroc")}
                                                              for m, v in ood.items()},
            "ood_method": "nearest_cosine" if best_m == "nearest_cosine" else "unseen_share",
-           "ood_min_count": int(best_m) if best_m.isdigit() else 0, "feature_top_k": k}
+           "ood_min_count": int(best_m) if best_m.isdigit() else 0, "feature_top_k": k,
+           "rule": {"selection": args.selection, "min_entity_auroc": args.min_entity_auroc,
+                    "keep_within": args.keep_within}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=list) + "\n")
     print(json.dumps({"chosen": chosen.name(), "ood": out["ood"], "ood_method": out["ood_method"],
@@ -188,16 +207,13 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 def _cmd_train_general(args: argparse.Namespace) -> int:
     from featurelens.server.interp.risk_probe import save_probe
-    from featurelens.server.offline.risk.generalize import Config, train_final
+    from featurelens.server.offline.risk.generalize import config_from_row, train_final
     from featurelens.server.offline.risk.train import usable
 
     records = usable(_read(args.data))
     _load_residual_bases(_sae_dirs(args.sae))
     sel = json.loads(Path(args.selection).read_text())
-    c = sel["chosen"]
-    config = Config(tuple(c["layers"]), c["pooling"], c["transform"], tuple(c["terms"]), float(c["C"]),
-                    bool(c["family_weights"]), c.get("penalty", "l1"), int(c.get("max_features", 0)),
-                    c.get("centering", "none"))
+    config = config_from_row(sel["chosen"])
     best = max(sel["table"], key=lambda row: row["lofo_mean_auroc"])
     row = next(r for r in sel["table"] if r["config"] == config.name())
     probe = train_final(records, config, args.probe_id, _d_sae(_sae_dirs(args.sae)), int(sel["feature_top_k"]),
@@ -328,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("select", help="choose layers/pooling/terms/C by leave-one-family-out AUROC")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=False, help="JSONL from build-data (not needed with --rechoose)")
     p.add_argument("--out", required=True, help="JSON: the grid's table, the chosen configuration, OOD choice")
+    p.add_argument("--rechoose", default=None, help="a JSON this command wrote: apply the selection rule "
+                   "(--selection, --min-entity-auroc, --keep-within) to its table again, without refitting")
     p.add_argument("--layer-sets", nargs="+", default=["22", "12", "12+22"])
     p.add_argument("--poolings", nargs="+", default=["mean", "max"])
     p.add_argument("--transforms", nargs="+", default=["identity"])
@@ -344,9 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "right from wrong inside a family, not which families are hard); mixB (e.g. mix0.5): "
                         "the plain fit plus B times the centred one")
     p.add_argument("--selection", default="one-se", choices=("one-se", "best"))
-    p.add_argument("--min-entity-auroc", type=float, default=0.88,
+    p.add_argument("--min-entity-auroc", type=float, default=0.0,
                    help="only configurations whose held-out-entity AUROC (fit on train, scored on val) reaches "
-                        "this compete (issue 29's goal; 0: no floor)")
+                        "this compete (0: no floor)")
+    p.add_argument("--keep-within", type=float, default=0.02,
+                   help="only configurations whose pooled LOFO AUROC and held-out-entity AUROC are each within "
+                        "this of the best in the grid compete: the per-family mean is not bought with them "
+                        "(negative: off)")
     p.add_argument("--ood-min-counts", nargs="+", type=int, default=[1, 2, 5, 10])
     p.add_argument("--sae", action="append", default=None)
     p.set_defaults(func=_cmd_select)

@@ -328,13 +328,16 @@ def grid(layer_sets: Sequence[tuple[int, ...]], poolings: Sequence[str] = ("mean
 
 
 def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[str], None] = print,
-           one_se_fewer_layers: bool = True, min_entity_auroc: float = 0.0) -> tuple[Config, list[dict]]:
+           one_se_fewer_layers: bool = True, min_entity_auroc: float = 0.0,
+           keep_within: float | None = None) -> tuple[Config, list[dict]]:
     """Mean LOFO AUROC of each configuration over the train+val rows (test-split entities never used). The
     highest wins, or with `one_se_fewer_layers`, the one with the fewest layers within one standard error of it
     (every probe layer costs the server an SAE encode per token). Only configurations whose held-out-entity
     AUROC (fit on train, scored on val) reaches `min_entity_auroc` compete, when any does: a fit that ranks
     answers inside unseen families a little better but has forgotten which answers of known families are
-    made up is no better probe. Each row also keeps the pooled LOFO AUROC (`pooled_auroc`)."""
+    made up is no better probe. Each row also keeps the pooled LOFO AUROC (`pooled_auroc`). With
+    `keep_within`, a configuration competes only if its pooled LOFO AUROC and its held-out-entity AUROC are
+    each within that much of the best in the table: the per-family mean is not bought with the others."""
     rows = np.flatnonzero(np.asarray([r.get("split", "train") != "test" for r in records]))
     sub = [records[i] for i in rows]
     designs: dict[tuple[Any, ...], Design] = {}
@@ -356,9 +359,21 @@ def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[st
         table.append(row)
         log(f"{row['config']}: LOFO mean {row['lofo_mean_auroc']} min {row['lofo_min_auroc']} pooled "
             f"{row['lofo_pooled_auroc']}; held-out entities (val) {row['entity_val_auroc']}")
-    eligible = [i for i, row in enumerate(table) if (row["entity_val_auroc"] or 0.0) >= min_entity_auroc]
+    return configs[choose(table, configs, log, one_se_fewer_layers, min_entity_auroc, keep_within)], table
+
+
+def choose(table: Sequence[Mapping[str, Any]], configs: Sequence[Config], log: Callable[[str], None] = print,
+           one_se_fewer_layers: bool = True, min_entity_auroc: float = 0.0, keep_within: float | None = None) -> int:
+    """The index `select` picks from its table (see there); also applied to a saved table by
+    `risk select --rechoose`, so a rule can change without refitting the grid."""
+    eligible = [i for i, row in enumerate(table) if (row.get("entity_val_auroc") or 0.0) >= min_entity_auroc]
+    if keep_within is not None:
+        tops = {key: max((row.get(key) or 0.0) for row in table) for key in ("lofo_pooled_auroc", "entity_val_auroc")}
+        eligible = [i for i in eligible
+                    if all((table[i].get(key) or 0.0) >= top - keep_within for key, top in tops.items())]
     if not eligible:
-        log(f"no configuration reaches held-out-entity AUROC {min_entity_auroc}: choosing among all")
+        log(f"no configuration reaches held-out-entity AUROC {min_entity_auroc} (and keeps within "
+            f"{keep_within} of the best pooled and entity AUROC): choosing among all")
         eligible = list(range(len(table)))
     best = max(eligible, key=lambda i: table[i]["lofo_mean_auroc"])
     chosen = best
@@ -368,7 +383,14 @@ def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[st
         se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
         close = [i for i in eligible if table[i]["lofo_mean_auroc"] >= table[best]["lofo_mean_auroc"] - se]
         chosen = min(close, key=lambda i: (len(configs[i].layers), -table[i]["lofo_mean_auroc"]))
-    return configs[chosen], table
+    return chosen
+
+
+def config_from_row(row: Mapping[str, Any]) -> Config:
+    """The Config of a `select` table row (or of a selection file's "chosen")."""
+    return Config(tuple(row["layers"]), row["pooling"], row["transform"], tuple(row["terms"]), float(row["C"]),
+                  bool(row["family_weights"]), row.get("penalty", "l1"), int(row.get("max_features", 0)),
+                  row.get("centering", "none"))
 
 
 def _round(x: float | None) -> float | None:
