@@ -111,8 +111,12 @@ class RiskProbe:
         if not len(ids) or norm == 0.0:
             return 0.0
         starts, ends = self.ref_colptr[ids], self.ref_colptr[ids + 1]
-        take = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
-        weights = self.ref_values[take] * np.repeat(pooled[ids], ends - starts)
+        lengths = ends - starts
+        # Every reference entry of those columns, gathered without a Python loop (one arange per column cost
+        # ~1 ms per response for ~900 columns; the frontend shares the CPU with the engine).
+        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+        take = np.arange(int(lengths.sum())) + offsets
+        weights = self.ref_values[take] * np.repeat(pooled[ids], lengths)
         sims = np.bincount(self.ref_rows[take], weights=weights, minlength=self.ref_n)
         return 1.0 - max(0.0, min(1.0, float(sims.max()) / norm))
 
@@ -311,12 +315,16 @@ class RunningRisk:
         out = pb.ResponseRisk(score=value, label=self.probe.label(value), probe_id=self.probe.probe_id)
         if self.probe.reports_ood:
             out.ood = self.ood()
-        weights = self.probe.weights
-        ranked = sorted(((weights[key] * v, key, v) for key, v in self.pooled().items() if key in weights),
-                        key=lambda item: -abs(item[0]))
-        for contribution, (layer, feature), v in ranked[:top]:
-            out.top_features.add(layer=layer, feature_id=feature, activation=v, weight=weights[(layer, feature)],
-                                 contribution=contribution, explanation=explain(layer, feature) if explain else "")
+        # The largest |weight × pooled activation| first, over every column at once (a 4,000-feature probe:
+        # a Python sort of the pooled dict cost ~0.8 ms per response).
+        contributions = self.probe.vector * self.state
+        fired = np.flatnonzero((self.state != 0.0) & (contributions != 0.0))
+        order = fired[np.argsort(-np.abs(contributions[fired]), kind="stable")][:top]
+        for column in order.tolist():
+            layer, feature = self.probe.columns[column]
+            out.top_features.add(layer=layer, feature_id=feature, activation=float(self.state[column]),
+                                 weight=float(self.probe.vector[column]), contribution=float(contributions[column]),
+                                 explanation=explain(layer, feature) if explain else "")
         if self.needs_logprobs:
             values = term_values(self.logprobs[: self.count])
             for term in self.probe.probe.terms:
