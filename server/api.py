@@ -354,9 +354,6 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                     for i, token in enumerate(tokens):
                         # The residual stream that predicted generated token g sits at position n_prompt + g - 1.
                         position = n_prompt + generated - 1
-                        if chosen_logprobs is not None and token.token_id not in self._shape.eos_token_ids:
-                            assert running_risk is not None  # chosen_logprobs exist only for a risk request
-                            running_risk.add_logprob(chosen_logprobs[i])
                         if interp.returned:
                             codes = await token_codes(received, interp, position)
                             token.features.extend(layer_features(codes, interp, self.engine))
@@ -364,11 +361,13 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                             # End of sequence is not scored (the probe is trained and documented on the
                             # text's tokens, as ScoreHallucination scores them): it carries the risk so far.
                             token.risk = running_risk.risk()
-                        elif running_risk is not None and running_risk.takes_scores:
-                            token.risk = running_risk.add_score(await received.get_risk_score(position))
-                            risk_positions.append(position)
                         elif running_risk is not None:
-                            token.risk = running_risk.add(await risk_codes(received, interp, position))
+                            if chosen_logprobs is not None:
+                                running_risk.add_logprob(chosen_logprobs[i])
+                            if running_risk.takes_scores:
+                                token.risk = running_risk.add_score(await received.get_risk_score(position))
+                            else:
+                                token.risk = running_risk.add(await risk_codes(received, interp, position))
                             risk_positions.append(position)
                         generated += 1
                     for lf in (f for token in tokens for f in token.features):

@@ -200,7 +200,7 @@ class RunningRisk:
 
     @property
     def needs_logprobs(self) -> bool:
-        return self.probe.probe.needs_logprobs
+        return self.probe.needs_logprobs
 
     def add_logprob(self, logprob: float) -> None:
         """The next scored token's logprob: call it before that token's `add` / `add_score`."""

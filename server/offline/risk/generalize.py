@@ -125,12 +125,12 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
 
     if config.centering.startswith("mix"):
         return fit_mix(design, rows, y, families, config)
-    term_idx = [TERMS.index(t) for t in config.terms]
-    X = design.X[rows]
-    if term_idx:
-        X = sparse.hstack([X, sparse.csr_matrix(design.terms[rows][:, term_idx])]).tocsr()
     if config.penalty == "residual":
         return fit_residual(design, rows, y, families, config)
+    term_idx = [TERMS.index(t) for t in config.terms]
+    X = raw = design.X[rows]
+    if term_idx:
+        X = raw = sparse.hstack([X, sparse.csr_matrix(design.terms[rows][:, term_idx])]).tocsr()
     if config.centering == "family":
         X = sparse.csr_matrix(center_by_family(X.toarray(), families))
     rms = np.sqrt(np.asarray(X.multiply(X).mean(axis=0))).ravel()
@@ -157,9 +157,6 @@ def fit(design: Design, rows: np.ndarray, y: np.ndarray, families: Sequence[str]
     if config.centering == "family":
         # The intercept of a centred fit is meaningless on raw inputs: put the raw mean logit where the
         # centred fit had its mean (the calibration then fixes the scale on raw logits).
-        raw = design.X[rows]
-        if term_idx:
-            raw = sparse.hstack([raw, sparse.csr_matrix(design.terms[rows][:, term_idx])]).tocsr()
         bias -= float(np.mean(raw @ (coef * scale)))
     return Fitted(coef * scale, bias, config.terms)
 
