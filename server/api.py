@@ -281,8 +281,10 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         # A fresh StructuredOutputsParams per engine request: vLLM's processor rewrites it (choice → grammar).
         structured = StructuredOutputsParams(**plan.structured_output) if plan.structured_output else None
         kwargs = plan.sample_kwargs(sample_index)
-        if interp.risk is not None and interp.risk.needs_logprobs and kwargs.get("logprobs") is None:
-            # A probe with uncertainty terms reads each chosen token's logprob (0: that token's only).
+        if interp.risk is not None and interp.risk.needs_logprobs and not interp.risk_logprobs \
+                and kwargs.get("logprobs") is None:
+            # A probe with uncertainty terms reads each chosen token's logprob (0: that token's only), from vLLM
+            # when the worker cannot send it (`Engine.worker_logprobs`).
             kwargs = {**kwargs, "logprobs": 0}
         return SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra,
                               skip_reading_prefix_cache=True if interp.include_prompt else None,
@@ -318,7 +320,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
         """One sample as stream chunks (features attached); the last carries finish reason and usage.
         The request is aborted in the engine if the consumer stops early."""
         engine_id = f"{plan.request_id}-{uuid.uuid4().hex[:8]}"
-        received = self._features.open(engine_id, risk_layers=interp.risk_capture) if interp.receives else None
+        received = self._features.open(engine_id, risk_layers=interp.risk_capture,
+                                       wants_logprob=interp.risk_logprobs) if interp.receives else None
         running_risk = interp.risk.start() if interp.risk is not None else None
         n_prompt = len(plan.prompt_token_ids)
         mode = MODE_LABELS.get(plan.mode, "dense")
@@ -344,8 +347,8 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 chunk = pb.GenerateStreamResponse(text_delta=completion.text, request_id=plan.request_id,
                                                   sample_index=sample_index)
                 tokens = self._tokens(completion, plan)
-                chosen_logprobs = _chosen_logprobs(completion) \
-                    if running_risk is not None and running_risk.needs_logprobs else None
+                chosen_logprobs = _chosen_logprobs(completion) if running_risk is not None and \
+                    running_risk.needs_logprobs and not interp.risk_logprobs else None
                 if received is not None:
                     interp_started = time.perf_counter()
                     if generated == 0 and interp.include_prompt:
@@ -365,8 +368,14 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                             if chosen_logprobs is not None:
                                 running_risk.add_logprob(chosen_logprobs[i])
                             if running_risk.takes_scores:
-                                token.risk = running_risk.add_score(await received.get_risk_score(position))
+                                score = await received.get_risk_score(position)
+                                if interp.risk_logprobs:  # filed with the score (RequestFeatures.wants_logprob)
+                                    running_risk.add_logprob(received.risk_logprob(position))
+                                token.risk = running_risk.add_score(score)
                             else:
+                                if interp.risk_logprobs:
+                                    await received.get_risk_score(position)  # filed once the logprob is in
+                                    running_risk.add_logprob(received.risk_logprob(position))
                                 token.risk = running_risk.add(await risk_codes(received, interp, position))
                             risk_positions.append(position)
                         generated += 1

@@ -232,6 +232,9 @@ class Engine:
         self._worker_vectors: OrderedDict[str, int] = OrderedDict()
         self._vector_lock = asyncio.Lock()
         self.risk_probe: RiskProbe | None = None
+        # The worker of the last pipeline stage sends each sampled token's logprob for risk probes with
+        # uncertainty terms (server/worker/extension.py `_fl_wrap_sampler`); else they come from vLLM's logprobs.
+        self.worker_logprobs = False
         self.sparsity_levels: tuple[int, ...] = ()  # WINA sparse-mode levels (percent) the worker can serve
         self.sparsity_rotated: tuple[str, ...] = ()  # input groups sparse mode masks in a rotated basis ("mlp")
         self.quantized: dict[str, Any] | None = None  # int8 mode as installed in the worker (backend, bytes)
@@ -371,6 +374,7 @@ class Engine:
                           "installed after vLLM compiled the model" if installed[0].get("taps") != "load" else
                           "the warm-up forward never called them: a compile cache from an engine without them?")
         self.sparse_logits = installed[0].get("sparse_logits", "dense")
+        self.worker_logprobs = any(entry.get("logprobs") == "worker" for entry in installed)
         log.info("worker extension installed: %s", installed[0])
         for entry in self.saes.values():
             log.info("SAE %s at layer %d: d_sae=%d, %s", entry.sae_id, entry.layer, entry.d_sae,

@@ -40,6 +40,8 @@ class PlanEngine(Protocol):
     def interpretability_available(self) -> bool: ...
     @property
     def shape(self) -> ModelShape | None: ...
+    @property
+    def worker_logprobs(self) -> bool: ...
     def token_text(self, token_id: int) -> str: ...
 
 
@@ -52,6 +54,8 @@ class InterpPlan:
     risk: RiskProbe | None = None  # when the request scores risk
     # layer → codes the probe reads there; the worker ships only the probe's features among them
     risk_capture: dict[int, int] = field(default_factory=dict)
+    # the probe reads each sampled token's logprob and the worker sends it (else vLLM's logprobs are asked for)
+    risk_logprobs: bool = False
     # added steering vectors by worker key (state.worker_key) -> values, pinned in the workers while it runs
     vectors: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
@@ -72,6 +76,8 @@ class InterpPlan:
         }
         if self.risk_capture:
             spec["risk"] = [{"layer": layer, "k": k} for layer, k in self.risk_capture.items()]
+        if self.risk_logprobs:
+            spec["logprob"] = True
         if tag is not None:
             spec["tag"] = tag
         return {"featurelens": spec}
@@ -134,6 +140,7 @@ def plan_interpretability(request: pb.GenerateRequest | pb.GenerateStreamRequest
                            "(GetModelInfo.risk_available)")
         plan.risk = probe
         plan.risk_capture = {layer: risk_capture_k(engine.saes[layer], settings, probe) for layer in probe.layers}
+        plan.risk_logprobs = probe.needs_logprobs and engine.worker_logprobs
     if interp.include_prompt_features and not plan.returned:
         raise invalid("interpretability.include_prompt_features", "needs at least one interpretability.features")
     plan.include_prompt = interp.include_prompt_features

@@ -61,6 +61,10 @@ class RequestFeatures:
     read_through: dict[int, int] = field(default_factory=dict)  # layer -> highest position read
     error: BaseException | None = None
     risk_layers: frozenset[int] = frozenset()  # the probe's layers (empty: file each record's sum as it comes)
+    # The worker sends each sampled token's logprob (a probe with uncertainty terms, `Engine.worker_logprobs`):
+    # a position's score is then filed once its logprob is in too, so a waiter finds both.
+    wants_logprob: bool = False
+    risk_logprobs: dict[int, float] = field(default_factory=dict)  # position -> logprob of the token it sampled
 
     def add(self, layer: int, first: int, count: int, k: int, indices: np.ndarray, values: np.ndarray) -> None:
         indices, values = indices.reshape(count, k), values.reshape(count, k)
@@ -76,10 +80,28 @@ class RequestFeatures:
             self.risk_rows[(layer, position)] = (indices[begin:begin + count], values[begin:begin + count])
             terms = self.risk_terms.setdefault(position, {})
             terms[layer] = score
-            if self.risk_layers <= terms.keys():
-                self.risk_scores[position] = sum(terms.values())
+            self._file_score(position)
             begin += count
         self.arrived.set()
+
+    def add_logprob(self, position: int, logprob: float) -> None:
+        """The logprob of the token sampled from `position`'s row (NaN: the worker could not give it)."""
+        self.risk_logprobs[position] = logprob
+        self._file_score(position)
+        self.arrived.set()
+
+    def _file_score(self, position: int) -> None:
+        terms = self.risk_terms.get(position)
+        if terms is not None and self.risk_layers <= terms.keys() and (
+                not self.wants_logprob or position in self.risk_logprobs):
+            self.risk_scores[position] = sum(terms.values())
+
+    def risk_logprob(self, position: int) -> float:
+        """The sampled token's logprob at a position whose score has arrived (`wants_logprob`)."""
+        logprob = self.risk_logprobs[position]
+        if logprob != logprob:  # NaN
+            raise RuntimeError(f"the worker sent no logprob for position {position} (see the worker's log)")
+        return logprob
 
     def fail(self, error: BaseException) -> None:
         """Wake every waiter of this request with `error` (the channel broke; its codes may never come)."""
@@ -219,7 +241,7 @@ class FeatureReceiver:
             self._file(records)
 
     def _file(self, records: list[Any]) -> None:
-        for tag, first, count, topk, risk in records:
+        for tag, first, count, topk, risk, logprob in records:
             target = self._by_tag.get(tag)
             if target is None:  # the request already finished or was cancelled
                 continue
@@ -231,13 +253,16 @@ class FeatureReceiver:
                 target.add_risk(layer, first, np.frombuffer(counts, dtype=np.int16),
                                 np.frombuffer(indices, dtype=_index_dtype(wide)),
                                 np.frombuffer(values, dtype=np.float16), np.frombuffer(scores, dtype=np.float32))
+            if logprob is not None:
+                target.add_logprob(int(logprob[0]), float(logprob[1]))
 
-    def open(self, key: str, risk_layers: Iterable[int] = ()) -> RequestFeatures:
+    def open(self, key: str, risk_layers: Iterable[int] = (), wants_logprob: bool = False) -> RequestFeatures:
         """Start filing codes for engine request `key`; its spec must carry `tag` (`features.tag`).
-        `risk_layers`: the risk probe's layers, when the request is scored."""
+        `risk_layers`: the risk probe's layers, when the request is scored; `wants_logprob`: the worker also
+        sends each sampled token's logprob."""
         self._next_tag += 1
         features = self._open[key] = self._by_tag[self._next_tag] = RequestFeatures(
-            tag=self._next_tag, risk_layers=frozenset(risk_layers))
+            tag=self._next_tag, risk_layers=frozenset(risk_layers), wants_logprob=wants_logprob)
         return features
 
     def close(self, key: str) -> None:

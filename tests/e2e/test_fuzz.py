@@ -122,6 +122,7 @@ class StandInEngine(WordTokenizer):
         self.codes_identity = "weights=toy;dtype=bfloat16"
         self.risk_probe = SimpleNamespace(layers=[SAE_LAYER], probe_id="toy-probe", start=SimpleNamespace,
                                           trained_top_k=None, needs_logprobs=False)
+        self.worker_logprobs = False
         self.tokenizer = WordTokenizer()
         self.features = SimpleNamespace(open=lambda key, risk_layers=(): None, close=lambda key: None)
         self.errored = False

@@ -42,10 +42,23 @@ async def test_served_risk_equals_offline_scoring_of_the_same_answer(served, stu
         values = rp.term_values(record["logprobs"])
         assert {t.name: t.value for t in reply.risk.terms} == pytest.approx({t.name: values[t.name]
                                                                              for t in probe.terms}, abs=1e-4)
+        # On this engine (vLLM's V1 runner, CPU) the worker sends the sampled tokens' logprobs beside the codes,
+        # so the terms above are its own figures checked against vLLM's logprobs of the same tokens.
+        assert served.engine.worker_logprobs
         request.ClearField("logprobs")
         bare = await stub.Generate(request)
         assert bare.text == reply.text and not any(t.logprob for t in bare.tokens)
         assert bare.risk.score == pytest.approx(reply.risk.score, abs=1e-4)
+        # The fallback for runners whose sampler the worker cannot wrap: the server asks vLLM for logprobs.
+        served.engine.worker_logprobs = False
+        try:
+            fallback = await stub.Generate(request)
+        finally:
+            served.engine.worker_logprobs = True
+        assert fallback.text == reply.text and not any(t.logprob for t in fallback.tokens)
+        assert fallback.risk.score == pytest.approx(reply.risk.score, abs=1e-4)
+        assert {t.name: t.value for t in fallback.risk.terms} == pytest.approx(
+            {t.name: t.value for t in reply.risk.terms}, abs=1e-4)
     else:
         assert not reply.risk.terms
     if risk.nearest_layer is not None:  # the training answers' code vectors, nearest cosine

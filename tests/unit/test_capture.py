@@ -182,6 +182,37 @@ def test_pipeline_stages_risk_terms_make_one_score_only_when_all_arrived():
     asyncio.run(run())
 
 
+def test_a_score_that_needs_the_sampled_tokens_logprob_waits_for_it():
+    """A probe with uncertainty terms: the worker sends the codes when the forward ends and each sampled
+    token's logprob in a message of its own once the sampler has run. A position's score is readable only when
+    both are in, so the frontend never scores a token without its logprob; a NaN (the worker could not give
+    it) fails that request's risk instead of scoring it."""
+    async def run() -> None:
+        receiver = FeatureReceiver(transport="rpc")
+        received = receiver.open("req", risk_layers=[22], wants_logprob=True)
+        values, indices = codes(1, 12, 4096, seed=9)
+        probe = ProbeLayer.build(4096, np.unique(indices).tolist()[:8], [0.5] * 8, "identity")
+        receiver._dispatch(msgspec.msgpack.encode([[[_risk_record(received.tag, 30, 1, values, indices, probe)],
+                                                    [0.0, 0.0]]]))
+        with pytest.raises(TimeoutError):
+            await received.get_risk_score(30, timeout_s=0.05)
+        logprob = _StepRecord(received.tag, first=31, count=0)
+        logprob.logprob = [30, -1.25]
+        receiver._dispatch(msgspec.msgpack.encode([[[logprob.as_list()], [0.0, 0.001]]]))
+        score = await received.get_risk_score(30, timeout_s=1)
+        assert score == pytest.approx(float(probe.select(values, indices.astype(np.uint16), 12)[4][0]))
+        assert received.risk_logprob(30) == -1.25
+        missing = _StepRecord(received.tag, first=32, count=0)
+        missing.logprob = [31, float("nan")]
+        receiver._dispatch(msgspec.msgpack.encode([[[_risk_record(received.tag, 31, 1, values, indices, probe),
+                                                     missing.as_list()], [0.0, 0.0]]]))
+        await received.get_risk_score(31, timeout_s=1)
+        with pytest.raises(RuntimeError, match="no logprob for position 31"):
+            received.risk_logprob(31)
+
+    asyncio.run(run())
+
+
 def test_a_prefill_sent_again_after_preemption_replaces_what_was_filed():
     """vLLM recomputes a preempted request from its prompt: the same positions arrive twice. Risk terms are
     filed per (layer, position), so the second copy replaces the first instead of doubling the score."""
