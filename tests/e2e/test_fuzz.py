@@ -124,7 +124,7 @@ class StandInEngine(WordTokenizer):
                                           trained_top_k=None, needs_logprobs=False)
         self.worker_logprobs = False
         self.tokenizer = WordTokenizer()
-        self.features = SimpleNamespace(open=lambda key, risk_layers=(): None, close=lambda key: None)
+        self.features = SimpleNamespace(open=lambda key, risk_layers=(), wants_logprob=False: None, close=lambda key: None)
         self.errored = False
         self.reached: list[Any] = []
 
