@@ -236,7 +236,7 @@ class FeatureReceiver:
             log.error("dropping an undecodable feature message (%d bytes)", len(payload))
             return
         for records, timings in steps:
-            if self.on_step is not None:
+            if self.on_step is not None and timings:  # a logprob message carries none (worker `_fl_send`)
                 self.on_step(*timings)
             self._file(records)
 

@@ -18,8 +18,8 @@ asked for that layer (batched: one SAE encode per layer for all capturing rows, 
 list), so every other row stays bit-identical; a post-hook ships the step's sparse codes to the frontend over
 a ZMQ PUSH socket — never dense residuals. A message is a msgpack list of steps (over ZMQ one message per
 step; `featurelens_drain` returns every buffered step), each [records, [encode_seconds, risk_seconds]] — the
-step's time in SAE encodes and in the risk probe's selection, for the Prometheus histograms — with one
-record per request:
+step's time in SAE encodes and in the risk probe's selection (and sampled-token logprobs), for the
+Prometheus histograms; [] for a message of logprobs only — with one record per request:
 
     [tag, first_position, count,
      [[layer, k, wide, indices, values], ...],        # top-k codes: count×k, indices uint16 (int32 if wide)
@@ -203,6 +203,7 @@ class FeatureLensWorkerExtension:
         tap.set_active(frozenset())
         self._fl_runner = attach_adapter(self.model_runner)
         self._fl_deferred: list[_RequestRows] | None = None  # requests whose sampled-token logprobs are due
+        self._fl_logprob_s = 0.0  # time computing them, added to the next codes message's risk seconds
         # None: this worker files the sampled tokens' logprobs itself; else why not (vLLM's logprobs are used)
         self._fl_logprobs = self._fl_wrap_sampler()
         self._fl_sparse = None
@@ -534,11 +535,16 @@ class FeatureLensWorkerExtension:
         self._fl_view = _EMPTY
 
     def _fl_send(self, view: _BatchView) -> None:
-        self._fl_send_records(view.records.values(), view.encode_s, view.risk_s)
+        if view.records:
+            # The sampled-token logprobs' time since the last codes message counts as risk work of this step.
+            risk_s, self._fl_logprob_s = view.risk_s + self._fl_logprob_s, 0.0
+            self._fl_send_records(view.records.values(), [view.encode_s, risk_s])
 
-    def _fl_send_records(self, records: Any, encode_s: float, risk_s: float) -> None:
+    def _fl_send_records(self, records: Any, timings: list[float]) -> None:
+        """One message: the records, and the step's [encode seconds, risk seconds] (empty for a logprob
+        message: the frontend observes a step's timings once, from its codes message)."""
         if records and self._fl_is_sender:
-            step = [[record.as_list() for record in records], [encode_s, risk_s]]
+            step = [[record.as_list() for record in records], timings]
             if self._fl_socket is not None:
                 import msgspec
 
@@ -631,7 +637,8 @@ class FeatureLensWorkerExtension:
             record = _StepRecord(rows.tag, position + 1, 0)
             record.logprob = [position, float(values[i]) if values is not None else float("nan")]
             records.append(record)
-        self._fl_send_records(records, 0.0, spent)
+        self._fl_logprob_s += spent
+        self._fl_send_records(records, [])
 
 
 @dataclass
