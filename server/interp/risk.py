@@ -81,8 +81,8 @@ class RiskProbe:
             self.feature_ids[layer] += extra
             self.feature_weights[layer] += [0.0] * len(extra)
         # "nearest_cosine": the response's whole code vector at one layer against the training answers'
-        # (probe_file's reference, stored column by column so a response touches only its own features). The
-        # worker then ships every code of that layer's top-k (all feature ids, the missing ones weight 0).
+        # (probe_file's reference, unit rows, as a float32 CSR matrix). The worker then ships every code of
+        # that layer's top-k (all feature ids, the missing ones weight 0).
         self.nearest_layer: int | None = None
         reference = self.probe.ood_reference
         if self.probe.ood and self.probe.ood.get("method") == "nearest_cosine" and reference is not None:
@@ -90,15 +90,14 @@ class RiskProbe:
             if layer not in self._layers:
                 raise ValueError(f"risk probe {self.probe.probe_id}: its OOD layer {layer} is not a probe layer")
             self.nearest_layer, self.ood_k = layer, int(self.probe.ood["k"])
+            from scipy import sparse
+
             indptr = np.asarray(reference.indptr, dtype=np.int64)
-            rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-            order = np.argsort(np.asarray(reference.indices), kind="stable")
-            self.ref_rows = rows[order]
-            self.ref_values = np.asarray(reference.values, dtype=np.float64)[order]
-            self.ref_colptr = np.zeros(reference.d + 1, dtype=np.int64)
-            np.cumsum(np.bincount(np.asarray(reference.indices), minlength=reference.d), out=self.ref_colptr[1:])
             self.ref_n = len(indptr) - 1
             self.ood_d = reference.d
+            self.ref_matrix = sparse.csr_matrix(
+                (np.asarray(reference.values, dtype=np.float32), np.asarray(reference.indices), indptr),
+                shape=(self.ref_n, self.ood_d))
             own = set(self.feature_ids.get(layer, []))
             extra = [i for i in range(reference.d) if i not in own]
             self.feature_ids[layer] = self.feature_ids.get(layer, []) + extra
@@ -106,18 +105,13 @@ class RiskProbe:
 
     def nearest_ood(self, pooled: np.ndarray) -> float:
         """1 − max cosine similarity of a pooled code vector (length d) to the reference rows."""
-        ids = np.flatnonzero(pooled)
-        norm = float(np.sqrt((pooled[ids] ** 2).sum()))
-        if not len(ids) or norm == 0.0:
+        norm = float(np.sqrt((pooled ** 2).sum()))
+        if norm == 0.0:
             return 0.0
-        starts, ends = self.ref_colptr[ids], self.ref_colptr[ids + 1]
-        lengths = ends - starts
-        # Every reference entry of those columns, gathered without a Python loop (one arange per column cost
-        # ~1 ms per response for ~900 columns; the frontend shares the CPU with the engine).
-        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-        take = np.arange(int(lengths.sum())) + offsets
-        weights = self.ref_values[take] * np.repeat(pooled[ids], lengths)
-        sims = np.bincount(self.ref_rows[take], weights=weights, minlength=self.ref_n)
+        # scipy's CSR product over all 592k reference entries: 0.5 ms for a 30-token answer's ~700 features,
+        # against 1.4 ms gathering only those features' columns with numpy (2-core Zen 4; answers touch the
+        # common features, whose columns are long). The frontend shares its core with the engine core.
+        sims = self.ref_matrix @ pooled.astype(np.float32)
         return 1.0 - max(0.0, min(1.0, float(sims.max()) / norm))
 
     @property

