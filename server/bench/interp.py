@@ -106,9 +106,22 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
                         "bytes_per_token": median(r[2] for r in results)}
         if plain:
             out[variant]["vs_plain"] = median(r[0] / p[0] for r, p in zip(results, plain, strict=True))
-            out[variant]["latency_vs_plain"] = median(r[1] / p[1] for r, p in zip(results, plain, strict=True))
+            ratios = [r[1] / p[1] for r, p in zip(results, plain, strict=True)]
+            out[variant]["latency_vs_plain"] = median(ratios)
+            # The spread of the per-round ratios: on a small shared box it is as large as the effects measured.
+            out[variant]["latency_vs_plain_q1"], out[variant]["latency_vs_plain_q3"] = _quartiles(ratios)
     out["_dense_bf16_bytes_per_token"] = {"bytes_per_token": hidden * 2 * len(layers)}
     return out
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (the values themselves when there are fewer than 4)."""
+    from statistics import quantiles
+
+    if len(values) < 4:
+        return min(values), max(values)
+    q1, _, q3 = quantiles(values, n=4)
+    return q1, q3
 
 
 def _hf_steering(prompts: list[str], max_new_tokens: int, concurrency: int, layer: int,
@@ -205,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             sent = f"{r['bytes_per_token']:>12.1f}" if r["bytes_per_token"] else f"{'-':>12}"
             print(f"{variant:<20} {r['tok_s']:>8.1f} {r['vs_plain']:>8.2f}x {r['latency_s']:>15.2f} "
                   f"{r['latency_vs_plain']:>8.2f}x {sent}")
+        if len(zmq) > 1 and rounds >= 4:
+            print(f"mean latency vs plain, per-round spread over {rounds} rounds (quartiles): " + ", ".join(
+                f"{variant} {r['latency_vs_plain_q1']:.2f}-{r['latency_vs_plain_q3']:.2f}x"
+                for variant, r in zmq.items() if variant != "plain" and "latency_vs_plain_q1" in r))
         if rpc:
             print(f"{'features (rpc poll)':<20} {rpc['features']['tok_s']:>8.1f}   ZMQ/rpc = "
                   f"{zmq['features']['tok_s'] / rpc['features']['tok_s']:.2f}x (separate server start)")

@@ -47,3 +47,13 @@ def test_cli_refuses_a_missing_table_before_starting_any_engine(tmp_path, capsys
     missing = tmp_path / "nope.json"
     assert cli_main(["bench", "modes", "--modes", "sparse-40", "--compare-thresholds", str(missing)]) == 2
     assert f"--compare-thresholds: no such file: {missing}" in capsys.readouterr().out
+
+
+def test_interp_bench_reports_the_quartiles_of_the_per_round_ratios():
+    """`bench interp` prints the spread of the per-round latency ratios beside their median: on a small shared
+    box the spread is as large as the effects the bench measures."""
+    from featurelens.server.bench.interp import _quartiles
+
+    assert _quartiles([1.2, 1.0, 1.1]) == (1.0, 1.2)
+    q1, q3 = _quartiles([1.00, 1.02, 1.04, 1.06, 1.08, 1.30, 0.95, 1.05])
+    assert 0.95 < q1 < 1.04 < q3 < 1.30 and q1 < q3
