@@ -81,7 +81,7 @@ class RiskProbe:
             self.feature_ids[layer] += extra
             self.feature_weights[layer] += [0.0] * len(extra)
         # "nearest_cosine": the response's whole code vector at one layer against the training answers'
-        # (probe_file's reference, unit rows, as a float32 CSR matrix). The worker then ships every code of
+        # (probe_file's reference, unit rows, as a float64 CSR matrix). The worker then ships every code of
         # that layer's top-k (all feature ids, the missing ones weight 0).
         self.nearest_layer: int | None = None
         reference = self.probe.ood_reference
@@ -96,7 +96,7 @@ class RiskProbe:
             self.ref_n = len(indptr) - 1
             self.ood_d = reference.d
             self.ref_matrix = sparse.csr_matrix(
-                (np.asarray(reference.values, dtype=np.float32), np.asarray(reference.indices), indptr),
+                (np.asarray(reference.values, dtype=np.float64), np.asarray(reference.indices), indptr),
                 shape=(self.ref_n, self.ood_d))
             own = set(self.feature_ids.get(layer, []))
             extra = [i for i in range(reference.d) if i not in own]
@@ -111,7 +111,7 @@ class RiskProbe:
         # scipy's CSR product over all 592k reference entries: 0.5 ms for a 30-token answer's ~700 features,
         # against 1.4 ms gathering only those features' columns with numpy (2-core Zen 4; answers touch the
         # common features, whose columns are long). The frontend shares its core with the engine core.
-        sims = self.ref_matrix @ pooled.astype(np.float32)
+        sims = self.ref_matrix @ np.asarray(pooled, dtype=np.float64)
         return 1.0 - max(0.0, min(1.0, float(sims.max()) / norm))
 
     @property
