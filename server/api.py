@@ -367,15 +367,13 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                         elif running_risk is not None:
                             if chosen_logprobs is not None:
                                 running_risk.add_logprob(chosen_logprobs[i])
+                            elif interp.risk_logprobs:
+                                # The worker's logprob: a score is filed only once it is in (wants_logprob).
+                                await received.get_risk_score(position)
+                                running_risk.add_logprob(received.risk_logprob(position))
                             if running_risk.takes_scores:
-                                score = await received.get_risk_score(position)
-                                if interp.risk_logprobs:  # filed with the score (RequestFeatures.wants_logprob)
-                                    running_risk.add_logprob(received.risk_logprob(position))
-                                token.risk = running_risk.add_score(score)
+                                token.risk = running_risk.add_score(await received.get_risk_score(position))
                             else:
-                                if interp.risk_logprobs:
-                                    await received.get_risk_score(position)  # filed once the logprob is in
-                                    running_risk.add_logprob(received.risk_logprob(position))
                                 token.risk = running_risk.add(await risk_codes(received, interp, position))
                             risk_positions.append(position)
                         generated += 1
