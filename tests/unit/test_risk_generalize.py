@@ -432,6 +432,54 @@ def test_residual_probe_over_two_layers_folds_back_to_feature_weights(synthetic,
     assert fitted.term_names == terms and len(fitted.weights) == X.shape[1] + 2
 
 
+def test_term_scale_weakens_the_penalty_on_the_terms(synthetic, monkeypatch):
+    """term_scale s: the same regression with the terms' standardized columns times s (their L2 penalty s²
+    weaker), folded back to raw weights; under a strong penalty the terms then keep more of their weight.
+    The l2 path on the codes does the same."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    bases = {1: rng.normal(size=(200, 6))}
+    monkeypatch.setattr(gz, "RESIDUAL_BASES", bases)
+    terms = ("neg_mean_logprob", "neg_min_logprob")
+    # A logprob that carries the label in every family: the term is worth keeping.
+    records = [r | {"logprobs": [float(-rng.exponential(2.0 if r["label"] else 0.5)) for _ in r["token_ids"]]}
+               for r in synthetic]
+    design = gz.build_design(records, (1,), "mean", "identity")
+    rows = np.arange(len(records))
+    y = np.asarray([r["label"] for r in records])
+    fams = [r["domain"] for r in records]
+    X = design.X.toarray()
+    dense = np.zeros((len(records), 200))
+    for (_, feature), c in design.columns.items():
+        dense[:, feature] = X[:, c]
+    R = np.hstack([dense @ bases[1], gz.design_terms(design, rows, terms)])
+    mu, sd = R.mean(axis=0), R.std(axis=0) + 1e-6
+    term_weight = {}
+    for s in (1.0, 3.0):
+        config = gz.Config((1,), "mean", "identity", terms, 0.003, False, "residual", term_scale=s)
+        fitted = gz.fit(design, rows, y, fams, config)
+        unit = (R - mu) / sd
+        unit[:, 6:] *= s
+        model = LogisticRegression(C=0.003, max_iter=3000, class_weight="balanced").fit(unit, y)
+        got = fitted.logits(design.X, gz.design_terms(design, rows, terms))
+        assert np.allclose(got, model.decision_function(unit), atol=1e-6)
+        term_weight[s] = float(np.abs(fitted.weights[-2:] * sd[6:]).sum())  # per standard deviation
+        assert ("/ts=3" in config.name()) == (s == 3.0)
+    assert term_weight[3.0] > 1.5 * term_weight[1.0]
+    # l2 on the codes: the same scaling of the term columns.
+    l2 = [gz.fit(design, rows, y, fams, gz.Config((1,), "mean", "identity", terms, 0.003, False, "l2", term_scale=s))
+          for s in (1.0, 3.0)]
+    assert abs(l2[1].weights[-2]) > abs(l2[0].weights[-2])
+    # The grid varies the scale only where there are terms; a saved row restores it.
+    configs = gz.grid([(1,)], ["mean"], term_sets=[(), terms], Cs=[0.01], penalties=[("residual", 0)],
+                      term_scales=[1.0, 3.0])
+    assert [(c.terms, c.term_scale) for c in configs] == [((), 1.0), (terms, 1.0), (terms, 3.0)]
+    row = {"layers": [1], "pooling": "mean", "transform": "identity", "terms": list(terms), "C": 0.01,
+           "family_weights": False, "penalty": "residual", "term_scale": 3.0}
+    assert gz.config_from_row(row).term_scale == 3.0
+
+
 def test_mix_centering_sums_the_plain_and_the_centred_fit():
     records = _difficulty_records(5)
     design = gz.build_design(records, (1,), "mean", "identity")

@@ -176,11 +176,15 @@ def _cmd_select(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"--centerings: {error}", file=sys.stderr)
             return 2
+    if any(not scale > 0 for scale in args.term_scales):
+        print(f"--term-scales: expected positive numbers, got {args.term_scales}", file=sys.stderr)
+        return 2
     layer_sets = [tuple(int(x) for x in s.split("+")) for s in args.layer_sets]
     term_sets = [tuple(t for t in s.split("+") if t) if s != "none" else () for s in args.term_sets]
     penalties = [(p.split(":")[0], int(p.split(":")[1]) if ":" in p else 0) for p in args.penalties]
     configs = grid(layer_sets, args.poolings, args.transforms, term_sets, args.Cs,
-                   [{"family": True, "plain": False}[w] for w in args.weights], penalties, args.centerings)
+                   [{"family": True, "plain": False}[w] for w in args.weights], penalties, args.centerings,
+                   args.term_scales)
     chosen, table = select(records, configs, log=lambda m: print(m, file=sys.stderr),
                            one_se_fewer_layers=args.selection == "one-se", min_entity_auroc=args.min_entity_auroc,
                            keep_within=None if args.keep_within < 0 else args.keep_within)
@@ -361,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none; family: fit on inputs centred within each training family (learns what separates "
                         "right from wrong inside a family, not which families are hard); mixB (e.g. mix0.5): "
                         "the plain fit plus B times the centred one")
+    p.add_argument("--term-scales", nargs="+", type=float, default=[1.0],
+                   help="the uncertainty terms' standardized columns times this before the fit: their penalty "
+                        "is its square weaker than a residual direction's (configurations with terms only)")
     p.add_argument("--selection", default="one-se", choices=("one-se", "best"))
     p.add_argument("--min-entity-auroc", type=float, default=0.0,
                    help="only configurations whose held-out-entity AUROC (fit on train, scored on val) reaches "

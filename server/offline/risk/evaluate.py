@@ -247,7 +247,7 @@ def config_of(probe: Probe) -> Any:
     return Config(layers, probe.pooling, probe.input_transform, tuple(t.name for t in probe.terms),
                   float(probe.metrics.get("C", 0.03)), bool(probe.metrics.get("family_weights", False)),
                   str(probe.metrics.get("penalty", "l1")), int(probe.metrics.get("max_features", 0)),
-                  str(probe.metrics.get("centering", "none")))
+                  str(probe.metrics.get("centering", "none")), float(probe.metrics.get("term_scale", 1.0)))
 
 
 def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str | Path, *,
