@@ -509,29 +509,38 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
 
     async def _prompt_codes(self, ids: list[int], capture: dict[int, int], request_id: str,
                             mode: pb.InferenceMode = pb.INFERENCE_MODE_DENSE,
-                            sparsity_percent: int = 0) -> tuple[CachedFeatures, bool]:
+                            sparsity_percent: int = 0, logprobs: bool = False) -> tuple[CachedFeatures, bool]:
         """Top-k codes of every prompt token, from the cache or computed by a 1-token engine pass. Both
-        paths return fp16-rounded activations, so a cached answer equals a recomputed one exactly."""
+        paths return fp16-rounded activations, so a cached answer equals a recomputed one exactly. With
+        `logprobs` (a risk probe with uncertainty terms), the same pass also asks vLLM for every token's
+        log-probability (prompt_logprobs) and the entry keeps them: one pass instead of two, and none on a hit.
+        An entry without them (written by a request that did not need them) is recomputed and replaced."""
         entries = [self.engine.saes[layer] for layer in capture]
         options: dict[str, Any] = {"top_k": capture, "engine": self.engine.codes_identity,
                                    "mode": MODE_LABELS.get(mode, "dense") + (str(sparsity_percent) if sparsity_percent else "")}
         key = cache_key(self._shape.model_id, ",".join(e.sae_id for e in entries),
                         ",".join(e.version for e in entries), list(capture), ids, options)
         cached = await self.cache.get(key)
-        hit = cached is not None and [lc.layer for lc in cached.layers] == list(capture)
+        hit = cached is not None and [lc.layer for lc in cached.layers] == list(capture) and (
+            not logprobs or cached.token_logprobs is not None)
         rpc_span.get().set_attribute("featurelens.feature_cache_hit", hit)
         if cached is not None and hit:
             return cached, True
         interp = InterpPlan(capture=capture, include_prompt=True)
-        plan = GenerationPlan(prompt_token_ids=ids, sampling_kwargs={"max_tokens": 1, "temperature": 0.0},
+        sampling: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0}
+        if logprobs:
+            sampling["prompt_logprobs"] = 0
+        plan = GenerationPlan(prompt_token_ids=ids, sampling_kwargs=sampling,
                               stop_token_ids=frozenset(), token_logprobs=False, top_logprobs=0,
                               mode=mode, request_id=request_id, sparsity_percent=sparsity_percent)
         engine_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         received = self._features.open(engine_id)
+        positions: list[Any] = []
         try:
-            async for _ in self.engine.generate(engine_id, ids, self._sampling_params(plan, interp, engine_id, received),
-                                                self._salt(None, ids, sparsity_percent, mode)):
-                pass
+            async for output in self.engine.generate(engine_id, ids,
+                                                     self._sampling_params(plan, interp, engine_id, received),
+                                                     self._salt(None, ids, sparsity_percent, mode)):
+                positions = list(getattr(output, "prompt_logprobs", None) or positions)
             layers = []
             for layer in capture:
                 rows = [await received.get(layer, position) for position in range(len(ids))]
@@ -539,26 +548,17 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                                          values=np.stack([r[1] for r in rows]).astype(np.float16)))
         finally:
             self._features.close(engine_id)
-        result = CachedFeatures(token_ids=np.asarray(ids, dtype=np.uint32), layers=layers)
+        token_logprobs = None
+        if logprobs:
+            if len(positions) < len(ids):
+                raise ApiError(grpc.StatusCode.INTERNAL, "the engine returned no prompt logprobs")
+            # Position 0 has none (vLLM gives None there): NaN, never read by a probe.
+            token_logprobs = np.asarray([float(positions[i][ids[i]].logprob) if positions[i] else float("nan")
+                                         for i in range(len(ids))], dtype=np.float32)
+        result = CachedFeatures(token_ids=np.asarray(ids, dtype=np.uint32), layers=layers,
+                                token_logprobs=token_logprobs)
         await self.cache.set(key, result)
         return result, False
-
-    async def _prompt_logprobs(self, ids: list[int], request_id: str, mode: pb.InferenceMode, sparsity_percent: int,
-                               start: int, end: int) -> list[float]:
-        """Log-probabilities of tokens ids[start:end] given the tokens before each (teacher forcing: one engine
-        pass with prompt_logprobs), for a risk probe with uncertainty terms."""
-        plan = GenerationPlan(prompt_token_ids=ids, sampling_kwargs={"max_tokens": 1, "temperature": 0.0,
-                                                                     "prompt_logprobs": 0},
-                              stop_token_ids=frozenset(), token_logprobs=False, top_logprobs=0,
-                              mode=mode, request_id=request_id, sparsity_percent=sparsity_percent)
-        engine_id = f"{request_id}-lp-{uuid.uuid4().hex[:8]}"
-        positions: list[Any] = []
-        async for output in self.engine.generate(engine_id, ids, self._sampling_params(plan, InterpPlan(), engine_id),
-                                                 self._salt(None, ids, sparsity_percent, mode)):
-            positions = list(output.prompt_logprobs or positions)
-        if len(positions) < end:
-            raise ApiError(grpc.StatusCode.INTERNAL, "ScoreHallucination: the engine returned no prompt logprobs")
-        return [float(positions[i][ids[i]].logprob) for i in range(start, end)]
 
     async def GetFeatureActivations(self, request: pb.GetFeatureActivationsRequest,
                                     context: grpc.aio.ServicerContext) -> pb.GetFeatureActivationsResponse:
@@ -749,13 +749,13 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 raise invalid("response", f"prompt + response are {len(ids)} tokens; the context is {limit}")
             mode, sparsity_percent = self._request_mode(request)
             capture = {layer: risk_capture_k(self.engine.saes[layer], self.settings, probe) for layer in probe.layers}
-            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
-                                                     sparsity_percent)
             running = probe.start()
+            codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
+                                                     sparsity_percent, logprobs=running.needs_logprobs)
             if running.needs_logprobs:
-                for logprob in await self._prompt_logprobs(ids, self._request_id(request, context), mode,
-                                                           sparsity_percent, len(prompt_ids), len(ids) - 1):
-                    running.add_logprob(logprob)
+                assert codes.token_logprobs is not None  # _prompt_codes keeps them when asked
+                for logprob in codes.token_logprobs[len(prompt_ids):len(ids) - 1]:
+                    running.add_logprob(float(logprob))
             token_risks = []
             by_layer = {lc.layer: lc for lc in codes.layers}
             for position in range(len(prompt_ids) - 1, len(ids) - 2):  # the response's tokens, not EOS

@@ -12,6 +12,8 @@ Values use a compact versioned binary codec (little-endian):
     layer ×  layer i32 | k u16 | index bytes u8 (2|4) | pad u8 | indices n_tokens×k | values n_tokens×k f16
     risk     f32                                   (flags bit 0)
     risks    count u32 | count × f32               (flags bit 1)
+    logprobs n_tokens × f32                        (flags bit 2: token t's log-probability given the tokens
+                                                    before it, NaN at t = 0)
     crc32    u32 over everything before it
 
 Indices take 2 bytes whenever every index fits (any SAE with d_sae ≤ 65536), else 4.
@@ -52,6 +54,7 @@ _F32 = struct.Struct("<f")
 _U32 = struct.Struct("<I")
 _FLAG_RISK = 1
 _FLAG_TOKEN_RISKS = 2
+_FLAG_TOKEN_LOGPROBS = 4
 
 
 class CacheCorrupt(ValueError):
@@ -73,6 +76,9 @@ class CachedFeatures:
     layers: list[LayerCodes] = field(default_factory=list)
     response_risk: float | None = None  # whole-response risk score, when scored
     token_risks: np.ndarray | None = None  # float32 per scored token (may be fewer than n_tokens)
+    # float32 [n_tokens]: log P(token t | tokens before it), NaN at t = 0 (teacher forcing, for risk probes with
+    # uncertainty terms; None when not asked for)
+    token_logprobs: np.ndarray | None = None
 
 
 # ---- key ------------------------------------------------------------------------------------------------
@@ -111,7 +117,8 @@ def encode_features(features: CachedFeatures) -> bytes:
         raise ValueError("token_ids must be a 1-D array of uint32 values")
     n = tokens.shape[0]
     flags = (_FLAG_RISK if features.response_risk is not None else 0) | (
-        _FLAG_TOKEN_RISKS if features.token_risks is not None else 0)
+        _FLAG_TOKEN_RISKS if features.token_risks is not None else 0) | (
+        _FLAG_TOKEN_LOGPROBS if features.token_logprobs is not None else 0)
     parts = [_HEADER.pack(MAGIC, CODEC_VERSION, flags, len(features.layers), n), tokens.astype("<u4").tobytes()]
     for codes in features.layers:
         indices, values = np.asarray(codes.indices), np.asarray(codes.values)
@@ -131,6 +138,11 @@ def encode_features(features: CachedFeatures) -> bytes:
     if features.token_risks is not None:
         risks = np.asarray(features.token_risks, dtype="<f4").reshape(-1)
         parts += [_U32.pack(risks.shape[0]), risks.tobytes()]
+    if features.token_logprobs is not None:
+        logprobs = np.asarray(features.token_logprobs, dtype="<f4").reshape(-1)
+        if logprobs.shape[0] != n:
+            raise ValueError(f"token_logprobs must have one value per token ({n}), got {logprobs.shape[0]}")
+        parts.append(logprobs.tobytes())
     body = b"".join(parts)
     return body + _U32.pack(zlib.crc32(body))
 
@@ -147,6 +159,8 @@ def decode_features(data: bytes) -> CachedFeatures:
         raise CacheCorrupt(f"bad magic {bytes(magic)!r}")
     if version != CODEC_VERSION:
         raise CacheCorrupt(f"unsupported codec version {version}")
+    if flags & ~(_FLAG_RISK | _FLAG_TOKEN_RISKS | _FLAG_TOKEN_LOGPROBS):
+        raise CacheCorrupt(f"unknown flags {flags:#x}")
     body, (crc,) = buf[:-_U32.size], _U32.unpack_from(buf, len(buf) - _U32.size)
     if zlib.crc32(body) != crc:
         raise CacheCorrupt("checksum mismatch")
@@ -165,9 +179,10 @@ def decode_features(data: bytes) -> CachedFeatures:
     if flags & _FLAG_TOKEN_RISKS:
         (count,) = reader.unpack(_U32)
         token_risks = reader.array("<f4", count).astype(np.float32)
+    token_logprobs = reader.array("<f4", n).astype(np.float32) if flags & _FLAG_TOKEN_LOGPROBS else None
     if reader.offset != len(body):
         raise CacheCorrupt(f"{len(body) - reader.offset} trailing bytes")
-    return CachedFeatures(tokens, layers, risk, token_risks)
+    return CachedFeatures(tokens, layers, risk, token_risks, token_logprobs)
 
 
 class _Reader:

@@ -50,6 +50,10 @@ def _assert_same(got: CachedFeatures, want: CachedFeatures) -> None:
         assert got.token_risks is None
     else:
         np.testing.assert_array_equal(got.token_risks, want.token_risks.astype(np.float32))
+    if want.token_logprobs is None:
+        assert got.token_logprobs is None
+    else:
+        np.testing.assert_array_equal(got.token_logprobs, want.token_logprobs.astype(np.float32))
 
 
 def _cache_counts(metrics: Metrics) -> dict[tuple[str, str, str], float]:
@@ -81,6 +85,27 @@ def test_codec_without_risk_and_empty() -> None:
     _assert_same(decode_features(encode_features(want)), want)
     empty = CachedFeatures(np.zeros(0, dtype=np.uint32), [LayerCodes(0, np.zeros((0, 3)), np.zeros((0, 3)))])
     _assert_same(decode_features(encode_features(empty)), empty)
+
+
+def test_codec_keeps_token_logprobs() -> None:
+    """ScoreHallucination's teacher-forced logprobs (NaN at the first token) ride in the entry; their length
+    must match the tokens, and an unknown flag is rejected rather than misread."""
+    import struct
+    import zlib
+
+    want = _features()
+    want.token_logprobs = np.r_[np.nan, -np.arange(1, len(want.token_ids), dtype=np.float32) / 3]
+    got = decode_features(encode_features(want))
+    _assert_same(got, want)
+    assert got.token_logprobs is not None and np.isnan(got.token_logprobs[0])
+    without = _features()
+    assert decode_features(encode_features(without)).token_logprobs is None
+    with pytest.raises(ValueError, match="token_logprobs"):
+        encode_features(CachedFeatures(want.token_ids, want.layers, token_logprobs=np.zeros(2)))
+    body = bytearray(encode_features(without)[:-4])
+    body[5] |= 0x80  # the flags byte
+    with pytest.raises(CacheCorrupt, match="flags"):
+        decode_features(bytes(body) + struct.pack("<I", zlib.crc32(body)))
 
 
 def test_codec_is_compact() -> None:

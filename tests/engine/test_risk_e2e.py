@@ -40,15 +40,30 @@ async def test_streamed_per_token_risk_and_final_label(served, stub):
     assert contributions == sorted(contributions, reverse=True)
 
 
-async def test_score_hallucination_matches_generate(stub):
+async def test_score_hallucination_matches_generate(served, stub, monkeypatch):
     question = "What is the capital of Japan?"
     generated = await stub.Generate(risky(question))
     scored = await stub.ScoreHallucination(pb.ScoreHallucinationRequest(
         chat=chat(question), response=generated.text, return_token_risks=True))
     assert scored.risk.score == pytest.approx(generated.risk.score, abs=0.03)
     assert len(scored.token_risks) == scored.response_tokens
+    # A probe with uncertainty terms reads teacher-forced logprobs: they come from the same engine pass as
+    # the codes and ride in the cache entry, so the terms agree with Generate's and a repeat runs no pass.
+    assert {t.name: t.value for t in scored.risk.terms} == pytest.approx(
+        {t.name: t.value for t in generated.risk.terms}, abs=0.05)
+    engine = served.engine
+    passes = []
+    original = engine.generate
+
+    def counting(*args, **kwargs):
+        passes.append(args[0] if args else kwargs.get("request_id"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", counting)
     again = await stub.ScoreHallucination(pb.ScoreHallucinationRequest(chat=chat(question), response=generated.text))
-    assert again.cached and again.risk.score == scored.risk.score
+    assert again.cached and again.risk.score == scored.risk.score and passes == []
+    other = await stub.ScoreHallucination(pb.ScoreHallucinationRequest(chat=chat(question), response="Kyoto."))
+    assert not other.cached and len(passes) == 1  # one pass, logprobs included
 
 
 async def test_risk_histogram_counts_scored_responses(served, stub):
