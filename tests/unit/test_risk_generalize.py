@@ -480,6 +480,23 @@ def test_term_scale_weakens_the_penalty_on_the_terms(synthetic, monkeypatch):
     assert gz.config_from_row(row).term_scale == 3.0
 
 
+def test_eval_compares_configurations_under_the_probe_s_own_protocol(synthetic, tmp_path):
+    """`risk eval --compare`: a compared probe's configuration is refit exactly as the probe's own (on the
+    other families' train split), so comparing a probe with itself gives the same AUROC in every family."""
+    from featurelens.server.offline.risk.evaluate import evaluate_generalization
+
+    rng = np.random.default_rng(5)
+    records = [r | {"logprobs": [float(-rng.exponential(1.0)) for _ in r["token_ids"]],
+                    "entropies": [float(rng.exponential(1.0)) for _ in r["token_ids"]], "qid": f"q{i}"}
+               for i, r in enumerate(synthetic)]
+    config = gz.Config((1,), "mean", C=0.3, family_weights=False, penalty="l2")
+    probe = gz.train_final(records, config, "self", {1: 200, 2: 200}, 5, 1, ood_method="unseen_share")
+    report = evaluate_generalization(records, probe, tmp_path, compare=[probe], log=lambda _m: None)
+    rows = [r for r in report["by_family"] if r["probe_lofo"] is not None]
+    assert rows and all(r["self_config_lofo"] == pytest.approx(r["probe_lofo"]) for r in rows)
+    assert report["summary"]["self_config_lofo_mean"] == pytest.approx(report["summary"]["lofo_mean_auroc"], abs=1e-4)
+
+
 def test_mix_centering_sums_the_plain_and_the_centred_fit():
     records = _difficulty_records(5)
     design = gz.build_design(records, (1,), "mean", "identity")
