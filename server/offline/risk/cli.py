@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-general", help="train the probe of a `risk select` choice, with its OOD reference")
     p.add_argument("--data", required=True)
     p.add_argument("--selection", required=True, help="JSON written by `risk select`")
-    p.add_argument("--probe-id", default="smollm2-risk-v4")
+    p.add_argument("--probe-id", default="smollm2-risk-v5")
     p.add_argument("--out", default=None, help="default server/assets/probes/<probe-id>.json")
     p.add_argument("--ood-min-count", type=int, default=None)
     p.add_argument("--ood-method", default=None, choices=("nearest_cosine", "unseen_share"),

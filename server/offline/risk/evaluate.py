@@ -282,7 +282,7 @@ def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str 
         oc = config_of(other)
         od = gz.build_design(records, oc.layers, oc.pooling, oc.transform)
         # The probe's own protocol (fits on the other families' train split): a compared configuration fitted
-        # on their val and test rows as well would get ~40% more data than the probe it is compared with.
+        # on their val and test rows as well would get ~75% more data than the probe it is compared with.
         others[other.probe_id] = {f.family: f.auroc for f in gz.lofo(records, od, oc, calibrate=True)}
     dense: dict[str, float | None] = {}
     if saes:
