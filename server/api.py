@@ -749,9 +749,9 @@ class FeatureLensServicer(pb_grpc.FeatureLensServiceServicer):
                 raise invalid("response", f"prompt + response are {len(ids)} tokens; the context is {limit}")
             mode, sparsity_percent = self._request_mode(request)
             capture = {layer: risk_capture_k(self.engine.saes[layer], self.settings, probe) for layer in probe.layers}
-            running = probe.start()
             codes, cached = await self._prompt_codes(ids, capture, self._request_id(request, context), mode,
-                                                     sparsity_percent, logprobs=running.needs_logprobs)
+                                                     sparsity_percent, logprobs=probe.needs_logprobs)
+            running = probe.start()
             if running.needs_logprobs:
                 assert codes.token_logprobs is not None  # _prompt_codes keeps them when asked
                 for logprob in codes.token_logprobs[len(prompt_ids):len(ids) - 1]:
