@@ -14,8 +14,12 @@ Any served model: `--model PATH --sae LAYER=PATH ...` (the risk variant needs a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +55,13 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
     finally:
         os.environ.pop("FEATURELENS_NO_TAPS", None)
     layers = sorted(running.engine.saes)
-    if running.engine.risk_probe is None and "risk" in variants:
-        print("no risk probe for this model: the risk variant is left out (--risk-probe)", flush=True)
-        variants = [v for v in variants if v != "risk"]
+    if running.engine.risk_probe is None and any("risk" in v for v in variants):
+        print("no risk probe for this model: the risk variants are left out (--risk-probe)", flush=True)
+        variants = [v for v in variants if "risk" not in v]
+    elif any(v in RISK_BREAKDOWN for v in variants) and not (
+            running.engine.risk_probe is not None and running.engine.risk_probe.needs_logprobs):
+        print("the risk probe has no logprob terms: nothing to break down", flush=True)
+        variants = [v for v in variants if v not in RISK_BREAKDOWN]
     assert running.engine.shape is not None  # known once the engine started
     hidden = running.engine.shape.hidden_size
     feature_sel = [pb.FeatureSelection(layer=layer, top_k=8) for layer in layers]
@@ -65,6 +73,10 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
         async with AsyncClient(f"127.0.0.1:{running.port}", timeout_s=3600) as client:
 
             async def run(variant: str) -> tuple[float, float, float]:
+                with _risk_variant(running.engine, variant):
+                    return await timed(variant)
+
+            async def timed(variant: str) -> tuple[float, float, float]:
                 interp = pb.InterpretabilityOptions(features=feature_sel if "features" in variant else [],
                                                     score_risk="risk" in variant)
                 steering = steer if "steering" in variant else []
@@ -112,6 +124,34 @@ async def _run_variants(saes: list[str], transport: str, prompts: list[str], max
             out[variant]["latency_vs_plain_q1"], out[variant]["latency_vs_plain_q3"] = _quartiles(ratios)
     out["_dense_bf16_bytes_per_token"] = {"bytes_per_token": hidden * 2 * len(layers)}
     return out
+
+
+# `--risk-breakdown`: what the risk variant's parts cost, switched on one server between rounds (separate
+# server starts differ by as much as the effects). Each names what the round changes; "risk" is as shipped.
+RISK_BREAKDOWN = {
+    "risk/vllm-logprobs": "the probe's terms read from vLLM's logprobs=0 instead of the worker's own",
+    "risk/no-terms": "the probe without its logprob terms: no logprob work in the worker or the frontend",
+}
+
+
+@contextlib.contextmanager
+def _risk_variant(engine: Any, variant: str) -> Iterator[None]:
+    """For one round of a `RISK_BREAKDOWN` variant: the engine's frontend state changed as it names, restored
+    after. The worker keeps its probe features (the terms do not change them)."""
+    if variant not in RISK_BREAKDOWN:
+        yield
+        return
+    saved = engine.risk_probe, engine.worker_logprobs
+    try:
+        if variant == "risk/vllm-logprobs":
+            engine.worker_logprobs = False
+        elif variant == "risk/no-terms":
+            probe = copy.copy(engine.risk_probe.probe)  # a copy keeps what is not a field (the OOD reference)
+            probe.terms = []
+            engine.risk_probe = dataclasses.replace(engine.risk_probe, probe=probe)
+        yield
+    finally:
+        engine.risk_probe, engine.worker_logprobs = saved
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -176,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--risk-only", action="store_true",
                     help="only plain vs risk scoring on every request (more rounds in the same time; the "
                          "issue-29 latency goal), no feature transport or HF comparison")
+    ap.add_argument("--risk-breakdown", action="store_true",
+                    help="with --risk-only, for a probe with logprob terms: also risk with vLLM's logprobs and "
+                         "risk without the terms, switched on the same server between rounds")
     args = ap.parse_args(argv)
+    if args.risk_breakdown and not args.risk_only:
+        ap.error("--risk-breakdown goes with --risk-only")
     if args.model != "default" and not args.sae:
         ap.error("--model needs --sae LAYER=PATH: the shipped SAEs are the default model's")
     if args.compiled:
@@ -192,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     for tp in args.tensor_parallel_size:
         variants = ["plain", "risk"] if args.risk_only else ["plain", "features", "steering", "features+steering",
                                                               "risk"]
+        if args.risk_breakdown:
+            variants += list(RISK_BREAKDOWN)
         common: dict[str, Any] = {"rounds": rounds, "model": args.model, "tensor_parallel_size": tp,
                                   "risk_probe": args.risk_probe}
         bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # the engine sets it for several CPU workers
