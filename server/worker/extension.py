@@ -535,9 +535,9 @@ class FeatureLensWorkerExtension:
         self._fl_ship(view)
         self._fl_send(view)
         # Requests whose probe reads logprobs and that sample a token this step: their logprobs follow in a
-        # message of their own once the sampler has run. The codes
-        # go now, as before: sent after sampling, the frontend filed them just when the engine core needed the
-        # CPU to schedule the next step (2-core box: +21% latency instead of +10% with vLLM's logprobs).
+        # message of their own once the sampler has run. The codes go now, as before: sent after sampling, the
+        # frontend filed them just when the engine core needed the CPU to schedule the next step (2-core box:
+        # +21% latency instead of +10% with vLLM's logprobs).
         if self._fl_is_sender and self._fl_logprobs is None:
             sampling = [r for r in view.requests if r.logprob and r.samples]
             if sampling:

@@ -491,6 +491,9 @@ def test_eval_compares_configurations_under_the_probe_s_own_protocol(synthetic, 
                for i, r in enumerate(synthetic)]
     config = gz.Config((1,), "mean", C=0.3, family_weights=False, penalty="l2")
     probe = gz.train_final(records, config, "self", {1: 200, 2: 200}, 5, 1, ood_method="unseen_share")
+    from featurelens.server.offline.risk.evaluate import config_of
+
+    assert config_of(probe) == config and gz.config_from_row(config.row()) == config  # the fit settings round-trip
     report = evaluate_generalization(records, probe, tmp_path, compare=[probe], log=lambda _m: None)
     rows = [r for r in report["by_family"] if r["probe_lofo"] is not None]
     assert rows and all(r["self_config_lofo"] == pytest.approx(r["probe_lofo"]) for r in rows)

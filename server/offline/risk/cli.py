@@ -154,7 +154,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
         configs = [config_from_row(row) for row in saved["table"]]
         i = choose(saved["table"], configs, lambda m: print(m, file=sys.stderr), args.selection == "one-se",
                    args.min_entity_auroc, None if args.keep_within < 0 else args.keep_within)
-        saved["chosen"] = configs[i].__dict__
+        saved["chosen"] = configs[i].row()
         saved["rule"] = {"selection": args.selection, "min_entity_auroc": args.min_entity_auroc,
                          "keep_within": args.keep_within}
         Path(args.out).write_text(json.dumps(saved, indent=1, default=list) + "\n")
@@ -195,7 +195,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     ood = ood_lofo(train_val, list(chosen.layers), _d_sae(saes), k, args.ood_min_counts)
     ood |= ood_lofo(train_val, list(chosen.layers), _d_sae(saes), k, method="nearest_cosine")
     best_m = max(ood, key=lambda m: ood[m]["mean_auroc"])
-    out = {"chosen": chosen.__dict__, "table": table, "ood": {m: {x: v[x] for x in ("mean_auroc", "min_auroc",
+    out = {"chosen": chosen.row(), "table": table, "ood": {m: {x: v[x] for x in ("mean_auroc", "min_auroc",
                                                                                    "pooled_auroc")}
                                                              for m, v in ood.items()},
            "ood_method": "nearest_cosine" if best_m == "nearest_cosine" else "unseen_share",

@@ -241,13 +241,11 @@ def _dense_lofo(X: np.ndarray, records: Sequence[dict], C: float = 0.1) -> dict[
 
 def config_of(probe: Probe) -> Any:
     """The generalize.Config a probe file was trained with (v1 files: their layers/pooling/transform, L1 C)."""
-    from featurelens.server.offline.risk.generalize import Config
+    from featurelens.server.offline.risk.generalize import config_from_row
 
-    layers = tuple(sorted({f.layer for f in probe.features}))
-    return Config(layers, probe.pooling, probe.input_transform, tuple(t.name for t in probe.terms),
-                  float(probe.metrics.get("C", 0.03)), bool(probe.metrics.get("family_weights", False)),
-                  str(probe.metrics.get("penalty", "l1")), int(probe.metrics.get("max_features", 0)),
-                  str(probe.metrics.get("centering", "none")), float(probe.metrics.get("term_scale", 1.0)))
+    return config_from_row({"C": 0.03, "family_weights": False, **probe.metrics,
+                            "layers": sorted({f.layer for f in probe.features}), "pooling": probe.pooling,
+                            "transform": probe.input_transform, "terms": [t.name for t in probe.terms]})
 
 
 def evaluate_generalization(records: Sequence[dict], probe: Probe, out_dir: str | Path, *,

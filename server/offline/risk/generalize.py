@@ -55,6 +55,11 @@ class Config:
     # penalty and are shrunk to almost nothing; at 3–10 they keep the weight that transfers to unseen families.
     term_scale: float = 1.0
 
+    def row(self) -> dict[str, Any]:
+        """The fields as JSON values (a `select` table row, a selection file's "chosen"); `config_from_row`
+        reads them back."""
+        return {**self.__dict__, "layers": list(self.layers), "terms": list(self.terms)}
+
     def name(self) -> str:
         terms = "+".join(self.terms) if self.terms else "none"
         prune = f"/top{self.max_features}" if self.max_features else ""
@@ -356,11 +361,8 @@ def select(records: Sequence[dict], configs: Sequence[Config], log: Callable[[st
         if key not in designs:
             designs[key] = build_design(sub, config.layers, config.pooling, config.transform)
         folds = lofo(sub, designs[key], config)
-        row: dict[str, Any] = {"config": config.name(), "layers": list(config.layers), "pooling": config.pooling,
-               "transform": config.transform, "terms": list(config.terms), "C": config.C,
-               "family_weights": config.family_weights, "penalty": config.penalty,
-               "max_features": config.max_features, "centering": config.centering,
-               "term_scale": config.term_scale, "lofo_pooled_auroc": _round(pooled_auroc(folds)),
+        row: dict[str, Any] = {"config": config.name(), **config.row(),
+               "lofo_pooled_auroc": _round(pooled_auroc(folds)),
                "entity_val_auroc": _round(entity_auroc(sub, designs[key], config)),
                "lofo_mean_auroc": round(mean_auroc(folds), 4),
                "lofo_min_auroc": round(min(f.auroc for f in folds if f.auroc is not None), 4),
@@ -396,7 +398,8 @@ def choose(table: Sequence[Mapping[str, Any]], configs: Sequence[Config], log: C
 
 
 def config_from_row(row: Mapping[str, Any]) -> Config:
-    """The Config of a `select` table row (or of a selection file's "chosen")."""
+    """The Config of a `select` table row (or of a selection file's "chosen", or a probe's metrics with its
+    layers, pooling, transform and terms): `Config.row` read back, older files' missing fields defaulted."""
     return Config(tuple(row["layers"]), row["pooling"], row["transform"], tuple(row["terms"]), float(row["C"]),
                   bool(row["family_weights"]), row.get("penalty", "l1"), int(row.get("max_features", 0)),
                   row.get("centering", "none"), float(row.get("term_scale", 1.0)))
@@ -576,10 +579,10 @@ def train_final(records: Sequence[dict], config: Config, probe_id: str, d_sae: M
     probe.calibration = platt(zv, y[val])
     pv = 1.0 / (1.0 + np.exp(-(probe.calibration["a"] * zv + probe.calibration["b"])))
     probe.thresholds = choose_thresholds(pv, y[val])
-    probe.metrics = {"feature_top_k": k, "config": config.name(), "C": config.C,
-                     "family_weights": config.family_weights, "penalty": config.penalty,
-                     "max_features": config.max_features, "centering": config.centering,
-                     "term_scale": config.term_scale, "n_train": len(train), "n_val": len(val),
+    # The fit's settings; layers, pooling, transform and terms are the probe file's own fields.
+    fit_settings = {key: value for key, value in config.row().items()
+                    if key not in ("layers", "pooling", "transform", "terms")}
+    probe.metrics = {"feature_top_k": k, "config": config.name(), **fit_settings, "n_train": len(train), "n_val": len(val),
                      "val_auroc": round(auroc(y[val], zv) or float("nan"), 4), **(metrics or {})}
     return probe
 
